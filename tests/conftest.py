@@ -1,0 +1,35 @@
+import os
+import tempfile
+
+import pytest
+import torch
+
+# torch, matplotlib and flwr write under $HOME; keep tests out of the user's home.
+_home = tempfile.mkdtemp(prefix="gankit-test-home-")
+for var, sub in (("TORCH_HOME", "torch"), ("MPLCONFIGDIR", "mpl"), ("FLWR_HOME", "flwr")):
+    os.environ.setdefault(var, os.path.join(_home, sub))
+
+from toolkit.config import Config  # noqa: E402
+from toolkit.data import ImageData  # noqa: E402
+
+
+def tiny_config(out_dir, **overrides) -> Config:
+    """A configuration small enough for a training test to take about a second."""
+    base = dict(g_width=8, d_width=8, latent_dim=16, batch_size=32, epochs=2, out_dir=str(out_dir),
+                name="run", progress=False, tensorboard=False, log_every=1)
+    base.update(overrides)
+    return Config().updated(base)
+
+
+def synthetic_data(n=256, labelled=True, shape=(1, 28, 28), seed=0) -> ImageData:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand((n,) + shape, generator=gen) * 2 - 1
+    y = torch.randint(10, (n,), generator=gen) if labelled else None
+    rx = torch.rand((64,) + shape, generator=gen) * 2 - 1
+    ry = torch.randint(10, (64,), generator=gen) if labelled else None
+    return ImageData(x, y, rx, ry, "synthetic", "synthetic test data")
+
+
+@pytest.fixture
+def data():
+    return synthetic_data()

@@ -1,0 +1,179 @@
+"""Objectives against closed forms."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from toolkit.objectives import OBJECTIVES, clip_weights, get_objective, gradient_penalty
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    # Closed forms are checked to 1e-9; restore the default so other test files see float32.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+# Two discrete distributions on five atoms.
+P = torch.tensor([0.10, 0.20, 0.30, 0.25, 0.15], dtype=torch.float64)
+Q = torch.tensor([0.30, 0.25, 0.15, 0.20, 0.10], dtype=torch.float64)
+
+# f and its derivative f' for each f-GAN (Nowozin et al. 2016, Table 1).
+F_DIVERGENCES = {
+    "kl": (lambda u: u * torch.log(u), lambda u: 1 + torch.log(u)),
+    "rkl": (lambda u: -torch.log(u), lambda u: -1 / u),
+    "pearson": (lambda u: (u - 1) ** 2, lambda u: 2 * (u - 1)),
+    "hellinger": (lambda u: (torch.sqrt(u) - 1) ** 2, lambda u: 1 - 1 / torch.sqrt(u)),
+    "js": (lambda u: -(u + 1) * torch.log((1 + u) / 2) + u * torch.log(u),
+           lambda u: torch.log(2 * u / (1 + u))),
+}
+
+
+def invert(fn, target, lo=-60.0, hi=60.0, iters=200):
+    """Bisection for the v with fn(v) = target (every output activation is increasing)."""
+    lo, hi = torch.full_like(target, lo), torch.full_like(target, hi)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        below = fn(mid) < target
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return (lo + hi) / 2
+
+
+def d_objective(obj, v_real, v_fake):
+    """D's objective E_P[.] + E_Q[.] (to maximise) under the discrete P and Q."""
+    return -(P * obj.d_real(v_real)).sum() - (Q * obj.d_fake(v_fake)).sum()
+
+
+@pytest.mark.parametrize("name", sorted(F_DIVERGENCES))
+def test_fgan_bound_is_tight_at_optimal_critic(name):
+    obj = get_objective(name)
+    f, f_prime = F_DIVERGENCES[name]
+    divergence = (Q * f(P / Q)).sum()
+    v_opt = invert(obj.activation, f_prime(P / Q)).requires_grad_(True)
+    value = d_objective(obj, v_opt, v_opt)
+    assert value.item() == pytest.approx(divergence.item(), abs=1e-9)
+    # The optimum is stationary: zero gradient with respect to every atom's score.
+    (grad,) = torch.autograd.grad(value, v_opt)
+    assert grad.abs().max().item() < 1e-8
+
+
+@pytest.mark.parametrize("name", sorted(F_DIVERGENCES))
+def test_fgan_objective_is_a_lower_bound(name):
+    obj = get_objective(name)
+    f, _ = F_DIVERGENCES[name]
+    divergence = (Q * f(P / Q)).sum().item()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        v = torch.randn(5, generator=gen) * 2
+        assert d_objective(obj, v, v).item() <= divergence + 1e-12
+
+
+@pytest.mark.parametrize("name", sorted(F_DIVERGENCES))
+def test_fgan_threshold_is_optimal_critic_when_distributions_match(name):
+    # With P = Q the optimal T is f'(1): exactly the decision threshold.
+    obj = get_objective(name)
+    _, f_prime = F_DIVERGENCES[name]
+    assert obj.threshold == pytest.approx(f_prime(torch.tensor(1.0)).item())
+
+
+def test_bce_at_optimal_discriminator_equals_jensen_shannon():
+    # Goodfellow et al. 2014: at D* = p/(p+q) the D loss is log 4 - 2 JSD(P || Q).
+    obj = get_objective("bce")
+    v_opt = torch.log(P / Q)  # logit of p/(p+q)
+    loss = (P * obj.d_real(v_opt)).sum() + (Q * obj.d_fake(v_opt)).sum()
+    m = (P + Q) / 2
+    jsd = 0.5 * (P * torch.log(P / m)).sum() + 0.5 * (Q * torch.log(Q / m)).sum()
+    assert loss.item() == pytest.approx(math.log(4) - 2 * jsd.item(), abs=1e-12)
+
+
+def test_bce_gradient_and_label_smoothing():
+    obj = get_objective("bce")
+    v = torch.tensor([-2.0, 0.0, 3.0], requires_grad=True)
+    target = torch.full((3,), 0.9)
+    loss = obj.d_real(v, target)
+    s = torch.sigmoid(v)
+    expected = -(0.9 * torch.log(s) + 0.1 * torch.log(1 - s))
+    assert torch.allclose(loss, expected)
+    (grad,) = torch.autograd.grad(loss.mean(), v)
+    assert torch.allclose(grad, (s - 0.9) / 3)
+
+
+def test_nonsaturating_generator_loss_keeps_gradient_when_d_is_confident():
+    # When D rejects fakes with confidence (very negative logits), log(1 - D) saturates but
+    # -log D keeps a gradient of about -1 per sample.
+    obj = get_objective("bce")
+    v = torch.tensor([-12.0], requires_grad=True)
+    (g_nonsat,) = torch.autograd.grad(obj.g_loss(v).sum(), v)
+    (g_minimax,) = torch.autograd.grad(obj.g_loss(v, minimax=True).sum(), v)
+    assert g_nonsat.item() == pytest.approx(-1.0, abs=1e-4)
+    assert abs(g_minimax.item()) < 1e-4
+
+
+def test_wasserstein_critic_gradient_is_difference_of_masses():
+    obj = get_objective("wgan")
+    v = torch.zeros(5, requires_grad=True)
+    loss = (P * obj.d_real(v)).sum() + (Q * obj.d_fake(v)).sum()
+    (grad,) = torch.autograd.grad(loss, v)
+    assert torch.allclose(grad, Q - P)
+
+
+def test_hinge_and_least_squares_values():
+    hinge, ls = get_objective("hinge"), get_objective("lsgan")
+    v = torch.tensor([-2.0, 0.5, 2.0])
+    assert torch.allclose(hinge.d_real(v), torch.tensor([3.0, 0.5, 0.0]))
+    assert torch.allclose(hinge.d_fake(v), torch.tensor([0.0, 1.5, 3.0]))
+    # LSGAN's optimal D under targets a=0 (fake), b=1 (real) is p / (p + q): zero gradient.
+    v_opt = (P / (P + Q)).requires_grad_(True)
+    loss = (P * ls.d_real(v_opt)).sum() + (Q * ls.d_fake(v_opt)).sum()
+    (grad,) = torch.autograd.grad(loss, v_opt)
+    assert grad.abs().max().item() < 1e-12
+
+
+class Linear(nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.w = nn.Parameter(w)
+
+    def forward(self, x, y=None):
+        return x.flatten(1) @ self.w + 0.7
+
+
+def test_gradient_penalty_of_linear_critic():
+    # A linear critic's input gradient is w everywhere: the penalty is (||w|| - 1)^2.
+    w = torch.tensor([3.0, 4.0, 0.0, 12.0])  # ||w|| = 13
+    critic = Linear(w.clone())
+    real, fake = torch.randn(6, 1, 2, 2), torch.randn(9, 1, 2, 2)
+    gp = gradient_penalty(critic, real, fake)
+    assert gp.shape == (6,)
+    assert torch.allclose(gp, torch.full((6,), 144.0))
+    # Its gradient with respect to w: 2 (||w|| - 1) w / ||w||, per sample.
+    (grad,) = torch.autograd.grad(gp.mean(), critic.w)
+    assert torch.allclose(grad, 2 * 12 * w / 13)
+
+
+def test_weight_clipping_bounds_every_weight():
+    net = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.uniform_(-1, 1)
+    before = [p.clone() for p in net.parameters()]
+    clip_weights(net, 0.01)
+    for p, b in zip(net.parameters(), before):
+        assert p.abs().max().item() <= 0.01
+        inside = b.abs() <= 0.01
+        assert torch.equal(p[inside], b[inside])
+
+
+def test_every_registered_objective_decides_real_above_threshold():
+    for name, obj in OBJECTIVES.items():
+        v = torch.tensor([-30.0, 30.0])
+        assert obj.says_real(v).tolist() == [False, True], name
+
+
+def test_unknown_loss_names_choices():
+    with pytest.raises(KeyError, match="choose from"):
+        get_objective("nope")

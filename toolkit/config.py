@@ -1,0 +1,315 @@
+"""Every option of a run, as dataclasses: the single source of defaults.
+
+A run's `Config` is one dataclass per option group. Field names are unique across groups
+because the command line is flat (`--d-lr`, `--latent-dim`, ...). A config is saved as
+JSON in its run folder; `Config.load` reads it back, so a run can be reproduced and
+resumed from its folder alone.
+"""
+
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from toolkit.errors import ConfigError
+
+GENERATOR_ARCHS = ("dcgan", "mlp")
+DISCRIMINATOR_ARCHS = ("dcgan", "mlp", "maxout")
+G_NORMS = ("batch", "none")
+# No BatchNorm-free requirement here; the dp mode refuses "batch" because it mixes samples.
+D_NORMS = ("none", "group", "layer", "instance", "batch")
+CONDITIONINGS = ("projection", "concat")
+PRIORS = ("gaussian", "mixture")
+LR_DECAYS = ("none", "linear", "exponential")
+MODES = ("standard",)
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def option(default: Any, help: str, **metadata: Any):
+    """A dataclass field whose --help line shows its default.
+
+    argparse-dataclass hands argparse a sentinel instead of the default (so that only the
+    options a user typed are seen), which hides the default from --help; we add it here.
+    """
+    shown = "none" if default is None else default
+    return field(default=default, metadata={"help": f"{help} (default: {shown})", **metadata})
+
+
+@dataclass
+class DataConfig:
+    dataset: str = option(
+        "auto",
+        "mnist | fashion-mnist | mnist-5k | folder:PATH | npz:PATH | auto "
+        "(auto = mnist if found under --data-root, else the offline mnist-5k)",
+    )
+    data_root: str = option(
+        "data", "where mnist/fashion-mnist live: a torchvision root or a folder of the IDX files"
+    )
+    holdout_fraction: float = option(
+        0.1, "share of the training data held out as the reference when no test split exists"
+    )
+    limit: int = option(0, "use only the first N training images (0 = all)")
+    image_size: int = option(0, "resize images to this size (0 = keep the data's own size)")
+
+
+@dataclass
+class ModelConfig:
+    g_arch: str = option("dcgan", "generator: " + " | ".join(GENERATOR_ARCHS))
+    d_arch: str = option("dcgan", "discriminator: " + " | ".join(DISCRIMINATOR_ARCHS))
+    g_width: int = option(64, "generator width: base channels (dcgan) or hidden units (mlp)")
+    d_width: int = option(64, "discriminator width: base channels (dcgan) or hidden units (mlp, maxout)")
+    g_depth: int = option(
+        0, "generator depth: upsampling stages (dcgan) or hidden layers (mlp); 0 = automatic"
+    )
+    d_depth: int = option(
+        0, "discriminator depth: downsampling stages (dcgan) or hidden layers; 0 = automatic"
+    )
+    g_norm: str = option("batch", "generator normalization: " + " | ".join(G_NORMS))
+    d_norm: str = option("none", "discriminator normalization: " + " | ".join(D_NORMS))
+    spectral_norm: bool = option(False, "spectral normalization on every discriminator layer")
+    d_dropout: float = option(0.0, "dropout probability in the discriminator")
+    instance_noise: float = option(
+        0.0, "std of Gaussian noise added to the discriminator's inputs (instance noise)"
+    )
+    instance_noise_anneal: bool = option(
+        False, "decay the instance noise linearly to zero over the run"
+    )
+    maxout_pieces: int = option(5, "linear pieces per maxout unit")
+    conditional: bool = option(False, "class-conditional generator and discriminator")
+    conditioning: str = option(
+        "projection", "how the discriminator sees labels: " + " | ".join(CONDITIONINGS)
+    )
+    label_embed_dim: int = option(32, "size of the generator's label embedding")
+
+
+@dataclass
+class ObjectiveConfig:
+    loss: str = option(
+        "bce", "bce | kl | rkl | js | pearson | hellinger | wgan | wgan-gp | hinge | lsgan"
+    )
+    minimax_g: bool = option(
+        False, "use the saturating minimax generator loss instead of the non-saturating one"
+    )
+    n_critic: int = option(0, "discriminator steps per generator step (0 = 5 for wgan/wgan-gp, else 1)")
+    clip_value: float = option(0.01, "wgan: clip every discriminator weight to [-c, c]")
+    gp_weight: float = option(10.0, "wgan-gp: gradient penalty weight lambda")
+    label_smoothing: float = option(
+        0.0, "bce/lsgan: one-sided label smoothing, real target = 1 - s"
+    )
+    real_label_min: float = option(1.0, "bce/lsgan: soft real targets drawn from [min, max]")
+    real_label_max: float = option(1.0, "bce/lsgan: soft real targets drawn from [min, max]")
+    fake_label_min: float = option(0.0, "bce/lsgan: soft fake targets drawn from [min, max]")
+    fake_label_max: float = option(0.0, "bce/lsgan: soft fake targets drawn from [min, max]")
+
+
+@dataclass
+class LatentConfig:
+    latent_dim: int = option(100, "size of the latent vector z")
+    prior: str = option("gaussian", "latent prior: " + " | ".join(PRIORS))
+    latent_sigma: float = option(1.0, "scale of the Gaussian prior (below 1 = soft truncation)")
+    truncation: float = option(
+        0.0, "hard truncation: resample latent entries beyond this absolute value (0 = off)"
+    )
+    mixture_components: int = option(10, "mixture prior: number of components K")
+    mixture_learnable: bool = option(
+        True, "mixture prior: learn the means and scales with the generator (DeLiGAN)"
+    )
+    mixture_sigma_init: float = option(0.2, "mixture prior: initial scale of every component")
+    mixture_sigma_reg: float = option(
+        0.0, "mixture prior: weight of DeLiGAN's penalty sum((1 - sigma)^2) on learned scales"
+    )
+
+
+@dataclass
+class OptimConfig:
+    g_lr: float = option(2e-4, "generator Adam learning rate")
+    d_lr: float = option(2e-4, "discriminator Adam learning rate")
+    g_beta1: float = option(0.5, "generator Adam beta1")
+    g_beta2: float = option(0.999, "generator Adam beta2")
+    d_beta1: float = option(0.5, "discriminator Adam beta1")
+    d_beta2: float = option(0.999, "discriminator Adam beta2")
+    lr_decay: str = option("none", "learning-rate decay per epoch: " + " | ".join(LR_DECAYS))
+    lr_gamma: float = option(0.95, "exponential decay factor per epoch")
+    ema_decay: float = option(0.0, "keep an exponential moving average of G's weights (0 = off)")
+
+
+@dataclass
+class TrainConfig:
+    mode: str = option("standard", "training mode: " + " | ".join(MODES))
+    epochs: int = option(5, "passes over the training data")
+    batch_size: int = option(64, "real images per discriminator step")
+    seed: int = option(0, "seed of every random choice in the run")
+    device: str = option("cpu", "cpu | cuda | auto")
+    out_dir: str = option("runs", "folder that holds run folders")
+    name: str = option("", "run folder name (default: <arch>-<loss>-<timestamp>)")
+    sample_every: int = option(1, "write a sample grid every N epochs")
+    log_every: int = option(50, "write TensorBoard scalars every N steps")
+    checkpoint_every: int = option(
+        0, "also save last.pt every N steps within an epoch (0 = at epoch ends only)"
+    )
+    best_metric: str = option(
+        "fid", "history metric that selects best.pt; lower is better (needs --eval-every)"
+    )
+    eval_every: int = option(0, "evaluate every N epochs (0 = off)")
+    tensorboard: bool = option(True, "write TensorBoard logs")
+    progress: bool = option(True, "show progress bars")
+
+
+GROUPS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "objective": ObjectiveConfig,
+    "latent": LatentConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+}
+
+# Options that a resumed run may change; every other change is refused.
+RESUMABLE_CHANGES = {"epochs", "progress", "tensorboard", "log_every", "sample_every", "device"}
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Config":
+        if not isinstance(raw, dict):
+            raise ConfigError("a config must be a JSON object of option groups")
+        unknown_groups = sorted(set(raw) - set(GROUPS))
+        problems = [f"unknown option group '{g}' (known: {', '.join(GROUPS)})" for g in unknown_groups]
+        groups = {}
+        for name, group_cls in GROUPS.items():
+            values = raw.get(name, {})
+            known = {f.name for f in fields(group_cls)}
+            problems += [f"unknown option '{name}.{k}'" for k in sorted(set(values) - known)]
+            groups[name] = group_cls(**{k: v for k, v in values.items() if k in known})
+        if problems:
+            raise ConfigError(problems)
+        return cls(**groups)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "Config":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid JSON: {err}") from None
+        return cls.from_dict(raw)
+
+    def flat(self) -> dict:
+        """All options in one dict, keyed by field name (names are unique across groups)."""
+        return {k: v for group in self.to_dict().values() for k, v in group.items()}
+
+    def updated(self, overrides: dict) -> "Config":
+        """A copy with options replaced by flat name."""
+        raw = self.to_dict()
+        owners = {f.name: g for g, cls in GROUPS.items() for f in fields(cls)}
+        unknown = [k for k in overrides if k not in owners]
+        if unknown:
+            raise ConfigError([f"unknown option '{k}'" for k in unknown])
+        for key, value in overrides.items():
+            raw[owners[key]][key] = value
+        return Config.from_dict(raw)
+
+
+def n_critic(config: Config) -> int:
+    if config.objective.n_critic:
+        return config.objective.n_critic
+    return 5 if config.objective.loss in ("wgan", "wgan-gp") else 1
+
+
+def validate(config: Config, num_classes: Optional[int] = None) -> None:
+    """Collect every invalid option and raise one ConfigError naming them all.
+
+    `num_classes` is known once data is loaded; pass it to check conditional models.
+    """
+    from toolkit.objectives import OBJECTIVES  # late: objectives imports torch
+
+    d, m, o, z, opt, t = (config.data, config.model, config.objective, config.latent,
+                          config.optim, config.train)
+    problems = []
+
+    def choice(value, allowed, what):
+        if value not in allowed:
+            problems.append(f"unknown {what} '{value}' (choose from {', '.join(allowed)})")
+
+    def positive(value, what, strict=True):
+        if value < 0 or (strict and value == 0):
+            problems.append(f"{what} must be {'positive' if strict else 'non-negative'}, got {value}")
+
+    choice(m.g_arch, GENERATOR_ARCHS, "generator")
+    choice(m.d_arch, DISCRIMINATOR_ARCHS, "discriminator")
+    choice(m.g_norm, G_NORMS, "generator normalization")
+    choice(m.d_norm, D_NORMS, "discriminator normalization")
+    choice(m.conditioning, CONDITIONINGS, "conditioning")
+    choice(o.loss, tuple(OBJECTIVES), "loss")
+    choice(z.prior, PRIORS, "prior")
+    choice(opt.lr_decay, LR_DECAYS, "lr decay")
+    choice(t.mode, MODES, "mode")
+    choice(t.device, DEVICES, "device")
+
+    for value, what in [
+        (opt.g_lr, "g-lr"), (opt.d_lr, "d-lr"), (t.epochs, "epochs"),
+        (t.batch_size, "batch-size"), (z.latent_dim, "latent-dim"), (m.g_width, "g-width"),
+        (m.d_width, "d-width"), (z.latent_sigma, "latent-sigma"),
+        (z.mixture_components, "mixture-components"), (z.mixture_sigma_init, "mixture-sigma-init"),
+        (m.maxout_pieces, "maxout-pieces"), (m.label_embed_dim, "label-embed-dim"),
+        (t.sample_every, "sample-every"), (t.log_every, "log-every"),
+    ]:
+        positive(value, what)
+    for value, what in [
+        (o.n_critic, "n-critic"), (o.clip_value, "clip-value"), (o.gp_weight, "gp-weight"),
+        (m.g_depth, "g-depth"), (m.d_depth, "d-depth"), (m.instance_noise, "instance-noise"),
+        (d.limit, "limit"), (d.image_size, "image-size"), (z.truncation, "truncation"),
+        (z.mixture_sigma_reg, "mixture-sigma-reg"), (t.checkpoint_every, "checkpoint-every"),
+        (t.eval_every, "eval-every"),
+    ]:
+        positive(value, what, strict=False)
+    for value, what in [(opt.g_beta1, "g-beta1"), (opt.g_beta2, "g-beta2"),
+                        (opt.d_beta1, "d-beta1"), (opt.d_beta2, "d-beta2"),
+                        (opt.ema_decay, "ema-decay")]:
+        if not 0 <= value < 1:
+            problems.append(f"{what} must be in [0, 1), got {value}")
+    if not 0 <= m.d_dropout < 1:
+        problems.append(f"d-dropout must be in [0, 1), got {m.d_dropout}")
+    if not 0 < d.holdout_fraction < 1:
+        problems.append(f"holdout-fraction must be in (0, 1), got {d.holdout_fraction}")
+    if not 0 < opt.lr_gamma <= 1:
+        problems.append(f"lr-gamma must be in (0, 1], got {opt.lr_gamma}")
+    if 0 < z.truncation < 0.1:
+        problems.append(f"truncation {z.truncation} would resample almost every latent; use >= 0.1")
+
+    smoothing = o.label_smoothing or (o.real_label_min, o.real_label_max, o.fake_label_min,
+                                      o.fake_label_max) != (1.0, 1.0, 0.0, 0.0)
+    if smoothing and o.loss in OBJECTIVES and not OBJECTIVES[o.loss].uses_targets:
+        problems.append(f"label smoothing and soft labels apply to bce and lsgan, not '{o.loss}'")
+    if not 0 <= o.label_smoothing < 0.5:
+        problems.append(f"label-smoothing must be in [0, 0.5), got {o.label_smoothing}")
+    if o.label_smoothing and (o.real_label_min, o.real_label_max) != (1.0, 1.0):
+        problems.append("give either label-smoothing or a real label range, not both")
+    if o.real_label_min > o.real_label_max or o.fake_label_min > o.fake_label_max:
+        problems.append("soft label ranges need min <= max")
+    if m.conditional and num_classes is not None and num_classes < 2:
+        problems.append("a conditional model needs labelled data with at least 2 classes; "
+                        "this dataset has no labels")
+    if m.spectral_norm and o.loss == "wgan":
+        problems.append("wgan clips weights; spectral-norm and clipping together are not supported "
+                        "(use wgan-gp or hinge with spectral norm)")
+    if problems:
+        raise ConfigError(problems)

@@ -1,0 +1,25 @@
+"""Errors that a user's input can cause.
+
+The CLI turns every `UserError` into one line on stderr and exit code 2; anything else is a
+bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """Bad input from the user: a wrong option, a missing file, data of the wrong shape."""
+
+
+class ConfigError(UserError):
+    """One or more invalid options. All problems are collected and reported together."""
+
+    def __init__(self, problems):
+        self.problems = list(problems) if not isinstance(problems, str) else [problems]
+        super().__init__("; ".join(self.problems))
+
+
+class DataError(UserError):
+    """A dataset that cannot be read or does not have the expected content."""
+
+
+class TrainingDiverged(Exception):
+    """A loss became NaN or infinite; the last good checkpoint is kept."""

@@ -1,0 +1,57 @@
+"""Generators and discriminators, chosen by name from `ModelConfig`.
+
+Every generator is called as `G(z, y=None)` and returns images (N, C, H, W) in [-1, 1];
+every discriminator as `D(x, y=None)` and returns raw scores (N,). `y` holds class indices
+and is required by conditional models (ValueError without it); unconditional ones ignore it.
+Build models through these functions: they also initialize the weights and add spectral
+norm, which the classes alone do not.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from toolkit.config import ModelConfig
+from toolkit.errors import ConfigError
+from toolkit.models.blocks import GaussianNoise, apply_spectral_norm, init_weights
+from toolkit.models.dcgan import DCGANDiscriminator, DCGANGenerator
+from toolkit.models.maxout import MaxoutDiscriminator
+from toolkit.models.mlp import MLPDiscriminator, MLPGenerator
+
+GENERATORS = {"dcgan": DCGANGenerator, "mlp": MLPGenerator}
+DISCRIMINATORS = {"dcgan": DCGANDiscriminator, "mlp": MLPDiscriminator, "maxout": MaxoutDiscriminator}
+
+__all__ = ["GENERATORS", "DISCRIMINATORS", "GaussianNoise", "build_generator", "build_discriminator"]
+
+
+def _lookup(registry: dict, name: str, what: str):
+    if name not in registry:
+        raise ConfigError(f"unknown {what} '{name}' (choose from {', '.join(registry)})")
+    return registry[name]
+
+
+def _check_image_shape(image_shape) -> tuple:
+    shape = tuple(int(s) for s in image_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"image shape must be (channels, height, width), got {image_shape}")
+    return shape
+
+
+def build_generator(cfg: ModelConfig, latent_dim: int, image_shape: tuple[int, int, int],
+                    num_classes: int) -> nn.Module:
+    """`num_classes` is 0 for unlabelled data; a conditional model needs at least 2."""
+    model = _lookup(GENERATORS, cfg.g_arch, "generator")(
+        cfg, latent_dim, _check_image_shape(image_shape), num_classes)
+    init_weights(model)
+    return model
+
+
+def build_discriminator(cfg: ModelConfig, image_shape: tuple[int, int, int],
+                        num_classes: int) -> nn.Module:
+    """`D.noise` is the instance-noise layer (anneal it through `D.noise.std`) or None."""
+    model = _lookup(DISCRIMINATORS, cfg.d_arch, "discriminator")(
+        cfg, _check_image_shape(image_shape), num_classes)
+    init_weights(model)  # before spectral norm, which reparametrizes the weights it finds
+    if cfg.spectral_norm:
+        apply_spectral_norm(model)
+    return model

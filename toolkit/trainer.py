@@ -1,0 +1,431 @@
+"""The one training loop.
+
+Global steps over epochs of real batches: every batch is one discriminator step, and every
+n_critic-th discriminator step is followed by one generator step. The D and G steps are
+free functions of the networks, so a mode can hand in a wrapped (private) discriminator
+without the loop knowing.
+
+At each epoch end: history record, sample grid, callbacks (evaluation), checkpoints. Ctrl-C
+finishes the current step, saves a checkpoint and stops; a non-finite loss stops the run
+and keeps the last good checkpoint. Resume restores networks, optimizers, schedulers, EMA,
+mode state, RNG states and the position inside the epoch, so it continues bit-exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from toolkit.config import Config, n_critic, validate
+from toolkit.data import ImageData, ShuffledBatches
+from toolkit.errors import TrainingDiverged
+from toolkit.latent import build_prior, sample_labels
+from toolkit.models import build_discriminator, build_generator
+from toolkit.modes import StandardMode, build_mode
+from toolkit.objectives import Objective, clip_weights, get_objective, gradient_penalty
+from toolkit.runs import RunDir
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+
+
+# --- The two steps ------------------------------------------------------------------------------
+
+def sample_targets(n: int, low: float, high: float, like: Tensor) -> Optional[Tensor]:
+    """Per-sample BCE/LSGAN targets: a constant, or uniform in [low, high] (soft labels)."""
+    if low == high:
+        return torch.full((n,), low, device=like.device, dtype=like.dtype)
+    return torch.empty(n, device=like.device, dtype=like.dtype).uniform_(low, high)
+
+
+def discriminator_step(D: nn.Module, G: nn.Module, prior: nn.Module, objective: Objective,
+                       d_opt: torch.optim.Optimizer, real: Tensor, labels: Optional[Tensor],
+                       config: Config, num_classes: int) -> dict:
+    o = config.objective
+    n = real.shape[0]
+    fake_labels = sample_labels(n, num_classes, device=real.device) if labels is not None else None
+    with torch.no_grad():
+        fake = G(prior.sample(n, device=real.device), fake_labels)
+    v_real, v_fake = D(real, labels), D(fake, fake_labels)
+    real_target = fake_target = None
+    if objective.uses_targets:
+        low, high = ((1 - o.label_smoothing,) * 2 if o.label_smoothing
+                     else (o.real_label_min, o.real_label_max))
+        real_target = sample_targets(n, low, high, v_real)
+        fake_target = sample_targets(n, o.fake_label_min, o.fake_label_max, v_fake)
+    loss = objective.d_real(v_real, real_target).mean() + objective.d_fake(v_fake, fake_target).mean()
+    if objective.gradient_penalty:
+        loss = loss + o.gp_weight * gradient_penalty(D, real, fake, labels).mean()
+    d_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    d_opt.step()
+    if objective.clip_weights:
+        clip_weights(D, o.clip_value)
+    with torch.no_grad():
+        return {
+            "d_loss": loss.detach(),
+            "d_real": objective.activation(v_real).mean(),
+            "d_fake": objective.activation(v_fake).mean(),
+            "d_acc_real": objective.says_real(v_real).float().mean(),
+            "d_acc_fake": (~objective.says_real(v_fake)).float().mean(),
+        }
+
+
+def generator_step(G: nn.Module, D: nn.Module, prior: nn.Module, objective: Objective,
+                   g_opt: torch.optim.Optimizer, d_opt: torch.optim.Optimizer, n: int,
+                   config: Config, num_classes: int, device) -> dict:
+    labels = sample_labels(n, num_classes, device=device) if config.model.conditional else None
+    fake = G(prior.sample(n, device=device), labels)
+    loss = objective.g_loss(D(fake, labels), minimax=config.objective.minimax_g).mean()
+    if config.latent.mixture_sigma_reg:
+        loss = loss + config.latent.mixture_sigma_reg * prior.regularizer()
+    g_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    g_opt.step()
+    # G's backward pass also filled D's gradients (and, under Opacus, per-sample gradients);
+    # drop them so they never leak into D's next step.
+    d_opt.zero_grad(set_to_none=True)
+    return {"g_loss": loss.detach()}
+
+
+def grad_norm(module: nn.Module) -> float:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+
+# --- State and callbacks --------------------------------------------------------------------------
+
+@dataclass
+class TrainState:
+    epoch: int = 0          # completed epochs
+    batch: int = 0          # batches done in the current epoch
+    step: int = 0           # discriminator steps overall
+    g_steps: int = 0
+    train_time: float = 0.0
+    best: Optional[float] = None
+    sums: dict = field(default_factory=dict)   # running sums of this epoch's step stats
+    counts: dict = field(default_factory=dict)
+
+    def add(self, stats: dict) -> None:
+        for k, v in stats.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def means(self) -> dict:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+
+class Callback:
+    """Hooks for work around the loop; `on_epoch_end` may add entries to the record."""
+
+    def on_step_end(self, trainer: "Trainer", stats: dict) -> None:
+        pass
+
+    def on_epoch_end(self, trainer: "Trainer", record: dict) -> None:
+        pass
+
+
+# --- The trainer ------------------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, config: Config, data: ImageData, run: RunDir, mode=None,
+                 callbacks: tuple = ()):
+        validate(config, data.num_classes)
+        self.config, self.data, self.run = config, data, run
+        t = config.train
+        self.device = torch.device(
+            "cuda" if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()) else "cpu")
+        seed_everything(t.seed)
+        self.num_classes = data.num_classes if config.model.conditional else 0
+        self.G = build_generator(config.model, config.latent.latent_dim, data.image_shape,
+                                 self.num_classes).to(self.device)
+        self.D = build_discriminator(config.model, data.image_shape, self.num_classes).to(self.device)
+        self.prior = build_prior(config.latent, t.seed).to(self.device)
+        self.objective = get_objective(config.objective.loss)
+        self.n_critic = n_critic(config)
+        o = config.optim
+        g_params = list(self.G.parameters()) + [p for p in self.prior.parameters() if p.requires_grad]
+        self.g_opt = torch.optim.Adam(g_params, lr=o.g_lr, betas=(o.g_beta1, o.g_beta2))
+        self.d_opt = torch.optim.Adam(self.D.parameters(), lr=o.d_lr, betas=(o.d_beta1, o.d_beta2))
+        self.schedulers = [self._scheduler(opt) for opt in (self.g_opt, self.d_opt)]
+        self.ema = (AveragedModel(self.G, multi_avg_fn=get_ema_multi_avg_fn(o.ema_decay),
+                                  use_buffers=True) if o.ema_decay else None)
+        labels = data.train_y if config.model.conditional else None
+        self.batches = ShuffledBatches(data.train_x.to(self.device),
+                                       None if labels is None else labels.to(self.device),
+                                       t.batch_size, t.seed)
+        self.mode = mode or build_mode(t.mode)
+        self.mode.attach(self)  # may wrap D, d_opt and batches
+        self.callbacks = list(callbacks)
+        self.state = TrainState()
+        self.stop_requested = False
+        self._writer = None
+        if self.num_classes:  # one column per class
+            self.grid_size, self.grid_nrow = self.num_classes * 8, self.num_classes
+            self.grid_labels = (torch.arange(self.grid_size) % self.num_classes).to(self.device)
+        else:
+            self.grid_size, self.grid_nrow, self.grid_labels = 64, 8, None
+
+    def _scheduler(self, opt):
+        o = self.config.optim
+        if o.lr_decay == "linear":
+            total = self.config.train.epochs
+            return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: max(0.0, 1.0 - e / total))
+        if o.lr_decay == "exponential":
+            return torch.optim.lr_scheduler.ExponentialLR(opt, gamma=o.lr_gamma)
+        return None
+
+    @property
+    def sampling_generator(self) -> nn.Module:
+        """The generator to draw samples from: the EMA copy when there is one."""
+        return self.ema.module if self.ema is not None else self.G
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        s = self.state
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.to_dict(),
+            "data": {"image_shape": list(self.data.image_shape), "num_classes": self.num_classes,
+                     "name": self.data.name},
+            "state": {k: getattr(s, k) for k in ("epoch", "batch", "step", "g_steps", "train_time",
+                                                  "best", "sums", "counts")},
+            "G": self.G.state_dict(),
+            "D": unwrapped(self.D).state_dict(),
+            "prior": self.prior.state_dict(),
+            "g_opt": self.g_opt.state_dict(),
+            "d_opt": self.d_opt.state_dict(),
+            "schedulers": [sch.state_dict() if sch else None for sch in self.schedulers],
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "mode": self.mode.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
+        }
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        self.G.load_state_dict(ckpt["G"])
+        unwrapped(self.D).load_state_dict(ckpt["D"])
+        self.prior.load_state_dict(ckpt["prior"])
+        self.g_opt.load_state_dict(ckpt["g_opt"])
+        self.d_opt.load_state_dict(ckpt["d_opt"])
+        for sch, sd in zip(self.schedulers, ckpt["schedulers"]):
+            if sch is not None and sd is not None:
+                sch.load_state_dict(sd)
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        self.mode.load_state_dict(ckpt["mode"])
+        for k, v in ckpt["state"].items():
+            setattr(self.state, k, v)
+        rng = ckpt["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+
+    def resume(self) -> None:
+        ckpt = self.run.load_checkpoint("last", map_location=self.device)
+        self.load_state_dict(ckpt)
+        self.run.truncate_history(self.state.epoch)
+        log.info("resumed %s at epoch %d, batch %d (step %d)", self.run.path,
+                 self.state.epoch, self.state.batch, self.state.step)
+
+    def save(self, name: str = "last") -> None:
+        self.run.save_checkpoint(self.state_dict(), name)
+
+    # --- the loop -----------------------------------------------------------------------------
+    def fit(self) -> str:
+        """Train to the configured epoch count. Returns "done", "interrupted" or "stopped"."""
+        t = self.config.train
+        previous_handler = self._catch_sigint()
+        try:
+            while self.state.epoch < t.epochs:
+                if not self._run_epoch():
+                    self.save()
+                    log.info("interrupted at epoch %d, batch %d; checkpoint saved. Continue with: "
+                             "gankit train --resume %s", self.state.epoch + 1, self.state.batch,
+                             self.run.path)
+                    return "interrupted"
+                reason = self.mode.stop_reason()
+                if reason:
+                    log.info("stopping: %s", reason)
+                    return "stopped"
+            return "done"
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
+            if self._writer is not None:
+                self._writer.close()
+
+    def _run_epoch(self) -> bool:
+        """One epoch from the saved position. False when stopped by Ctrl-C."""
+        t, s = self.config.train, self.state
+        epoch = s.epoch
+        bar = tqdm(self.batches.epoch(epoch, start=s.batch), total=len(self.batches),
+                   initial=s.batch, desc=f"epoch {epoch + 1}/{t.epochs}", unit="batch",
+                   disable=None if t.progress else True, leave=False, dynamic_ncols=True)
+        tick = time.perf_counter()
+        for real, labels in bar:
+            self._anneal_instance_noise()
+            stats = discriminator_step(self.D, self.G, self.prior, self.objective, self.d_opt,
+                                       real, labels, self.config, self.num_classes)
+            s.step += 1
+            if s.step % self.n_critic == 0:
+                stats.update(generator_step(self.G, self.D, self.prior, self.objective,
+                                            self.g_opt, self.d_opt, real.shape[0], self.config,
+                                            self.num_classes, self.device))
+                s.g_steps += 1
+                if self.ema is not None:
+                    self.ema.update_parameters(self.G)
+            self._check_finite(stats)
+            s.add(stats)
+            s.batch += 1
+            if s.step % t.log_every == 0:
+                self._log_step(stats)
+            for cb in self.callbacks:
+                cb.on_step_end(self, stats)
+            if t.checkpoint_every and s.step % t.checkpoint_every == 0:
+                s.train_time += time.perf_counter() - tick
+                tick = time.perf_counter()
+                self.save()
+            if self.stop_requested:
+                s.train_time += time.perf_counter() - tick
+                bar.close()
+                return False
+        bar.close()
+        s.train_time += time.perf_counter() - tick
+        self._end_epoch()
+        return True
+
+    def _end_epoch(self) -> None:
+        t, s = self.config.train, self.state
+        for sch in self.schedulers:
+            if sch is not None:
+                sch.step()
+        s.epoch += 1
+        record = {"epoch": s.epoch, "step": s.step, "g_steps": s.g_steps, **s.means(),
+                  "lr_g": self.g_opt.param_groups[0]["lr"], "lr_d": self.d_opt.param_groups[0]["lr"],
+                  "train_time_s": round(s.train_time, 3), **self.mode.epoch_metrics()}
+        if s.epoch % t.sample_every == 0 or s.epoch == t.epochs:
+            self.write_samples(self.run.samples / f"epoch_{s.epoch:03d}.png")
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, record)
+        s.batch, s.sums, s.counts = 0, {}, {}
+        improved = self._update_best(record)
+        self.run.append_history(record)
+        self._log_epoch(record)
+        self.save("last")
+        if improved:
+            self.save("best")
+
+    def _update_best(self, record: dict) -> bool:
+        value = record.get(self.config.train.best_metric)
+        if value is None or not math.isfinite(value):
+            return False
+        if self.state.best is None or value < self.state.best:
+            self.state.best = value
+            return True
+        return False
+
+    def _anneal_instance_noise(self) -> None:
+        noise = getattr(unwrapped(self.D), "noise", None)
+        if noise is not None and self.config.model.instance_noise_anneal:
+            total = self.config.train.epochs * len(self.batches)
+            done = self.state.epoch * len(self.batches) + self.state.batch
+            noise.std = self.config.model.instance_noise * max(0.0, 1.0 - done / total)
+
+    def _check_finite(self, stats: dict) -> None:
+        for key in ("d_loss", "g_loss"):
+            if key in stats and not torch.isfinite(stats[key]):
+                last = self.run.checkpoint_path("last")
+                kept = (f"the last good checkpoint is {last}" if last.exists()
+                        else "no checkpoint was written before this")
+                raise TrainingDiverged(
+                    f"{key} became {float(stats[key])} at epoch {self.state.epoch + 1}, step "
+                    f"{self.state.step}; {kept}. Try lower learning rates or another loss.")
+
+    # --- output -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def write_samples(self, path) -> None:
+        from torchvision.utils import save_image
+
+        # The same latents every time, from a generator of their own so that the training
+        # random stream is untouched; a learnable prior's current means are used.
+        grid_rng = torch.Generator(device=self.device).manual_seed(self.config.train.seed + 1)
+        z = self.prior.sample(self.grid_size, generator=grid_rng, device=self.device)
+        G = self.sampling_generator
+        was_training = G.training
+        G.eval()
+        images = G(z, self.grid_labels)
+        G.train(was_training)
+        save_image(images, path, nrow=self.grid_nrow, normalize=True, value_range=(-1, 1))
+
+    @property
+    def writer(self):
+        if self._writer is None and self.config.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.run.tensorboard))
+        return self._writer
+
+    def _log_step(self, stats: dict) -> None:
+        if self.writer is None:
+            return
+        step = self.state.step
+        for k, v in stats.items():
+            self.writer.add_scalar(f"step/{k}", float(v), step)
+        self.writer.add_scalar("step/d_grad_norm", grad_norm(self.D), step)
+        self.writer.add_scalar("step/g_grad_norm", grad_norm(self.G), step)
+
+    def _log_epoch(self, record: dict) -> None:
+        if self.writer is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self.writer.add_scalar(f"epoch/{k}", v, record["epoch"])
+            self.writer.flush()
+        shown = " ".join(f"{k}={v:.4g}" for k, v in record.items()
+                         if k in ("d_loss", "g_loss", "d_acc_real", "d_acc_fake", "fid", "epsilon"))
+        log.info("epoch %d/%d %s (%.1fs)", record["epoch"], self.config.train.epochs, shown,
+                 record["train_time_s"])
+
+    def _catch_sigint(self):
+        """First Ctrl-C: stop after the current step and save. Second: abort at once."""
+        def handler(signum, frame):
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            log.warning("Ctrl-C: saving a checkpoint after this step (press again to abort)")
+        try:
+            return signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread (e.g. inside a Flower/Ray worker)
+            return None
+
+
+def unwrapped(module: nn.Module) -> nn.Module:
+    """The plain network inside a wrapper (Opacus' GradSampleModule keeps it as `_module`)."""
+    return getattr(module, "_module", module)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
