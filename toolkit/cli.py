@@ -168,12 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging() -> None:
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
+    """Log lines to the current stderr; one call of main() owns the handlers."""
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def log_to_file(path: Path) -> None:
@@ -197,6 +200,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("gankit: aborted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        for handler in list(log.handlers):
+            log.removeHandler(handler)
+            handler.close()
 
 
 if __name__ == "__main__":

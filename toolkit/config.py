@@ -58,8 +58,8 @@ class DataConfig:
 class ModelConfig:
     g_arch: str = option("dcgan", "generator: " + " | ".join(GENERATOR_ARCHS))
     d_arch: str = option("dcgan", "discriminator: " + " | ".join(DISCRIMINATOR_ARCHS))
-    g_width: int = option(64, "generator width: base channels (dcgan) or hidden units (mlp)")
-    d_width: int = option(64, "discriminator width: base channels (dcgan) or hidden units (mlp, maxout)")
+    g_width: int = option(64, "generator width: base channels (dcgan); mlp hidden units = 4 x width")
+    d_width: int = option(64, "discriminator width: base channels (dcgan); mlp/maxout hidden units = 4 x width")
     g_depth: int = option(
         0, "generator depth: upsampling stages (dcgan) or hidden layers (mlp); 0 = automatic"
     )
@@ -308,6 +308,9 @@ def validate(config: Config, num_classes: Optional[int] = None) -> None:
     if m.conditional and num_classes is not None and num_classes < 2:
         problems.append("a conditional model needs labelled data with at least 2 classes; "
                         "this dataset has no labels")
+    if m.d_norm == "instance" and m.d_arch in ("mlp", "maxout"):
+        problems.append(f"instance normalization needs feature maps; the {m.d_arch} discriminator "
+                        "has vectors (use layer, group or none)")
     if m.spectral_norm and o.loss == "wgan":
         problems.append("wgan clips weights; spectral-norm and clipping together are not supported "
                         "(use wgan-gp or hinge with spectral norm)")

@@ -19,9 +19,15 @@ from toolkit.models.maxout import MaxoutDiscriminator
 from toolkit.models.mlp import MLPDiscriminator, MLPGenerator
 
 GENERATORS = {"dcgan": DCGANGenerator, "mlp": MLPGenerator}
-DISCRIMINATORS = {"dcgan": DCGANDiscriminator, "mlp": MLPDiscriminator, "maxout": MaxoutDiscriminator}
+DISCRIMINATORS = {
+    "dcgan": DCGANDiscriminator,
+    "mlp": MLPDiscriminator,
+    "maxout": MaxoutDiscriminator,
+}
 
-__all__ = ["GENERATORS", "DISCRIMINATORS", "GaussianNoise", "build_generator", "build_discriminator"]
+__all__ = [
+    "GENERATORS", "DISCRIMINATORS", "GaussianNoise", "build_generator", "build_discriminator",
+]
 
 
 def _lookup(registry: dict, name: str, what: str):

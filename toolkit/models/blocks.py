@@ -167,7 +167,8 @@ def label_classes(cfg, num_classes: int) -> int:
         raise ConfigError("a conditional model needs labelled data with at least 2 classes, "
                           f"got num_classes={num_classes}")
     if cfg.conditioning not in ("projection", "concat"):
-        raise ConfigError(f"unknown conditioning '{cfg.conditioning}' (choose from projection, concat)")
+        raise ConfigError(f"unknown conditioning '{cfg.conditioning}' "
+                          "(choose from projection, concat)")
     return num_classes
 
 
@@ -271,11 +272,13 @@ class Discriminator(nn.Module):
         self.head: Optional[OutputHead] = None
 
     def _set_head(self, features: int) -> None:
-        self.head = OutputHead(features, self.num_classes if self.conditioning == "projection" else 0)
+        projection = self.conditioning == "projection"
+        self.head = OutputHead(features, self.num_classes if projection else 0)
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         if tuple(x.shape[1:]) != self.image_shape:
-            raise ValueError(f"discriminator expects images of shape (N, {', '.join(map(str, self.image_shape))}), "
+            expected = ", ".join(map(str, self.image_shape))
+            raise ValueError(f"discriminator expects images of shape (N, {expected}), "
                              f"got {tuple(x.shape)}")
         y = check_labels(y, x.shape[0], self.num_classes, "discriminator")
         if self.noise is not None:

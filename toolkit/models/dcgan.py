@@ -14,7 +14,8 @@ from __future__ import annotations
 from torch import nn
 
 from toolkit.errors import ConfigError
-from toolkit.models.blocks import Discriminator, Generator, d_norm, g_norm, norm_cancels_bias
+from toolkit.models.blocks import (Discriminator, Generator, d_norm, g_norm,
+                                   norm_cancels_bias)
 
 AUTO_MIN_SIZE = 4  # smallest map that automatic depth leaves (the DCGAN paper's 4x4)
 EXPLICIT_MIN_SIZE = 2  # below this the conv stack degenerates (and instance norm cannot run)
@@ -23,7 +24,11 @@ EXPLICIT_MIN_SIZE = 2  # below this the conv stack degenerates (and instance nor
 def auto_depth(height: int, width: int) -> int:
     """Largest n with H and W divisible by 2**n and H / 2**n, W / 2**n >= 4."""
     n = 0
-    while all(s % 2 ** (n + 1) == 0 and s // 2 ** (n + 1) >= AUTO_MIN_SIZE for s in (height, width)):
+    def fits(stages: int) -> bool:
+        scale = 2 ** stages
+        return all(s % scale == 0 and s // scale >= AUTO_MIN_SIZE for s in (height, width))
+
+    while fits(n + 1):
         n += 1
     return n
 

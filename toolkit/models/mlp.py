@@ -19,7 +19,8 @@ import math
 from torch import nn
 
 from toolkit.errors import ConfigError
-from toolkit.models.blocks import Discriminator, Generator, d_norm, g_norm, norm_cancels_bias
+from toolkit.models.blocks import (Discriminator, Generator, d_norm, g_norm,
+                                   norm_cancels_bias)
 
 DEFAULT_DEPTH = 2
 UNITS_PER_WIDTH = 4

@@ -1,0 +1,132 @@
+"""The gankit command: options, configs, errors and exit codes."""
+
+import json
+from dataclasses import fields
+
+import numpy as np
+import pytest
+
+from toolkit import cli
+from toolkit.config import GROUPS, Config
+from toolkit.errors import TrainingDiverged
+
+TINY = ["--g-width", "8", "--d-width", "8", "--latent-dim", "8", "--batch-size", "32",
+        "--epochs", "1", "--no-progress", "--no-tensorboard"]
+
+
+@pytest.fixture
+def npz(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "digits.npz"
+    np.savez(path, x=rng.integers(0, 256, (200, 28, 28), dtype=np.uint8),
+             y=rng.integers(0, 10, 200))
+    return path
+
+
+def run_cli(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    flat = " ".join(text.split())  # argparse wraps lines
+    for group in GROUPS.values():
+        for f in fields(group):
+            flag = f"--{f.name.replace('_', '-')}" if f.default is not True else f"--no-{f.name.replace('_', '-')}"
+            assert flag in text, flag
+    assert flat.count("(default:") >= sum(len(fields(g)) for g in GROUPS.values())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--g-lr", "-1"], "g-lr must be positive"),
+    (["--loss", "nope"], "unknown loss 'nope'"),
+    (["--d-norm", "weird"], "unknown discriminator normalization"),
+    (["--dataset", "npz:/no/such/file.npz"], "npz file not found"),
+    (["--dataset", "folder:/no/such/dir"], "image folder not found"),
+    (["--dataset", "zzz"], "unknown dataset 'zzz'"),
+    (["--loss", "wgan", "--label-smoothing", "0.1"], "apply to bce and lsgan"),
+    (["--config", "/no/such/config.json"], "config file not found"),
+])
+def test_bad_input_exits_2_with_one_line(capsys, tmp_path, argv, message):
+    code, _, err = run_cli(capsys, "train", *argv, "--out-dir", tmp_path, *TINY)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("gankit: error:") and message in lines[-1]
+    assert "Traceback" not in err
+
+
+def test_argparse_type_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--g-lr", "fast"])
+    assert exit_info.value.code == 2
+    assert "invalid float value" in capsys.readouterr().err
+
+
+def test_conditional_model_without_labels_is_refused(capsys, tmp_path):
+    path = tmp_path / "unlabelled.npz"
+    np.savez(path, x=np.zeros((100, 28, 28), dtype=np.uint8))
+    code, _, err = run_cli(capsys, "train", "--dataset", f"npz:{path}", "--conditional",
+                           "--out-dir", tmp_path, *TINY)
+    assert code == 2 and "conditional model needs labelled data" in err
+
+
+def test_all_problems_reported_together(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--g-lr", "-1", "--epochs", "0", "--out-dir", tmp_path)
+    assert code == 2 and "g-lr must be positive" in err and "epochs must be positive" in err
+
+
+def test_config_file_then_command_line_overrides(capsys, tmp_path, npz):
+    saved = Config().updated({"g_width": 8, "d_width": 8, "latent_dim": 8, "batch_size": 32,
+                              "epochs": 1, "loss": "hinge", "progress": False,
+                              "tensorboard": False})
+    saved.save(tmp_path / "base.json")
+    code, _, err = run_cli(capsys, "train", "--config", tmp_path / "base.json", "--d-lr", "0.001",
+                           "--dataset", f"npz:{npz}", "--out-dir", tmp_path, "--name", "r")
+    assert code == 0, err
+    written = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert written["objective"]["loss"] == "hinge" and written["optim"]["d_lr"] == 0.001
+    assert written["model"]["g_width"] == 8
+
+
+def test_resume_refuses_changed_options_and_extends_epochs(capsys, tmp_path, npz):
+    base = ["--dataset", f"npz:{npz}", "--out-dir", tmp_path, "--name", "r", *TINY]
+    assert run_cli(capsys, "train", *base)[0] == 0
+    code, _, err = run_cli(capsys, "train", "--resume", tmp_path / "r", "--g-lr", "0.1")
+    assert code == 2 and "g_lr" in err
+    code, _, err = run_cli(capsys, "train", "--resume", tmp_path / "r")
+    assert code == 2 and "finished its 1 epochs" in err
+    code, _, err = run_cli(capsys, "train", "--resume", tmp_path / "r", "--epochs", "2")
+    assert code == 0, err
+    history = (tmp_path / "r" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in history] == [1, 2]
+    # Starting a new run over an existing one is refused rather than overwriting it.
+    assert run_cli(capsys, "train", *base)[0] == 2
+
+
+def test_generate_png_and_npz(capsys, tmp_path, npz):
+    assert run_cli(capsys, "train", "--dataset", f"npz:{npz}", "--conditional", "--out-dir",
+                   tmp_path, "--name", "r", *TINY)[0] == 0
+    code, _, err = run_cli(capsys, "generate", tmp_path / "r", "--num", "30", "--label", "3",
+                           "--out", tmp_path / "s.npz", "--truncation", "0.5")
+    assert code == 0, err
+    arrays = np.load(tmp_path / "s.npz")
+    assert arrays["x"].shape == (30, 1, 28, 28) and arrays["x"].dtype == np.uint8
+    assert (arrays["y"] == 3).all()
+    code, _, _ = run_cli(capsys, "generate", tmp_path / "r", "--out", tmp_path / "g.png")
+    assert code == 0 and (tmp_path / "g.png").stat().st_size > 0
+    assert run_cli(capsys, "generate", tmp_path / "nothing")[0] == 2
+    assert run_cli(capsys, "generate", tmp_path / "r", "--label", "12")[0] == 2
+
+
+def test_divergence_exits_3(capsys, monkeypatch, tmp_path, npz):
+    def diverge(self):
+        raise TrainingDiverged("d_loss became nan at epoch 1, step 3; no checkpoint was written")
+
+    monkeypatch.setattr("toolkit.trainer.Trainer.fit", diverge)
+    code, _, err = run_cli(capsys, "train", "--dataset", f"npz:{npz}", "--out-dir", tmp_path, *TINY)
+    assert code == 3 and "diverged" in err and "Traceback" not in err
