@@ -18,7 +18,8 @@ from toolkit.errors import ConfigError
 GENERATOR_ARCHS = ("dcgan", "mlp")
 DISCRIMINATOR_ARCHS = ("dcgan", "mlp", "maxout")
 G_NORMS = ("batch", "none")
-# No BatchNorm-free requirement here; the dp mode refuses "batch" because it mixes samples.
+# GroupNorm is the default: as good as BatchNorm for DCGAN on MNIST (10-epoch comparison), and
+# per-sample, so the same D works under Opacus (BatchNorm mixes samples).
 D_NORMS = ("none", "group", "layer", "instance", "batch")
 CONDITIONINGS = ("projection", "concat")
 PRIORS = ("gaussian", "mixture")
@@ -67,7 +68,7 @@ class ModelConfig:
         0, "discriminator depth: downsampling stages (dcgan) or hidden layers; 0 = automatic"
     )
     g_norm: str = option("batch", "generator normalization: " + " | ".join(G_NORMS))
-    d_norm: str = option("none", "discriminator normalization: " + " | ".join(D_NORMS))
+    d_norm: str = option("group", "discriminator normalization: " + " | ".join(D_NORMS))
     spectral_norm: bool = option(False, "spectral normalization on every discriminator layer")
     d_dropout: float = option(0.0, "dropout probability in the discriminator")
     instance_noise: float = option(
@@ -138,7 +139,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     mode: str = option("standard", "training mode: " + " | ".join(MODES))
-    epochs: int = option(5, "passes over the training data")
+    epochs: int = option(10, "passes over the training data")
     batch_size: int = option(64, "real images per discriminator step")
     seed: int = option(0, "seed of every random choice in the run")
     device: str = option("cpu", "cpu | cuda | auto")

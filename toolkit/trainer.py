@@ -53,7 +53,9 @@ def sample_targets(n: int, low: float, high: float, like: Tensor) -> Optional[Te
 
 def discriminator_step(D: nn.Module, G: nn.Module, prior: nn.Module, objective: Objective,
                        d_opt: torch.optim.Optimizer, real: Tensor, labels: Optional[Tensor],
-                       config: Config, num_classes: int) -> dict:
+                       config: Config, num_classes: int, measure: bool = False) -> dict:
+    """One update of D on a real batch and as many fresh fakes. `measure` adds the gradient
+    norm (an extra pass over the parameters, so only on logging steps)."""
     o = config.objective
     n = real.shape[0]
     fake_labels = sample_labels(n, num_classes, device=real.device) if labels is not None else None
@@ -71,11 +73,13 @@ def discriminator_step(D: nn.Module, G: nn.Module, prior: nn.Module, objective: 
         loss = loss + o.gp_weight * gradient_penalty(D, real, fake, labels).mean()
     d_opt.zero_grad(set_to_none=True)
     loss.backward()
+    stats = {"d_grad_norm": grad_norm(D)} if measure else {}
     d_opt.step()
     if objective.clip_weights:
         clip_weights(D, o.clip_value)
     with torch.no_grad():
         return {
+            **stats,
             "d_loss": loss.detach(),
             "d_real": objective.activation(v_real).mean(),
             "d_fake": objective.activation(v_fake).mean(),
@@ -86,7 +90,7 @@ def discriminator_step(D: nn.Module, G: nn.Module, prior: nn.Module, objective: 
 
 def generator_step(G: nn.Module, D: nn.Module, prior: nn.Module, objective: Objective,
                    g_opt: torch.optim.Optimizer, d_opt: torch.optim.Optimizer, n: int,
-                   config: Config, num_classes: int, device) -> dict:
+                   config: Config, num_classes: int, device, measure: bool = False) -> dict:
     labels = sample_labels(n, num_classes, device=device) if config.model.conditional else None
     fake = G(prior.sample(n, device=device), labels)
     loss = objective.g_loss(D(fake, labels), minimax=config.objective.minimax_g).mean()
@@ -94,11 +98,12 @@ def generator_step(G: nn.Module, D: nn.Module, prior: nn.Module, objective: Obje
         loss = loss + config.latent.mixture_sigma_reg * prior.regularizer()
     g_opt.zero_grad(set_to_none=True)
     loss.backward()
+    stats = {"g_grad_norm": grad_norm(G)} if measure else {}
     g_opt.step()
     # G's backward pass also filled D's gradients (and, under Opacus, per-sample gradients);
     # drop them so they never leak into D's next step.
     d_opt.zero_grad(set_to_none=True)
-    return {"g_loss": loss.detach()}
+    return {**stats, "g_loss": loss.detach()}
 
 
 def grad_norm(module: nn.Module) -> float:
@@ -286,20 +291,21 @@ class Trainer:
         tick = time.perf_counter()
         for real, labels in bar:
             self._anneal_instance_noise()
+            measure = (s.step + 1) % t.log_every == 0
             stats = discriminator_step(self.D, self.G, self.prior, self.objective, self.d_opt,
-                                       real, labels, self.config, self.num_classes)
+                                       real, labels, self.config, self.num_classes, measure)
             s.step += 1
             if s.step % self.n_critic == 0:
                 stats.update(generator_step(self.G, self.D, self.prior, self.objective,
                                             self.g_opt, self.d_opt, real.shape[0], self.config,
-                                            self.num_classes, self.device))
+                                            self.num_classes, self.device, measure))
                 s.g_steps += 1
                 if self.ema is not None:
                     self.ema.update_parameters(self.G)
             self._check_finite(stats)
             s.add(stats)
             s.batch += 1
-            if s.step % t.log_every == 0:
+            if measure:
                 self._log_step(stats)
             for cb in self.callbacks:
                 cb.on_step_end(self, stats)
@@ -390,11 +396,8 @@ class Trainer:
     def _log_step(self, stats: dict) -> None:
         if self.writer is None:
             return
-        step = self.state.step
         for k, v in stats.items():
-            self.writer.add_scalar(f"step/{k}", float(v), step)
-        self.writer.add_scalar("step/d_grad_norm", grad_norm(self.D), step)
-        self.writer.add_scalar("step/g_grad_norm", grad_norm(self.G), step)
+            self.writer.add_scalar(f"step/{k}", float(v), self.state.step)
 
     def _log_epoch(self, record: dict) -> None:
         if self.writer is not None:
