@@ -16,7 +16,7 @@ from toolkit.data import ImageData  # noqa: E402
 def tiny_config(out_dir, **overrides) -> Config:
     """A configuration small enough for a training test to take about a second."""
     base = dict(g_width=8, d_width=8, latent_dim=16, batch_size=32, epochs=2, out_dir=str(out_dir),
-                name="run", progress=False, tensorboard=False, log_every=1)
+                name="run", progress=False, tensorboard=False, log_every=1, eval_every=0)
     base.update(overrides)
     return Config().updated(base)
 

@@ -10,7 +10,7 @@ from toolkit import cli
 from toolkit.config import GROUPS, Config
 from toolkit.errors import TrainingDiverged
 
-TINY = ["--g-width", "8", "--d-width", "8", "--latent-dim", "8", "--batch-size", "32",
+TINY = ["--g-width", "8", "--d-width", "8", "--latent-dim", "8", "--batch-size", "32", "--eval-every", "0",
         "--epochs", "1", "--no-progress", "--no-tensorboard"]
 
 
@@ -81,7 +81,7 @@ def test_all_problems_reported_together(capsys, tmp_path):
 
 
 def test_config_file_then_command_line_overrides(capsys, tmp_path, npz):
-    saved = Config().updated({"g_width": 8, "d_width": 8, "latent_dim": 8, "batch_size": 32,
+    saved = Config().updated({"eval_every": 0, "g_width": 8, "d_width": 8, "latent_dim": 8, "batch_size": 32,
                               "epochs": 1, "loss": "hinge", "progress": False,
                               "tensorboard": False})
     saved.save(tmp_path / "base.json")

@@ -150,12 +150,20 @@ class TrainConfig:
     checkpoint_every: int = option(
         0, "also save last.pt every N steps within an epoch (0 = at epoch ends only)"
     )
-    best_metric: str = option(
-        "fid", "history metric that selects best.pt; lower is better (needs --eval-every)"
-    )
-    eval_every: int = option(0, "evaluate every N epochs (0 = off)")
     tensorboard: bool = option(True, "write TensorBoard logs")
     progress: bool = option(True, "show progress bars")
+
+
+@dataclass
+class EvalConfig:
+    eval_every: int = option(
+        1, "compute precision, recall, density, coverage and FID every N epochs (0 = off)")
+    eval_samples: int = option(2000, "generated samples per evaluation during training")
+    classifier: str = option(
+        "", "metric classifier checkpoint (default: the shipped MNIST classifier, used when the "
+            "data is 1x28x28 with 10 classes)")
+    prdc_k: int = option(3, "k of the k-NN balls for precision, recall, density and coverage")
+    best_metric: str = option("fid", "history metric that selects best.pt; lower is better")
 
 
 GROUPS = {
@@ -165,10 +173,12 @@ GROUPS = {
     "latent": LatentConfig,
     "optim": OptimConfig,
     "train": TrainConfig,
+    "eval": EvalConfig,
 }
 
 # Options that a resumed run may change; every other change is refused.
-RESUMABLE_CHANGES = {"epochs", "progress", "tensorboard", "log_every", "sample_every", "device"}
+RESUMABLE_CHANGES = {"epochs", "progress", "tensorboard", "log_every", "sample_every", "device",
+                     "eval_every", "eval_samples"}
 
 
 @dataclass
@@ -179,6 +189,7 @@ class Config:
     latent: LatentConfig = field(default_factory=LatentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -242,8 +253,8 @@ def validate(config: Config, num_classes: Optional[int] = None) -> None:
     """
     from toolkit.objectives import OBJECTIVES  # late: objectives imports torch
 
-    d, m, o, z, opt, t = (config.data, config.model, config.objective, config.latent,
-                          config.optim, config.train)
+    d, m, o, z, opt, t, e = (config.data, config.model, config.objective, config.latent,
+                             config.optim, config.train, config.eval)
     problems = []
 
     def choice(value, allowed, what):
@@ -272,6 +283,7 @@ def validate(config: Config, num_classes: Optional[int] = None) -> None:
         (z.mixture_components, "mixture-components"), (z.mixture_sigma_init, "mixture-sigma-init"),
         (m.maxout_pieces, "maxout-pieces"), (m.label_embed_dim, "label-embed-dim"),
         (t.sample_every, "sample-every"), (t.log_every, "log-every"),
+        (e.eval_samples, "eval-samples"), (e.prdc_k, "prdc-k"),
     ]:
         positive(value, what)
     for value, what in [
@@ -279,7 +291,7 @@ def validate(config: Config, num_classes: Optional[int] = None) -> None:
         (m.g_depth, "g-depth"), (m.d_depth, "d-depth"), (m.instance_noise, "instance-noise"),
         (d.limit, "limit"), (d.image_size, "image-size"), (z.truncation, "truncation"),
         (z.mixture_sigma_reg, "mixture-sigma-reg"), (t.checkpoint_every, "checkpoint-every"),
-        (t.eval_every, "eval-every"),
+        (e.eval_every, "eval-every"),
     ]:
         positive(value, what, strict=False)
     for value, what in [(opt.g_beta1, "g-beta1"), (opt.g_beta2, "g-beta2"),

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from toolkit.config import Config
 from toolkit.errors import UserError
 from toolkit.latent import build_prior
-from toolkit.models import build_generator
+from toolkit.models import build_discriminator, build_generator
 from toolkit.runs import find_checkpoint
 
 
@@ -43,15 +43,27 @@ class LoadedGenerator:
         return torch.cat(images), labels
 
 
-def load_generator(path, checkpoint: str = "last", ema: bool = True, device="cpu") -> LoadedGenerator:
-    """Rebuild G and its prior from a run folder or checkpoint file, in eval mode."""
+def read_checkpoint(path, checkpoint: str = "last", device="cpu") -> tuple[dict, Config, dict]:
+    """(checkpoint, its config, its data info) from a run folder or checkpoint file."""
     _, ckpt_path = find_checkpoint(Path(path), checkpoint)
     try:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        config = Config.from_dict(ckpt["config"])
-        info = ckpt["data"]
-    except (KeyError, RuntimeError, EOFError, ValueError) as err:
+        return ckpt, Config.from_dict(ckpt["config"]), ckpt["data"]
+    except (KeyError, RuntimeError, EOFError, ValueError, TypeError) as err:
         raise UserError(f"{ckpt_path} is not a checkpoint of this toolkit ({err})") from None
+
+
+def load_discriminator(path, checkpoint: str = "last", device="cpu") -> nn.Module:
+    """Rebuild D from a run folder or checkpoint file, in eval mode."""
+    ckpt, config, info = read_checkpoint(path, checkpoint, device)
+    D = build_discriminator(config.model, tuple(info["image_shape"]), info["num_classes"]).to(device)
+    D.load_state_dict(ckpt["D"])
+    return D.eval()
+
+
+def load_generator(path, checkpoint: str = "last", ema: bool = True, device="cpu") -> LoadedGenerator:
+    """Rebuild G and its prior from a run folder or checkpoint file, in eval mode."""
+    ckpt, config, info = read_checkpoint(path, checkpoint, device)
     G = build_generator(config.model, config.latent.latent_dim, tuple(info["image_shape"]),
                         info["num_classes"]).to(device)
     if ema and ckpt.get("ema"):

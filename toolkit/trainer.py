@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from toolkit.config import Config, n_critic, validate
 from toolkit.data import ImageData, ShuffledBatches
-from toolkit.errors import TrainingDiverged
+from toolkit.errors import TrainingDiverged, UserError
 from toolkit.latent import build_prior, sample_labels
 from toolkit.models import build_discriminator, build_generator
 from toolkit.modes import StandardMode, build_mode
@@ -153,8 +153,7 @@ class Trainer:
         validate(config, data.num_classes)
         self.config, self.data, self.run = config, data, run
         t = config.train
-        self.device = torch.device(
-            "cuda" if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()) else "cpu")
+        self.device = resolve_device(t.device)
         seed_everything(t.seed)
         self.num_classes = data.num_classes if config.model.conditional else 0
         self.G = build_generator(config.model, config.latent.latent_dim, data.image_shape,
@@ -344,7 +343,7 @@ class Trainer:
             self.save("best")
 
     def _update_best(self, record: dict) -> bool:
-        value = record.get(self.config.train.best_metric)
+        value = record.get(self.config.eval.best_metric)
         if value is None or not math.isfinite(value):
             return False
         if self.state.best is None or value < self.state.best:
@@ -421,6 +420,14 @@ class Trainer:
             return signal.signal(signal.SIGINT, handler)
         except ValueError:  # not the main thread (e.g. inside a Flower/Ray worker)
             return None
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" is CUDA when available; "cuda" without a GPU is a user error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but no CUDA GPU is available")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available())
+                        else "cpu")
 
 
 def unwrapped(module: nn.Module) -> nn.Module:
