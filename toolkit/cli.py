@@ -1,4 +1,4 @@
-"""The `gankit` command: train, generate.
+"""The `gankit` command: train, generate, evaluate.
 
 Options are the dataclasses of toolkit.config, parsed with argparse-dataclass. Precedence:
 defaults < --config FILE < options on the command line. User mistakes print one line and
@@ -6,6 +6,7 @@ exit with code 2; a diverged run exits 3; Ctrl-C saves and exits 130.
 """
 
 import argparse
+import dataclasses
 import logging
 import sys
 from dataclasses import dataclass, fields
@@ -71,14 +72,16 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[Config, Optional[Pat
 
 def train_command(args: argparse.Namespace) -> int:
     from toolkit.data import load_data
+    from toolkit.evaluate import training_callbacks
     from toolkit.runs import RunDir
-    from toolkit.trainer import Trainer
+    from toolkit.trainer import Trainer, resolve_device
 
     config, resume_dir = resolve_train_config(args)
     validate(config)
     data = load_data(config.data)
     log.info("data: %s", data.description)
     validate(config, data.num_classes)
+    callbacks = training_callbacks(config, data, resolve_device(config.train.device))
     if resume_dir is not None:
         run = RunDir.open(resume_dir)
         config.save(run.config_path)  # records an extended --epochs
@@ -86,7 +89,7 @@ def train_command(args: argparse.Namespace) -> int:
         run = RunDir.create(config)
     log_to_file(run.log_path)
     log.info("run folder: %s", run.path)
-    trainer = Trainer(config, data, run)
+    trainer = Trainer(config, data, run, callbacks=callbacks)
     if resume_dir is not None:
         trainer.resume()
         if trainer.state.epoch >= config.train.epochs:
@@ -102,25 +105,62 @@ def train_command(args: argparse.Namespace) -> int:
 
 # --- generate -------------------------------------------------------------------------------------
 
+GENERATE_MODES = ("random", "grid", "lerp", "slerp", "dirichlet", "classes")
+
+
 @dataclass
 class GenerateOptions:
     run: str = option("", "run folder or checkpoint file", args=["run"])
     out: str = option("", "output .png (a grid) or .npz (uint8 images x, labels y); "
                           "default: <run>/generated.png")
-    num: int = option(64, "number of samples")
+    mode: str = option("random", "random samples | grid (a 2-D latent plane) | lerp | slerp "
+                                 "(paths through --anchors latents) | dirichlet (mixtures of "
+                                 "--anchors latents) | classes (conditional: a column per class)")
+    num: int = option(64, "samples (random, dirichlet) or rows (classes)")
     checkpoint: str = option("last", "which checkpoint of a run folder: last | best")
     sigma: Optional[float] = option(None, "latent scale (soft truncation); default: the run's")
     truncation: Optional[float] = option(None, "hard truncation threshold; default: the run's")
     label: Optional[int] = option(None, "conditional models: draw only this class")
     seed: int = option(0, "seed of the latent draws")
     no_ema: bool = option(False, "use the raw generator even when the run kept an EMA")
-    nrow: int = option(8, "images per row in a grid")
+    nrow: int = option(8, "images per row in a grid (random, dirichlet)")
+    anchors: int = option(4, "lerp/slerp/dirichlet: number of random anchor latents")
+    steps: int = option(8, "lerp/slerp: images per segment between anchors; grid: rows = columns")
+    span: float = option(2.0, "grid: distance from the centre to the edge, in latent units")
+    alpha: float = option(1.0, "dirichlet: concentration of the mixing weights")
+    drs: bool = option(False, "random mode: discriminator rejection sampling (Azadi et al. 2019)")
+    drs_target_rate: float = option(0.2, "DRS: acceptance rate that sets gamma")
 
 
 def generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="draw samples from a trained generator")
+    p = sub.add_parser("generate", help="draw samples, latent grids and interpolations",
+                       description="Draw samples from a trained generator.")
     add_options(p, GenerateOptions, "generate options")
     p.set_defaults(command=generate_command)
+
+
+def latents_for(opts: "GenerateOptions", gen) -> tuple:
+    """(z, labels, images per row) for the latent-exploration modes."""
+    import torch
+
+    from toolkit import interpolation
+
+    rng = torch.Generator().manual_seed(opts.seed)
+    sample = (lambda n: gen.prior.sample(n, generator=rng, sigma=opts.sigma,
+                                         truncation=opts.truncation, device="cpu"))
+    if opts.mode == "grid":
+        return interpolation.latent_grid(sample(1)[0], opts.steps, opts.steps, opts.span, rng), None, opts.steps
+    if opts.mode in ("lerp", "slerp"):
+        path = interpolation.interpolate_path(sample(opts.anchors), opts.steps, method=opts.mode)
+        return path, None, opts.steps
+    if opts.mode == "dirichlet":
+        z, _ = interpolation.dirichlet_mix(sample(opts.anchors), opts.num, opts.alpha, rng,
+                                           renormalize=True)
+        return z, None, opts.nrow
+    if not gen.num_classes:
+        raise UserError("--mode classes needs a conditional model")
+    z, labels = interpolation.class_grid(sample(opts.num), gen.num_classes)
+    return z, labels, gen.num_classes
 
 
 def generate_command(args: argparse.Namespace) -> int:
@@ -128,18 +168,39 @@ def generate_command(args: argparse.Namespace) -> int:
     import torch
     from torchvision.utils import save_image
 
-    from toolkit.sampling import load_generator, to_uint8
+    from toolkit.evaluate import draw_samples
+    from toolkit.sampling import load_discriminator, load_generator, to_uint8
 
     opts = GenerateOptions(**given_options(args, [GenerateOptions]))
-    if opts.num <= 0:
-        raise UserError(f"--num must be positive, got {opts.num}")
+    if opts.num <= 0 or opts.anchors < 2 or opts.steps < 2:
+        raise UserError("--num must be positive, --anchors and --steps at least 2")
+    if opts.mode not in GENERATE_MODES:
+        raise UserError(f"unknown --mode '{opts.mode}' (choose from {', '.join(GENERATE_MODES)})")
+    if opts.drs and opts.mode != "random":
+        raise UserError("--drs applies to --mode random")
     gen = load_generator(opts.run, opts.checkpoint, ema=not opts.no_ema)
-    labels = None
-    if opts.label is not None:
-        if not 0 <= opts.label < gen.num_classes:
-            raise UserError(f"--label needs a conditional model and a class in [0, {gen.num_classes})")
-        labels = torch.full((opts.num,), opts.label)
-    images, labels = gen.sample(opts.num, opts.seed, opts.sigma, opts.truncation, labels)
+    if opts.label is not None and not 0 <= opts.label < gen.num_classes:
+        raise UserError(f"--label needs a conditional model and a class in [0, {gen.num_classes})")
+    nrow = opts.nrow
+    if opts.mode == "random":
+        if opts.drs:
+            D = load_discriminator(opts.run, opts.checkpoint)
+            images, labels, info = draw_samples(gen, opts.num, opts.seed, opts.sigma,
+                                                opts.truncation, drs=True, D=D,
+                                                drs_target_rate=opts.drs_target_rate,
+                                                calibration=calibration_data(gen))
+            log.info("rejection sampling: %s", ", ".join(f"{k}={v:.4g}" if isinstance(v, float)
+                                                          else f"{k}={v}" for k, v in info.items()))
+        else:
+            labels = None if opts.label is None else torch.full((opts.num,), opts.label)
+            images, labels = gen.sample(opts.num, opts.seed, opts.sigma, opts.truncation, labels)
+    else:
+        z, labels, nrow = latents_for(opts, gen)
+        if gen.num_classes and labels is None:
+            labels = torch.full((len(z),), opts.label if opts.label is not None else 0)
+        with torch.no_grad():
+            images = torch.cat([gen.G(z[i:i + 500], None if labels is None else labels[i:i + 500])
+                                for i in range(0, len(z), 500)])
     out = Path(opts.out) if opts.out else (Path(opts.run) if Path(opts.run).is_dir()
                                            else Path(opts.run).parent) / "generated.png"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -149,10 +210,89 @@ def generate_command(args: argparse.Namespace) -> int:
             arrays["y"] = labels.cpu().numpy()
         np.savez_compressed(out, **arrays)
     elif out.suffix == ".png":
-        save_image(images, out, nrow=opts.nrow, normalize=True, value_range=(-1, 1))
+        save_image(images, out, nrow=nrow, normalize=True, value_range=(-1, 1))
     else:
         raise UserError(f"--out must end in .png or .npz, got {out}")
-    log.info("wrote %d samples to %s", opts.num, out)
+    log.info("wrote %d images to %s", len(images), out)
+    return 0
+
+
+def calibration_data(gen) -> tuple:
+    """The run's own training images: what a DRS calibration may use (never the reference)."""
+    from toolkit.data import load_data
+
+    data = load_data(gen.config.data)
+    return data.train_x, data.train_y
+
+
+# --- evaluate -------------------------------------------------------------------------------------
+
+@dataclass
+class EvaluateOptions:
+    run: str = option("", "run folder or checkpoint file", args=["run"])
+    checkpoint: str = option("last", "which checkpoint of a run folder: last | best")
+    num: int = option(10000, "generated samples to evaluate")
+    seed: int = option(0, "seed of the latent draws and the metrics' random choices")
+    sigma: Optional[float] = option(None, "latent scale (soft truncation); default: the run's")
+    truncation: Optional[float] = option(None, "hard truncation threshold; default: the run's")
+    drs: bool = option(False, "evaluate discriminator-rejection-sampled images")
+    drs_target_rate: float = option(0.2, "DRS: acceptance rate that sets gamma")
+    downstream_epochs: int = option(5, "epochs of the downstream classifier (0 = skip)")
+    data_root: str = option("", "where to look for the reference split (default: the run's "
+                                "--data-root), e.g. ../shared/data/mnist for the MNIST test split")
+    classifier: str = option("", "metric classifier checkpoint (default: the shipped one)")
+    k: int = option(3, "k of the k-NN balls for precision, recall, density and coverage")
+    no_ema: bool = option(False, "use the raw generator even when the run kept an EMA")
+    out: str = option("", "output folder (default: <run>/eval/<checkpoint>[-drs])")
+
+
+def evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="metrics of a trained generator: JSON and a markdown table",
+                       description="Evaluate a run's generator against the real reference split.")
+    add_options(p, EvaluateOptions, "evaluate options")
+    p.set_defaults(command=evaluate_command)
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from toolkit.data import load_data
+    from toolkit.evaluate import Reference, draw_samples, evaluate_samples, markdown_table, \
+        metric_classifier
+    from toolkit.metrics import plot_prd
+    from toolkit.sampling import load_discriminator, load_generator
+
+    opts = EvaluateOptions(**given_options(args, [EvaluateOptions]))
+    if opts.num <= opts.k or opts.downstream_epochs < 0:
+        raise UserError(f"--num must exceed --k ({opts.k}); --downstream-epochs must be >= 0")
+    start = time.perf_counter()
+    gen = load_generator(opts.run, opts.checkpoint, ema=not opts.no_ema)
+    data_config = gen.config.data
+    if opts.data_root:
+        data_config = dataclasses.replace(data_config, data_root=opts.data_root)
+    data = load_data(data_config)
+    log.info("reference: %s", data.description)
+    classifier = metric_classifier(opts.classifier, data.image_shape, data.num_classes)
+    ref = Reference.of(classifier, data.ref_x, data.ref_y)
+    D = load_discriminator(opts.run, opts.checkpoint) if opts.drs else None
+    images, labels, info = draw_samples(gen, opts.num, opts.seed, opts.sigma, opts.truncation,
+                                        opts.drs, D, opts.drs_target_rate,
+                                        calibration=(data.train_x, data.train_y))
+    metrics, curve = evaluate_samples(ref, classifier, images, labels, opts.k,
+                                      opts.downstream_epochs, opts.seed)
+    run_dir = Path(opts.run) if Path(opts.run).is_dir() else Path(opts.run).parent
+    out = Path(opts.out) if opts.out else run_dir / "eval" / (opts.checkpoint + ("-drs" if opts.drs else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"run": str(opts.run), "checkpoint": opts.checkpoint, "samples": opts.num,
+              "reference": data.description, "reference_size": len(data.ref_x), **info,
+              "metrics": metrics, "seconds": round(time.perf_counter() - start, 1)}
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "metrics.md").write_text(markdown_table([{"metric": k, "value": v}
+                                                    for k, v in metrics.items()]))
+    plot_prd({Path(opts.run).name: curve}, out / "prd.png")
+    print(markdown_table([metrics]))
+    log.info("wrote %s, metrics.md and prd.png", out / "metrics.json")
     return 0
 
 
@@ -164,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(metavar="COMMAND", required=True)
     train_parser(sub)
     generate_parser(sub)
+    evaluate_parser(sub)
     return parser
 
 

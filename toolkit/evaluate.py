@@ -1,0 +1,190 @@
+"""Evaluation: generated images -> classifier features -> metrics.
+
+Every distribution metric is computed in the feature space of a metric classifier (the
+shipped MNIST classifier by default; see checkpoints/README.md), against the data's
+reference split, which training never sees. Two entry points:
+
+- `EvalCallback`: during training, every N epochs, precision, recall, density, coverage
+  and FID on a fixed number of samples drawn from fixed latents, appended to the history.
+- `evaluate_samples`: everything, for `gankit evaluate` and the experiments.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from toolkit.config import Config
+from toolkit.data import ImageData
+from toolkit.errors import UserError
+from toolkit.metrics import classifier_score, fid, kid, mode_coverage, prd, prd_f_beta, prdc
+from toolkit.metrics.classifier import extract, load_classifier
+from toolkit.metrics.downstream import downstream_accuracy, label_with_classifier
+from toolkit.trainer import Callback
+
+log = logging.getLogger(__name__)
+
+# Metrics where lower is better; everything else reported is higher-is-better.
+LOWER_IS_BETTER = {"fid", "kid", "kid_std", "mode_kl", "mode_tv"}
+
+
+def metric_classifier(path: str, image_shape, num_classes: int, device="cpu",
+                      required: bool = True):
+    """The classifier whose features define the metrics, checked against the data's shape.
+
+    Without an explicit path the shipped MNIST classifier is used when it fits; when it
+    does not fit and `required` is False, None (evaluation off) instead of an error.
+    """
+    classifier = load_classifier(path or None, device=device)
+    fits = tuple(classifier.image_shape) == tuple(image_shape) and (
+        num_classes in (0, classifier.num_classes))
+    if fits:
+        return classifier
+    message = (f"the metric classifier expects {'x'.join(map(str, classifier.image_shape))} images "
+               f"with {classifier.num_classes} classes, the data has "
+               f"{'x'.join(map(str, image_shape))} with {num_classes or 'no'} classes; train one "
+               "for your data with experiments/train_classifier.py and pass --classifier")
+    if required or path:
+        raise UserError(message)
+    log.warning("evaluation off: %s", message)
+    return None
+
+
+@dataclass
+class Reference:
+    """Classifier features of the real reference split, computed once."""
+    images: Tensor
+    labels: Optional[Tensor]
+    features: Tensor
+    logits: Tensor
+
+    @classmethod
+    def of(cls, classifier, images: Tensor, labels: Optional[Tensor]) -> "Reference":
+        features, logits = extract(classifier, images)
+        return cls(images, labels, features, logits)
+
+
+def core_metrics(ref: Reference, fake_features: Tensor, k: int = 3) -> dict:
+    """The metrics tracked during training: cheap enough for every epoch."""
+    scores = prdc(ref.features, fake_features, k=k)
+    scores["fid"] = fid(ref.features, fake_features)
+    return scores
+
+
+def evaluate_samples(ref: Reference, classifier, images: Tensor, labels: Optional[Tensor],
+                     k: int = 3, downstream_epochs: int = 5, seed: int = 0,
+                     device="cpu") -> tuple[dict, object]:
+    """All metrics of generated images against the reference: (metrics, PRD curve).
+
+    Downstream accuracy trains a fresh classifier on the generated images with their
+    conditional labels (or, for an unconditional G, the metric classifier's labels) and
+    tests it on the real reference images; 0 epochs skips it.
+    """
+    features, logits = extract(classifier, images)
+    metrics = core_metrics(ref, features, k)
+    metrics["kid"], metrics["kid_std"] = kid(ref.features, features, seed=seed)
+    metrics["classifier_score"], _ = classifier_score(logits)
+    predicted = logits.argmax(1)
+    coverage = mode_coverage(predicted, classifier.num_classes)
+    metrics["modes_covered"] = coverage["covered"]
+    metrics["mode_kl"] = coverage["kl_from_uniform"]
+    metrics["mode_tv"] = coverage["tv_to_uniform"]
+    if labels is not None:
+        # How often the metric classifier agrees with the label G was asked for.
+        metrics["label_agreement"] = float((predicted.cpu() == labels.cpu()).float().mean())
+    curve = prd(ref.features, features, seed=seed)
+    metrics["prd_f8"], metrics["prd_f1_8"] = prd_f_beta(curve)
+    if downstream_epochs and ref.labels is not None:
+        train_labels = labels if labels is not None else label_with_classifier(classifier, images)
+        metrics["downstream_accuracy"] = downstream_accuracy(
+            images, train_labels, ref.images, ref.labels, epochs=downstream_epochs, seed=seed,
+            device=device)
+    return {k: float(v) for k, v in metrics.items()}, curve
+
+
+def draw_samples(gen, n: int, seed: int = 0, sigma: Optional[float] = None,
+                 truncation: Optional[float] = None, drs: bool = False, D=None,
+                 drs_target_rate: float = 0.2, drs_burn_in: int = 5000,
+                 calibration: Optional[tuple] = None) -> tuple[Tensor, Optional[Tensor], dict]:
+    """n samples of a LoadedGenerator, optionally truncated and/or rejection-sampled.
+
+    `calibration` = (real images, labels): the data a DRS calibration may use; it is only
+    used for objectives whose D outputs are not density-ratio logits (wgan, hinge, ...), and
+    then `info["drs_uses_real_data"]` says so. Pass training data, never the reference split.
+    """
+    info = {"sigma": gen.prior.sigma if sigma is None else sigma,
+            "truncation": gen.prior.truncation if truncation is None else truncation}
+    if not drs:
+        images, labels = gen.sample(n, seed, sigma, truncation)
+        return images, labels, info
+    from toolkit.rejection_sampling import rejection_sampler_for
+
+    real_images, real_labels = calibration if calibration is not None else (None, None)
+    sampler = rejection_sampler_for(
+        gen, D, gen.config.objective.loss, real_images=real_images,
+        real_labels=real_labels if gen.num_classes else None, sigma=sigma,
+        truncation=truncation, seed=seed, target_acceptance=drs_target_rate,
+        burn_in=drs_burn_in)
+    images, labels, stats = sampler.sample(n)
+    info.update({f"drs_{k}": v for k, v in stats.as_dict().items()
+                 if k in ("acceptance_rate", "draws", "max_logit", "gamma", "uses_real_data")})
+    return images, labels, info
+
+
+@torch.no_grad()
+def generate_fixed(G, prior, n: int, num_classes: int, seed: int, device,
+                   batch_size: int = 500) -> tuple[Tensor, Optional[Tensor]]:
+    """n samples from latents fixed by `seed`, drawn without touching the global RNG."""
+    rng = torch.Generator(device=device).manual_seed(seed)
+    labels = torch.randint(num_classes, (n,), generator=rng, device=device) if num_classes else None
+    was_training = G.training
+    G.eval()
+    parts = []
+    for start in range(0, n, batch_size):
+        m = min(batch_size, n - start)
+        z = prior.sample(m, generator=rng, device=device)
+        parts.append(G(z, None if labels is None else labels[start:start + m]))
+    G.train(was_training)
+    return torch.cat(parts), labels
+
+
+class EvalCallback(Callback):
+    """Precision, recall, density, coverage and FID every `eval_every` epochs."""
+
+    def __init__(self, config: Config, data: ImageData, classifier):
+        self.config, self.classifier = config, classifier
+        self.ref = Reference.of(classifier, data.ref_x, data.ref_y)
+
+    def on_epoch_end(self, trainer, record: dict) -> None:
+        e, epochs = self.config.eval, self.config.train.epochs
+        if record["epoch"] % e.eval_every and record["epoch"] != epochs:
+            return
+        # Fixed latents (seeded apart from training) make epochs comparable and leave the
+        # training random stream untouched, so resume stays exact.
+        images, _ = generate_fixed(trainer.sampling_generator, trainer.prior, e.eval_samples,
+                                   trainer.num_classes, self.config.train.seed + 2, trainer.device)
+        features, _ = extract(self.classifier, images)
+        record.update({k: float(v) for k, v in core_metrics(self.ref, features, e.prdc_k).items()})
+
+
+def training_callbacks(config: Config, data: ImageData, device="cpu") -> list:
+    """The callbacks a training run gets from its config."""
+    if not config.eval.eval_every:
+        return []
+    classifier = metric_classifier(config.eval.classifier, data.image_shape, data.num_classes,
+                                   device, required=False)
+    return [EvalCallback(config, data, classifier)] if classifier is not None else []
+
+
+def markdown_table(rows: list[dict], columns: Optional[list[str]] = None) -> str:
+    """A markdown table of metric dicts; floats to 4 significant digits."""
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+    fmt = (lambda v: f"{v:.4g}" if isinstance(v, float) else str(v))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,41 @@
+"""Downstream usefulness of generated data: train on synthetic, test on real.
+
+A fresh classifier of the metric classifier's architecture is trained on generated,
+labelled images and tested on real held-out images (the score reported by e.g. DP-GAN and
+GS-WGAN). Unconditional generators have no labels; `label_with_classifier` gives their
+images the metric classifier's predictions.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from toolkit.errors import UserError
+from toolkit.metrics.classifier import Classifier, accuracy, predict, train_classifier
+
+
+def downstream_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
+                        epochs: int = 5, seed: int = 0, device: str = "cpu",
+                        batch_size: int = 128, augment: bool = False,
+                        progress: bool = False) -> float:
+    """Accuracy on (test_x, test_y) of a classifier trained from scratch on (train_x, train_y).
+
+    No augmentation by default: the score should measure the generated data, not what
+    augmentation adds to it. The class count covers the labels of both sets, so a
+    generator that never produces some class is scored on it (and gets it wrong).
+    """
+    if tuple(train_x.shape[1:]) != tuple(test_x.shape[1:]):
+        raise UserError(f"training images {tuple(train_x.shape[1:])} and test images "
+                        f"{tuple(test_x.shape[1:])} differ in shape")
+    if len(train_x) != len(train_y) or len(test_x) != len(test_y):
+        raise UserError("every image needs one label")
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    classifier = train_classifier(train_x, train_y, epochs=epochs, batch_size=batch_size,
+                                  augment=augment, seed=seed, device=device, progress=progress,
+                                  num_classes=max(num_classes, 2))
+    return accuracy(classifier, test_x, test_y)
+
+
+def label_with_classifier(classifier: Classifier, images: Tensor, batch_size: int = 1000) -> Tensor:
+    """The metric classifier's predicted class (argmax of its logits) of every image, int64."""
+    return predict(classifier, images, batch_size)
