@@ -34,9 +34,8 @@ sys.path.insert(0, str(ROOT))
 from toolkit.config import Config, validate  # noqa: E402
 from toolkit.data import load_data  # noqa: E402
 from toolkit.errors import UserError  # noqa: E402
-from toolkit.evaluate import (Reference, core_metrics, draw_samples, evaluate_samples,  # noqa: E402
-                              markdown_table, metric_classifier)
-from toolkit.metrics.classifier import extract  # noqa: E402
+from toolkit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,  # noqa: E402
+                              metric_classifier, plot_truncation, truncation_sweep)
 from toolkit.runs import RunDir  # noqa: E402
 from toolkit.sampling import load_discriminator, load_generator  # noqa: E402
 from toolkit.trainer import Trainer  # noqa: E402
@@ -71,7 +70,7 @@ def evaluate_row(name, run_path, ref, classifier, data, ev, seed):
     """Rows of the table (plain and DRS) and the truncation trajectory of one run."""
     gen = load_generator(run_path)
     D = load_discriminator(run_path)
-    rows, trajectory = [], []
+    rows = []
     for drs in (False, True):
         try:
             images, labels, info = draw_samples(gen, ev["samples"], seed, drs=drs, D=D,
@@ -87,12 +86,8 @@ def evaluate_row(name, run_path, ref, classifier, data, ev, seed):
                      "drs_uses_real_data": info.get("drs_uses_real_data", False)})
         if not drs:
             grid_images = images[:64]
-    for sigma in ev["truncation_sigmas"]:
-        images, _ = gen.sample(ev["samples"], seed, sigma=sigma)
-        features, _ = extract(classifier, images)
-        m = core_metrics(ref, features)
-        trajectory.append({"row": name, "sigma": sigma, "precision": m["precision"],
-                           "recall": m["recall"], "fid": m["fid"]})
+    trajectory = [{"row": name, **point} for point in
+                  truncation_sweep(gen, ref, classifier, ev["truncation_sigmas"], ev["samples"], seed)]
     return rows, trajectory, grid_images
 
 
@@ -128,21 +123,8 @@ def plot_results(out: Path, table: list[dict], trajectories: list[dict]) -> None
     fig.savefig(out / "pr_scatter.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 6))
-    for name in names:
-        points = [t for t in trajectories if t["row"] == name]
-        ax.plot([t["recall"] for t in points], [t["precision"] for t in points], "-o",
-                color=colors[name], label=name, ms=3)
-        ax.annotate(f"{points[0]['sigma']:g}", (points[0]["recall"], points[0]["precision"]),
-                    fontsize=6, color=colors[name])
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_title("Truncation: latent scale sigma from low (labelled) to high")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "truncation.png", dpi=120)
-    plt.close(fig)
+    plot_truncation({name: [t for t in trajectories if t["row"] == name] for name in names},
+                    out / "truncation.png")
 
 
 def main() -> int:

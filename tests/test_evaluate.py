@@ -134,3 +134,12 @@ def test_generate_modes(trained_run, tmp_path, argv, count):
 def test_generate_refuses_bad_mode_combinations(trained_run, capsys):
     assert cli.main(["generate", str(trained_run), "--mode", "warp"]) == 2
     assert cli.main(["generate", str(trained_run), "--mode", "grid", "--drs"]) == 2
+
+
+def test_evaluate_truncation_sweep(trained_run, tmp_path):
+    assert cli.main(["evaluate", str(trained_run), "--num", "100", "--downstream-epochs", "0",
+                     "--sigmas", "0.5,1.0", "--out", str(tmp_path)]) == 0
+    lines = (tmp_path / "truncation.csv").read_text().splitlines()
+    assert lines[0] == "sigma,precision,recall,fid" and [l.split(",")[0] for l in lines[1:]] == ["0.5", "1.0"]
+    assert (tmp_path / "truncation.png").stat().st_size > 0
+    assert cli.main(["evaluate", str(trained_run), "--sigmas", "0.5,x"]) == 2

@@ -242,6 +242,8 @@ class EvaluateOptions:
                                 "--data-root), e.g. ../shared/data/mnist for the MNIST test split")
     classifier: str = option("", "metric classifier checkpoint (default: the shipped one)")
     k: int = option(3, "k of the k-NN balls for precision, recall, density and coverage")
+    sigmas: str = option("", "also sweep the latent scale, e.g. 0.5,0.75,1,1.25: precision, "
+                             "recall and FID per sigma (truncation.csv, truncation.png)")
     no_ema: bool = option(False, "use the raw generator even when the run kept an EMA")
     out: str = option("", "output folder (default: <run>/eval/<checkpoint>[-drs])")
 
@@ -258,14 +260,20 @@ def evaluate_command(args: argparse.Namespace) -> int:
     import time
 
     from toolkit.data import load_data
-    from toolkit.evaluate import Reference, draw_samples, evaluate_samples, markdown_table, \
-        metric_classifier
+    from toolkit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,
+                                  metric_classifier, plot_truncation, truncation_sweep)
     from toolkit.metrics import plot_prd
     from toolkit.sampling import load_discriminator, load_generator
 
     opts = EvaluateOptions(**given_options(args, [EvaluateOptions]))
     if opts.num <= opts.k or opts.downstream_epochs < 0:
         raise UserError(f"--num must exceed --k ({opts.k}); --downstream-epochs must be >= 0")
+    try:
+        sigmas = [float(v) for v in opts.sigmas.split(",")] if opts.sigmas else []
+    except ValueError:
+        raise UserError(f"--sigmas must be comma-separated numbers, got '{opts.sigmas}'") from None
+    if any(v <= 0 for v in sigmas):
+        raise UserError("--sigmas must be positive")
     start = time.perf_counter()
     gen = load_generator(opts.run, opts.checkpoint, ema=not opts.no_ema)
     data_config = gen.config.data
@@ -291,6 +299,15 @@ def evaluate_command(args: argparse.Namespace) -> int:
     (out / "metrics.md").write_text(markdown_table([{"metric": k, "value": v}
                                                     for k, v in metrics.items()]))
     plot_prd({Path(opts.run).name: curve}, out / "prd.png")
+    if sigmas:
+        trajectory = truncation_sweep(gen, ref, classifier, sigmas, opts.num, opts.seed, opts.k)
+        result["truncation"] = trajectory
+        (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "truncation.csv").write_text(
+            "sigma,precision,recall,fid\n"
+            + "".join(f"{p['sigma']},{p['precision']},{p['recall']},{p['fid']}\n" for p in trajectory))
+        plot_truncation({Path(opts.run).name: trajectory}, out / "truncation.png")
+        print(markdown_table(trajectory))
     print(markdown_table([metrics]))
     log.info("wrote %s, metrics.md and prd.png", out / "metrics.json")
     return 0

@@ -28,14 +28,17 @@ class LoadedGenerator:
     @torch.no_grad()
     def sample(self, n: int, seed: int = 0, sigma: Optional[float] = None,
                truncation: Optional[float] = None, labels: Optional[Tensor] = None,
-               batch_size: int = 500) -> tuple[Tensor, Optional[Tensor]]:
+               batch_size: int = 500, progress: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         """n images in [-1, 1] (and their labels for a conditional G), reproducible by seed."""
+        from tqdm.auto import tqdm
+
         device = next(self.G.parameters()).device
         rng = torch.Generator(device=device).manual_seed(seed)
         if self.num_classes and labels is None:
             labels = torch.randint(self.num_classes, (n,), generator=rng, device=device)
         images = []
-        for start in range(0, n, batch_size):
+        for start in tqdm(range(0, n, batch_size), desc="generating", unit="batch",
+                          disable=None if progress else True, leave=False):
             m = min(batch_size, n - start)
             z = self.prior.sample(m, generator=rng, sigma=sigma, truncation=truncation, device=device)
             y = None if labels is None else labels[start:start + m].to(device)
