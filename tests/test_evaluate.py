@@ -143,3 +143,13 @@ def test_evaluate_truncation_sweep(trained_run, tmp_path):
     assert lines[0] == "sigma,precision,recall,fid" and [l.split(",")[0] for l in lines[1:]] == ["0.5", "1.0"]
     assert (tmp_path / "truncation.png").stat().st_size > 0
     assert cli.main(["evaluate", str(trained_run), "--sigmas", "0.5,x"]) == 2
+
+
+def test_drs_gamma_by_percentile(trained_run, tmp_path):
+    # gamma at the median of the burn-in scores F: the median sample is accepted with
+    # probability sigmoid(0) = 1/2, higher-scored ones more often, so well over the default
+    # 20% target gets through.
+    assert cli.main(["evaluate", str(trained_run), "--num", "100", "--drs", "--drs-percentile", "50",
+                     "--downstream-epochs", "0", "--out", str(tmp_path)]) == 0
+    rate = json.loads((tmp_path / "metrics.json").read_text())["drs_acceptance_rate"]
+    assert 0.3 < rate <= 1.0

@@ -130,6 +130,8 @@ class GenerateOptions:
     alpha: float = option(1.0, "dirichlet: concentration of the mixing weights")
     drs: bool = option(False, "random mode: discriminator rejection sampling (Azadi et al. 2019)")
     drs_target_rate: float = option(0.2, "DRS: acceptance rate that sets gamma")
+    drs_percentile: Optional[float] = option(
+        None, "DRS: set gamma to this percentile of the burn-in scores instead (e.g. 80)")
 
 
 def generate_parser(sub) -> None:
@@ -188,6 +190,7 @@ def generate_command(args: argparse.Namespace) -> int:
             images, labels, info = draw_samples(gen, opts.num, opts.seed, opts.sigma,
                                                 opts.truncation, drs=True, D=D,
                                                 drs_target_rate=opts.drs_target_rate,
+                                                drs_percentile=opts.drs_percentile,
                                                 calibration=calibration_data(gen))
             log.info("rejection sampling: %s", ", ".join(f"{k}={v:.4g}" if isinstance(v, float)
                                                           else f"{k}={v}" for k, v in info.items()))
@@ -237,6 +240,8 @@ class EvaluateOptions:
     truncation: Optional[float] = option(None, "hard truncation threshold; default: the run's")
     drs: bool = option(False, "evaluate discriminator-rejection-sampled images")
     drs_target_rate: float = option(0.2, "DRS: acceptance rate that sets gamma")
+    drs_percentile: Optional[float] = option(
+        None, "DRS: set gamma to this percentile of the burn-in scores instead (e.g. 80)")
     downstream_epochs: int = option(5, "epochs of the downstream classifier (0 = skip)")
     data_root: str = option("", "where to look for the reference split (default: the run's "
                                 "--data-root), e.g. ../shared/data/mnist for the MNIST test split")
@@ -286,6 +291,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     D = load_discriminator(opts.run, opts.checkpoint) if opts.drs else None
     images, labels, info = draw_samples(gen, opts.num, opts.seed, opts.sigma, opts.truncation,
                                         opts.drs, D, opts.drs_target_rate,
+                                        drs_percentile=opts.drs_percentile,
                                         calibration=(data.train_x, data.train_y))
     metrics, curve = evaluate_samples(ref, classifier, images, labels, opts.k,
                                       opts.downstream_epochs, opts.seed)

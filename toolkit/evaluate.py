@@ -122,7 +122,7 @@ def evaluate_samples(ref: Reference, classifier, images: Tensor, labels: Optiona
 def draw_samples(gen, n: int, seed: int = 0, sigma: Optional[float] = None,
                  truncation: Optional[float] = None, drs: bool = False, D=None,
                  drs_target_rate: float = 0.2, drs_burn_in: int = 5000,
-                 calibration: Optional[tuple] = None) -> tuple[Tensor, Optional[Tensor], dict]:
+                 calibration: Optional[tuple] = None, drs_percentile: Optional[float] = None) -> tuple[Tensor, Optional[Tensor], dict]:
     """n samples of a LoadedGenerator, optionally truncated and/or rejection-sampled.
 
     `calibration` = (real images, labels): the data a DRS calibration may use; it is only
@@ -137,11 +137,13 @@ def draw_samples(gen, n: int, seed: int = 0, sigma: Optional[float] = None,
     from toolkit.rejection_sampling import rejection_sampler_for
 
     real_images, real_labels = calibration if calibration is not None else (None, None)
+    # gamma: a percentile of the burn-in scores (the paper's choice) or a target acceptance.
+    gamma_choice = ({"gamma_percentile": drs_percentile} if drs_percentile is not None
+                    else {"target_acceptance": drs_target_rate})
     sampler = rejection_sampler_for(
         gen, D, gen.config.objective.loss, real_images=real_images,
         real_labels=real_labels if gen.num_classes else None, sigma=sigma,
-        truncation=truncation, seed=seed, target_acceptance=drs_target_rate,
-        burn_in=drs_burn_in)
+        truncation=truncation, seed=seed, burn_in=drs_burn_in, **gamma_choice)
     images, labels, stats = sampler.sample(n)
     info.update({f"drs_{k}": v for k, v in stats.as_dict().items()
                  if k in ("acceptance_rate", "draws", "max_logit", "gamma", "uses_real_data")})
