@@ -25,6 +25,7 @@ from toolkit.errors import UserError
 from toolkit.metrics import classifier_score, fid, kid, mode_coverage, prd, prd_f_beta, prdc
 from toolkit.metrics.classifier import extract, load_classifier
 from toolkit.metrics.downstream import downstream_accuracy, label_with_classifier
+from toolkit.sampling import LoadedGenerator
 from toolkit.trainer import Callback
 
 log = logging.getLogger(__name__)
@@ -186,23 +187,6 @@ def plot_truncation(trajectories: dict, path) -> None:
     plt.close(fig)
 
 
-@torch.no_grad()
-def generate_fixed(G, prior, n: int, num_classes: int, seed: int, device,
-                   batch_size: int = 500) -> tuple[Tensor, Optional[Tensor]]:
-    """n samples from latents fixed by `seed`, drawn without touching the global RNG."""
-    rng = torch.Generator(device=device).manual_seed(seed)
-    labels = torch.randint(num_classes, (n,), generator=rng, device=device) if num_classes else None
-    was_training = G.training
-    G.eval()
-    parts = []
-    for start in range(0, n, batch_size):
-        m = min(batch_size, n - start)
-        z = prior.sample(m, generator=rng, device=device)
-        parts.append(G(z, None if labels is None else labels[start:start + m]))
-    G.train(was_training)
-    return torch.cat(parts), labels
-
-
 class EvalCallback(Callback):
     """Precision, recall, density, coverage and FID every `eval_every` epochs."""
 
@@ -216,8 +200,9 @@ class EvalCallback(Callback):
             return
         # Fixed latents (seeded apart from training) make epochs comparable and leave the
         # training random stream untouched, so resume stays exact.
-        images, _ = generate_fixed(trainer.sampling_generator, trainer.prior, e.eval_samples,
-                                   trainer.num_classes, self.config.train.seed + 2, trainer.device)
+        gen = LoadedGenerator(trainer.sampling_generator, trainer.prior, self.config,
+                              trainer.num_classes, trainer.data.image_shape)
+        images, _ = gen.sample(e.eval_samples, seed=self.config.train.seed + 2)
         features, _ = extract(self.classifier, images)
         record.update({k: float(v) for k, v in core_metrics(self.ref, features, e.prdc_k).items()})
 

@@ -40,7 +40,6 @@ generator can partly correct them.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from dataclasses import asdict, dataclass
@@ -51,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from toolkit.errors import UserError
+from toolkit.sampling import eval_mode
 
 DEFAULT_EPS = 1e-6
 
@@ -346,25 +346,12 @@ def density_ratio_logit(objective: str) -> Optional[Callable[[Tensor], Tensor]]:
     return DENSITY_RATIO_LOGITS.get(objective)
 
 
-@contextlib.contextmanager
-def _eval_mode(*modules: nn.Module):
-    """Eval mode (no instance noise, dropout or batch statistics), restored afterwards."""
-    modes = [m.training for m in modules]
-    try:
-        for m in modules:
-            m.eval()
-        yield
-    finally:
-        for m, mode in zip(modules, modes):
-            m.train(mode)
-
-
 def discriminator_scores(D: nn.Module, images: Tensor, labels: Optional[Tensor] = None,
                          batch_size: int = 500) -> Tensor:
     """D's raw outputs (N,) in eval mode, in batches, on D's device."""
     device = next(D.parameters()).device
     out = []
-    with torch.no_grad(), _eval_mode(D):
+    with torch.no_grad(), eval_mode(D):
         for start in range(0, images.shape[0], batch_size):
             x = images[start:start + batch_size].to(device)
             y = None if labels is None else labels[start:start + batch_size].to(device)
@@ -418,7 +405,7 @@ def rejection_sampler_for(loaded, D: nn.Module, objective: str, *,
             labels = (torch.full((m,), fixed_label, device=device) if fixed_label is not None
                       else torch.randint(num_classes, (m,), generator=rng, device=device))
         z = prior.sample(m, generator=rng, sigma=sigma, truncation=truncation, device=device)
-        with torch.no_grad(), _eval_mode(G):
+        with torch.no_grad(), eval_mode(G):
             return G(z, labels), labels
 
     def score(images: Tensor, labels: Optional[Tensor]) -> Tensor:

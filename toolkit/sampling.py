@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -15,6 +16,19 @@ from toolkit.errors import UserError
 from toolkit.latent import build_prior
 from toolkit.models import build_discriminator, build_generator
 from toolkit.runs import find_checkpoint
+
+
+@contextmanager
+def eval_mode(*modules: nn.Module):
+    """Eval mode (no instance noise, dropout or batch statistics), restored afterwards."""
+    modes = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
 
 
 @dataclass
@@ -37,12 +51,14 @@ class LoadedGenerator:
         if self.num_classes and labels is None:
             labels = torch.randint(self.num_classes, (n,), generator=rng, device=device)
         images = []
-        for start in tqdm(range(0, n, batch_size), desc="generating", unit="batch",
-                          disable=None if progress else True, leave=False):
-            m = min(batch_size, n - start)
-            z = self.prior.sample(m, generator=rng, sigma=sigma, truncation=truncation, device=device)
-            y = None if labels is None else labels[start:start + m].to(device)
-            images.append(self.G(z, y))
+        with eval_mode(self.G):
+            for start in tqdm(range(0, n, batch_size), desc="generating", unit="batch",
+                              disable=None if progress else True, leave=False):
+                m = min(batch_size, n - start)
+                z = self.prior.sample(m, generator=rng, sigma=sigma, truncation=truncation,
+                                      device=device)
+                y = None if labels is None else labels[start:start + m].to(device)
+                images.append(self.G(z, y))
         return torch.cat(images), labels
 
 
