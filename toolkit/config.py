@@ -24,7 +24,9 @@ D_NORMS = ("none", "group", "layer", "instance", "batch")
 CONDITIONINGS = ("projection", "concat")
 PRIORS = ("gaussian", "mixture")
 LR_DECAYS = ("none", "linear", "exponential")
-MODES = ("standard",)
+MODES = ("standard", "dp")  # dp: toolkit/privacy.py
+ACCOUNTANTS = ("rdp", "prv", "gdp")
+GRAD_SAMPLE_MODES = ("ew", "hooks", "functorch")
 DEVICES = ("cpu", "cuda", "auto")
 
 
@@ -155,6 +157,27 @@ class TrainConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Options of the dp mode (Opacus makes the discriminator private)."""
+    target_epsilon: float = option(
+        0.0, "dp: privacy budget epsilon for the planned epochs; the noise multiplier is derived "
+             "from it (0 = use --noise-multiplier)")
+    noise_multiplier: float = option(1.0, "dp: Gaussian noise std / clipping norm")
+    delta: float = option(0.0, "dp: delta (0 = 1e-5, or 1/(10 N) when 1e-5 is not below 1/N)")
+    max_grad_norm: float = option(1.0, "dp: per-sample gradient clipping norm of D")
+    accountant: str = option("prv", "dp: privacy accountant: " + " | ".join(ACCOUNTANTS))
+    poisson_sampling: bool = option(True, "dp: Poisson sampling of real batches (what the "
+                                          "accountants assume)")
+    physical_batch_size: int = option(
+        0, "dp: split each logical batch into chunks of this size to bound memory (0 = no split)")
+    # hooks: the fastest correct mode here (benchmarks/dp_step.py; all three are correct).
+    grad_sample_mode: str = option("hooks", "dp: Opacus per-sample gradient mode: "
+                                            + " | ".join(GRAD_SAMPLE_MODES))
+    secure_mode: bool = option(False, "dp: Opacus' cryptographically secure noise and sampling "
+                                      "(needs torchcsprng; refused, see the dp mode's notes)")
+
+
+@dataclass
 class EvalConfig:
     eval_every: int = option(
         1, "compute precision, recall, density, coverage and FID every N epochs (0 = off)")
@@ -173,6 +196,7 @@ GROUPS = {
     "latent": LatentConfig,
     "optim": OptimConfig,
     "train": TrainConfig,
+    "privacy": PrivacyConfig,
     "eval": EvalConfig,
 }
 
@@ -189,6 +213,7 @@ class Config:
     latent: LatentConfig = field(default_factory=LatentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
@@ -275,6 +300,20 @@ def validate(config: Config, num_classes: Optional[int] = None) -> None:
     choice(opt.lr_decay, LR_DECAYS, "lr decay")
     choice(t.mode, MODES, "mode")
     choice(t.device, DEVICES, "device")
+    p = config.privacy
+    choice(p.accountant, ACCOUNTANTS, "accountant")
+    choice(p.grad_sample_mode, GRAD_SAMPLE_MODES, "grad sample mode")
+    for value, what in [(p.target_epsilon, "target-epsilon"), (p.delta, "delta"),
+                        (p.physical_batch_size, "physical-batch-size")]:
+        positive(value, what, strict=False)
+    for value, what in [(p.noise_multiplier, "noise-multiplier"), (p.max_grad_norm, "max-grad-norm")]:
+        positive(value, what)
+    if p.delta >= 1:
+        problems.append(f"delta must be below 1, got {p.delta}")
+    if t.mode == "dp":
+        from toolkit.privacy import config_problems  # late: imports opacus
+
+        problems += config_problems(config)
 
     for value, what in [
         (opt.g_lr, "g-lr"), (opt.d_lr, "d-lr"), (t.epochs, "epochs"),

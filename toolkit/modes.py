@@ -1,9 +1,12 @@
 """Training modes: what differs between standard, private and federated training.
 
 The Trainer runs one loop and never asks which mode it is in. A mode may replace the
-discriminator, its optimizer and the real-data batches when it is attached (the dp mode
-wraps all three with Opacus), add metrics to each epoch's record (epsilon spent), stop a
-run (budget spent), and keep state in checkpoints (the privacy accountant).
+discriminator, its optimizer, the real-data batches and the discriminator step
+(`trainer.d_step`, same signature as `toolkit.trainer.discriminator_step`) when it is
+attached (the dp mode wraps all four: Opacus, Poisson batches, physical batches and only
+private statistics), add metrics to each epoch's record (epsilon spent), refuse the next
+epoch (budget spent; asked before every epoch), and keep state in checkpoints (the privacy
+accountant).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ class StandardMode:
         return {}
 
     def stop_reason(self) -> Optional[str]:
+        """Why the next epoch must not run, or None."""
         return None
 
     def state_dict(self) -> dict:
@@ -32,7 +36,13 @@ class StandardMode:
         pass
 
 
-MODES = {"standard": StandardMode}
+def _private_mode():
+    from toolkit.privacy import PrivateMode  # late: the only module that imports opacus
+
+    return PrivateMode()
+
+
+MODES = {"standard": StandardMode, "dp": _private_mode}
 
 
 def build_mode(name: str):

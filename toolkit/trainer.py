@@ -73,8 +73,10 @@ def discriminator_step(D: nn.Module, G: nn.Module, prior: nn.Module, objective: 
         loss = loss + o.gp_weight * gradient_penalty(D, real, fake, labels).mean()
     d_opt.zero_grad(set_to_none=True)
     loss.backward()
-    stats = {"d_grad_norm": grad_norm(D)} if measure else {}
     d_opt.step()
+    # Read after the step: a private optimizer has replaced the gradient by its clipped,
+    # noised version by then, so the logged norm stays private; Adam leaves it as it was.
+    stats = {"d_grad_norm": grad_norm(D)} if measure else {}
     if objective.clip_weights:
         clip_weights(D, o.clip_value)
     with torch.no_grad():
@@ -173,8 +175,9 @@ class Trainer:
         self.batches = ShuffledBatches(data.train_x.to(self.device),
                                        None if labels is None else labels.to(self.device),
                                        t.batch_size, t.seed)
+        self.d_step = discriminator_step
         self.mode = mode or build_mode(t.mode)
-        self.mode.attach(self)  # may wrap D, d_opt and batches
+        self.mode.attach(self)  # may wrap D, d_opt, batches and d_step
         self.callbacks = list(callbacks)
         self.state = TrainState()
         self.stop_requested = False
@@ -263,16 +266,17 @@ class Trainer:
         previous_handler = self._catch_sigint()
         try:
             while self.state.epoch < t.epochs:
+                # Asked before every epoch, so a resumed run is refused before it overspends.
+                reason = self.mode.stop_reason()
+                if reason:
+                    log.info("stopping: %s", reason)
+                    return "stopped"
                 if not self._run_epoch():
                     self.save()
                     log.info("interrupted at epoch %d, batch %d; checkpoint saved. Continue with: "
                              "gankit train --resume %s", self.state.epoch + 1, self.state.batch,
                              self.run.path)
                     return "interrupted"
-                reason = self.mode.stop_reason()
-                if reason:
-                    log.info("stopping: %s", reason)
-                    return "stopped"
             return "done"
         finally:
             if previous_handler is not None:
@@ -291,12 +295,15 @@ class Trainer:
         for real, labels in bar:
             self._anneal_instance_noise()
             measure = (s.step + 1) % t.log_every == 0
-            stats = discriminator_step(self.D, self.G, self.prior, self.objective, self.d_opt,
-                                       real, labels, self.config, self.num_classes, measure)
+            stats = self.d_step(self.D, self.G, self.prior, self.objective, self.d_opt,
+                                real, labels, self.config, self.num_classes, measure)
             s.step += 1
             if s.step % self.n_critic == 0:
-                stats.update(generator_step(self.G, self.D, self.prior, self.objective,
-                                            self.g_opt, self.d_opt, real.shape[0], self.config,
+                # G's batch is the configured size, not the real batch's: under Poisson
+                # sampling that size depends on the data. G needs no per-sample gradients of
+                # D, so it goes through the plain network.
+                stats.update(generator_step(self.G, unwrapped(self.D), self.prior, self.objective,
+                                            self.g_opt, self.d_opt, t.batch_size, self.config,
                                             self.num_classes, self.device, measure))
                 s.g_steps += 1
                 if self.ema is not None:

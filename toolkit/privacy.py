@@ -1,0 +1,355 @@
+"""The dp mode: differentially private GAN training with Opacus (DP-SGD on the discriminator).
+
+Only the discriminator touches real data, so only D is made private. Opacus wraps D (per-sample
+gradients), D's optimizer (each real example's gradient clipped to `max_grad_norm`, Gaussian
+noise of std `noise_multiplier * max_grad_norm` added to the sum) and the sampling of real
+batches (Poisson). The generator learns only from D's scores of generated images: its weights
+and samples are post-processing of the private D and carry D's (epsilon, delta) guarantee.
+
+Pairing. A D step runs D on n real images and on n fresh fakes and backpropagates
+mean(real terms) + mean(fake terms) once. Opacus adds the per-sample gradients of the two
+passes index by index (hooks and functorch: `create_or_accumulate_grad_sample` sums into
+`_current_grad_sample[:n]` until every forward of the step is matched; ew: torch's
+`set_grad_sample_if_exists` adds each pass's contribution), so per-sample gradient i is the
+gradient of the pair (real i, fake i), and clipping bounds each real example's whole
+contribution. The fake images depend on no real data, so the sensitivity stays one clipped
+gradient. (hooks pops stored activations last-in first-out, which matches because autograd
+runs the later fake pass's backward first; a mismatch would be silent, so
+tests/test_privacy.py checks the sum against a pair-at-a-time loop in every mode.) Hooks are
+on only inside the D step, so G's pass through D costs what it costs without Opacus.
+
+Batches. Poisson sampling (Opacus' UniformWithReplacementSampler: every example joins a step
+with probability q = 1/ceil(N/B), 1/q steps an epoch) with the sampler's generator seeded from
+(seed, epoch), so a resumed run redraws the same batches and skips the ones done. An empty
+batch still makes a (noise-only) step, as Opacus does, so the accounting stays true.
+
+Statistics. d_loss, D(real) and the real/fake accuracies are functions of the raw real batch
+(or of its size, which Poisson sampling makes data-dependent), not of the noised gradient, so
+the dp mode's D step drops them: history, TensorBoard, callbacks and checkpoints only see
+private values (D's gradient norm after noising, G's loss and gradient norm, epsilon).
+
+Randomness. Like Opacus without `secure_mode`, sampling and noise come from seeded
+pseudo-random generators (runs are reproducible and resume exactly). The guarantee assumes
+the adversary does not know that randomness: keep the seed, config.json and checkpoints of a
+released model private, and pick an unguessable --seed for a release.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import math
+import warnings
+from typing import Iterator, Optional
+
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants import create_accountant
+from opacus.grad_sample import GradSampleModule
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from opacus.validators import ModuleValidator
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from toolkit.config import Config
+from toolkit.errors import ConfigError, UserError
+from toolkit.objectives import clip_weights
+from toolkit.trainer import grad_norm
+
+log = logging.getLogger(__name__)
+
+# The only D-step statistic computed from the privatized gradient; every other one reads the
+# real batch (d_loss, d_real, d_acc_real) or is averaged over its data-dependent size
+# (d_fake, d_acc_fake).
+PRIVATE_D_STATS = ("d_grad_norm",)
+
+
+def resolve_delta(delta: float, n: int) -> float:
+    """The configured delta, or 1e-5, or 1/(10 N) where 1e-5 is not below 1/N."""
+    if delta:
+        return delta
+    return 1e-5 if 1e-5 < 1.0 / n else 1.0 / (10 * n)
+
+
+# --- What the dp mode refuses -------------------------------------------------------------------
+
+def config_problems(config: Config) -> list[str]:
+    """Options the dp mode cannot support, each with the reason and an alternative."""
+    m, o, p = config.model, config.objective, config.privacy
+    problems = []
+    if m.d_norm == "batch":
+        problems.append(
+            "dp: --d-norm batch mixes samples (each output depends on the whole batch, and its "
+            "running statistics are not private), so a per-sample gradient does not bound one "
+            "example's influence; use --d-norm group (the default), layer, instance or none")
+    if m.spectral_norm:
+        problems.append(
+            "dp: --spectral-norm keeps power-iteration vectors as buffers of every layer and "
+            "computes the weights through a parametrization: Opacus' hooks and functorch modes "
+            "refuse layers with buffers, and ew fails on the parametrization; drop it (GroupNorm "
+            "D) or use --loss wgan, whose weight clipping is post-processing of the private "
+            "weights")
+    if o.loss == "wgan-gp":
+        problems.append(
+            "dp: --loss wgan-gp differentiates D twice (the penalty's grad_x D(x_hat) with "
+            "create_graph), and Opacus' per-sample gradients cover one first-order backward "
+            "pass: hooks and functorch fail, ew returns wrong per-sample gradients (and has no "
+            "double backward for GroupNorm); use --loss wgan (weight clipping), hinge or bce")
+    if p.secure_mode:
+        reason = ("torchcsprng is not installed (there is no build of it for this torch)"
+                  if importlib.util.find_spec("torchcsprng") is None else
+                  "a cryptographic generator cannot be seeded, and the dp mode seeds sampling "
+                  "and noise so that runs are reproducible and resume exactly")
+        problems.append(
+            f"dp: --secure-mode is not supported: {reason}; use the default (seeded) mode and "
+            "keep the seed, config.json and checkpoints of a released model private")
+    return problems
+
+
+def module_problems(D: nn.Module) -> list[str]:
+    """What Opacus' own validators find in a built discriminator."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        errors = (ModuleValidator.validate(D, strict=False)
+                  + GradSampleModule.validate(D, strict=False))
+    return [f"dp: Opacus refuses the discriminator: {err}" for err in errors]
+
+
+# --- Poisson batches ------------------------------------------------------------------------------
+
+class PoissonBatches:
+    """Poisson-sampled batches of in-memory tensors (Opacus' UniformWithReplacementSampler).
+
+    Epoch e's batches depend only on (seed, e): the sampler's generator is seeded per epoch,
+    so a run resumed at batch `start` regenerates the epoch and skips what was done.
+    """
+
+    def __init__(self, x: Tensor, y: Optional[Tensor], sample_rate: float, steps: int,
+                 seed: int):
+        self.x, self.y, self.sample_rate, self.steps, self.seed = x, y, sample_rate, steps, seed
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Optional[Tensor]]]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        sampler = UniformWithReplacementSampler(num_samples=len(self.x),
+                                                sample_rate=self.sample_rate, generator=gen,
+                                                steps=self.steps)
+        for b, indices in enumerate(sampler):
+            if b < start:
+                continue  # drawn all the same: the generator must reach batch `start`
+            idx = torch.as_tensor(indices, dtype=torch.long, device=self.x.device)
+            yield self.x[idx], None if self.y is None else self.y[idx]
+
+
+# --- The mode -------------------------------------------------------------------------------------
+
+class PrivateMode:
+    """Opacus on D: private D step, Poisson batches, epsilon per epoch, budget stop."""
+
+    name = "dp"
+
+    def attach(self, trainer) -> None:
+        config: Config = trainer.config
+        p = config.privacy
+        problems = config_problems(config) + module_problems(trainer.D)
+        if problems:
+            raise ConfigError(problems)
+        self.trainer, self.config = trainer, config
+        x, y = trainer.batches.x, trainer.batches.y
+        n, b = len(x), config.train.batch_size
+        self.delta = resolve_delta(p.delta, n)
+        # Opacus derives the sample rate (1 / batches per epoch) and the batch size the noised
+        # sum is divided by from a loader; this one is never iterated. drop_last matches the
+        # fixed-size batches when Poisson sampling is off.
+        loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=b,
+                            drop_last=not p.poisson_sampling)
+        with warnings.catch_warnings():
+            # "Secure RNG turned off": config_problems explains secure mode; and the GDP
+            # accountant's "experimental" warning is repeated in our log below.
+            warnings.simplefilter("ignore")
+            self.engine = PrivacyEngine(accountant=p.accountant)
+        common = dict(module=trainer.D, optimizer=trainer.d_opt, data_loader=loader,
+                      max_grad_norm=p.max_grad_norm, poisson_sampling=p.poisson_sampling,
+                      grad_sample_mode=p.grad_sample_mode)
+        if p.target_epsilon:
+            try:
+                D, d_opt, _ = self.engine.make_private_with_epsilon(
+                    target_epsilon=p.target_epsilon, target_delta=self.delta,
+                    epochs=config.train.epochs, **common)
+            except ValueError as err:  # Opacus: "The privacy budget is too low."
+                raise ConfigError(
+                    f"dp: --target-epsilon {p.target_epsilon:g} cannot be met in "
+                    f"{config.train.epochs} epochs at sample rate {1 / len(loader):.4g} ({err}); "
+                    "use a larger budget, fewer epochs or a smaller batch size") from None
+        else:
+            D, d_opt, _ = self.engine.make_private(noise_multiplier=p.noise_multiplier, **common)
+        self.sample_rate = 1.0 / len(loader)
+        steps = len(loader)
+        if p.poisson_sampling:
+            trainer.batches = PoissonBatches(x, y, self.sample_rate, steps, config.train.seed)
+        else:
+            d_opt.expected_batch_size = b  # every batch holds exactly b (Opacus assumes N q)
+        trainer.D, trainer.d_opt = D, d_opt
+        self.optimizer = d_opt
+        inner = trainer.d_step
+        trainer.d_step = lambda *args, **kwargs: self._d_step(inner, *args, **kwargs)
+        self._eps_cache: dict = {}
+        log.info(
+            "dp: Opacus DP-SGD on D with the %s accountant; noise multiplier %.4g%s, max grad "
+            "norm %g, sample rate %.4g (expected batch %g, %s), delta %.3g, per-sample "
+            "gradients by '%s'%s", p.accountant, d_opt.noise_multiplier,
+            f" (for target epsilon {p.target_epsilon:g} in {config.train.epochs} epochs)"
+            if p.target_epsilon else "", p.max_grad_norm, self.sample_rate,
+            d_opt.expected_batch_size, "Poisson sampling" if p.poisson_sampling else
+            "shuffled fixed-size batches, which the accountant only approximates",
+            self.delta, p.grad_sample_mode,
+            f", physical batches of at most {p.physical_batch_size}" if p.physical_batch_size
+            else "")
+        if p.accountant == "gdp":
+            log.warning("dp: Opacus calls its GDP accountant experimental; it can underestimate "
+                        "epsilon (prefer prv or rdp for a reported guarantee)")
+
+    # --- the private D step ----------------------------------------------------------------
+    def _d_step(self, inner, D, G, prior, objective, d_opt, real, labels, config, num_classes,
+                measure=False) -> dict:
+        """One logical D step: split into physical batches when asked (Opacus'
+        BatchMemoryManager protocol: every chunk but the last only clips and accumulates),
+        a noise-only step for an empty batch, and only private statistics returned."""
+        # Per-sample gradients only inside this step: G's pass through D (and anything else
+        # between D steps) then costs what it costs without Opacus. ew has no hooks: G's step
+        # goes through the plain network instead (Trainer passes unwrapped(D)).
+        if isinstance(D, GradSampleModule):
+            D.enable_hooks()
+        try:
+            stats = self._private_step(inner, D, G, prior, objective, d_opt, real, labels,
+                                       config, num_classes, measure)
+        finally:
+            if isinstance(D, GradSampleModule):
+                D.disable_hooks()
+        return {k: v for k, v in stats.items() if k in PRIVATE_D_STATS}
+
+    def _private_step(self, inner, D, G, prior, objective, d_opt, real, labels, config,
+                      num_classes, measure) -> dict:
+        n = real.shape[0]
+        if n == 0:
+            stats = self._noise_only_step(D, d_opt, objective, config, measure)
+        else:
+            size = config.privacy.physical_batch_size or n
+            count = math.ceil(n / size)
+            chunks = zip(real.tensor_split(count),
+                         labels.tensor_split(count) if labels is not None else [None] * count)
+            for i, (r, y) in enumerate(chunks):
+                last = i == count - 1
+                d_opt.signal_skip_step(do_skip=not last)
+                # Measure only after the real (noised) step: a skipped chunk leaves the raw
+                # gradient in .grad.
+                stats = inner(D, G, prior, objective, d_opt, r, y, config, num_classes,
+                              measure and last)
+                # ew refuses a forward while per-sample gradients are held; after a skipped
+                # chunk this keeps the accumulated clipped sum (Opacus' zero_grad contract).
+                d_opt.zero_grad(set_to_none=True)
+        return stats
+
+    @staticmethod
+    def _noise_only_step(D, d_opt, objective, config, measure: bool) -> dict:
+        # Opacus clips zero-length per-sample gradients to a zero sum and adds the noise, as
+        # its DPDataLoader would for an empty Poisson batch.
+        for p in d_opt.params:
+            p.grad_sample = torch.zeros((0,) + p.shape, device=p.device, dtype=p.dtype)
+        d_opt.step()
+        stats = {"d_grad_norm": grad_norm(D)} if measure else {}
+        if objective.clip_weights:
+            clip_weights(D, config.objective.clip_value)
+        d_opt.zero_grad(set_to_none=True)
+        return stats
+
+    # --- accounting --------------------------------------------------------------------------
+    @property
+    def accountant(self):
+        return self.engine.accountant
+
+    def steps(self) -> int:
+        return sum(entry[2] for entry in self.accountant.history)
+
+    def _epsilon(self, history: list) -> float:
+        if not history:
+            return 0.0
+        key = tuple(history)
+        if key not in self._eps_cache:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                acc = create_accountant(self.accountant.mechanism())
+            acc.history = list(history)
+            extra = ({"poisson": self.config.privacy.poisson_sampling}
+                     if acc.mechanism() == "gdp" else {})
+            self._eps_cache[key] = float(acc.get_epsilon(self.delta, **extra))
+        return self._eps_cache[key]
+
+    def epsilon(self) -> float:
+        """Epsilon spent so far, at the run's delta."""
+        return self._epsilon(self.accountant.history)
+
+    def epsilon_after(self, more_steps: int) -> float:
+        """Epsilon once `more_steps` further steps at the current noise have been taken."""
+        history = list(self.accountant.history)
+        sigma = self.optimizer.noise_multiplier
+        if history and history[-1][:2] == (sigma, self.sample_rate):
+            history[-1] = (sigma, self.sample_rate, history[-1][2] + more_steps)
+        elif more_steps:
+            history.append((sigma, self.sample_rate, more_steps))
+        return self._epsilon(history)
+
+    # --- the mode interface --------------------------------------------------------------------
+    def epoch_metrics(self) -> dict:
+        p = self.config.privacy
+        metrics = {"epsilon": self.epsilon(), "delta": self.delta,
+                   "noise_multiplier": self.optimizer.noise_multiplier,
+                   "sample_rate": self.sample_rate, "dp_steps": self.steps(),
+                   "accountant": p.accountant}
+        if p.target_epsilon:
+            metrics["target_epsilon"] = p.target_epsilon
+        return metrics
+
+    def stop_reason(self) -> Optional[str]:
+        """Refuses the next epoch (or the rest of the current one) when it would take epsilon
+        past the target; only a run extended beyond its planned epochs gets here, since the
+        noise was derived so that the planned epochs end at or below the target."""
+        target = self.config.privacy.target_epsilon
+        if not target:
+            return None
+        state = self.trainer.state
+        remaining = len(self.trainer.batches) - state.batch
+        after = self.epsilon_after(remaining)
+        if after <= target:
+            return None
+        return (f"privacy budget: epsilon {self.epsilon():.4g} spent after epoch {state.epoch}, "
+                f"the next epoch would reach {after:.4g} > target {target:g} (delta "
+                f"{self.delta:.3g}); start a new run with a larger --target-epsilon to train "
+                "longer")
+
+    def state_dict(self) -> dict:
+        return {"accountant": self.accountant.state_dict(),
+                "noise_multiplier": self.optimizer.noise_multiplier,
+                "sample_rate": self.sample_rate, "delta": self.delta}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state or "accountant" not in state:
+            raise UserError("this checkpoint holds no privacy accountant: it was not written "
+                            "by a dp run, so its privacy spending is unknown")
+        if not math.isclose(state["sample_rate"], self.sample_rate, rel_tol=1e-12):
+            raise UserError(f"the checkpoint was trained at sample rate "
+                            f"{state['sample_rate']:.6g}, this data and batch size give "
+                            f"{self.sample_rate:.6g}; resume with the run's own data and batch "
+                            "size")
+        self.accountant.load_state_dict(copy.deepcopy(state["accountant"]))
+        if state["noise_multiplier"] != self.optimizer.noise_multiplier:
+            # A target-epsilon run extended with --epochs derives another noise for the new
+            # plan; the run keeps its own, and stop_reason ends it at the target.
+            log.info("dp: keeping the run's noise multiplier %.4g (not %.4g)",
+                     state["noise_multiplier"], self.optimizer.noise_multiplier)
+            self.optimizer.noise_multiplier = state["noise_multiplier"]
+        self.delta = state["delta"]
+
