@@ -153,3 +153,16 @@ def test_drs_gamma_by_percentile(trained_run, tmp_path):
                      "--downstream-epochs", "0", "--out", str(tmp_path)]) == 0
     rate = json.loads((tmp_path / "metrics.json").read_text())["drs_acceptance_rate"]
     assert 0.3 < rate <= 1.0
+
+
+def test_drs_refuses_a_calibration_that_would_break_a_dp_guarantee(trained_run):
+    from toolkit.evaluate import draw_samples
+    from toolkit.sampling import load_discriminator, load_generator
+
+    gen, D = load_generator(trained_run), load_discriminator(trained_run)
+    gen.config.train.mode, gen.config.objective.loss = "dp", "hinge"
+    with pytest.raises(UserError, match="privacy guarantee does not cover"):
+        draw_samples(gen, 10, drs=True, D=D, calibration=(torch.zeros(4, 1, 28, 28), None))
+    gen.config.objective.loss = "bce"  # closed-form logits: DRS is free post-processing
+    images, _, info = draw_samples(gen, 10, drs=True, D=D, drs_target_rate=0.5)
+    assert len(images) == 10 and info["drs_uses_real_data"] is False

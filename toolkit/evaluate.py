@@ -135,14 +135,21 @@ def draw_samples(gen, n: int, seed: int = 0, sigma: Optional[float] = None,
     if not drs:
         images, labels = gen.sample(n, seed, sigma, truncation, progress=True)
         return images, labels, info
-    from toolkit.rejection_sampling import rejection_sampler_for
+    from toolkit.rejection_sampling import density_ratio_logit, rejection_sampler_for
 
+    loss = gen.config.objective.loss
+    if gen.config.train.mode == "dp" and density_ratio_logit(loss) is None:
+        # DRS itself only post-processes the private D; a calibration would read the
+        # training images outside the privacy accounting.
+        raise UserError(f"rejection sampling a '{loss}' discriminator needs a calibration on the "
+                        "training images, which a dp run's privacy guarantee does not cover; "
+                        "DRS is free for bce, js, kl, rkl and hellinger")
     real_images, real_labels = calibration if calibration is not None else (None, None)
     # gamma: a percentile of the burn-in scores (the paper's choice) or a target acceptance.
     gamma_choice = ({"gamma_percentile": drs_percentile} if drs_percentile is not None
                     else {"target_acceptance": drs_target_rate})
     sampler = rejection_sampler_for(
-        gen, D, gen.config.objective.loss, real_images=real_images,
+        gen, D, loss, real_images=real_images,
         real_labels=real_labels if gen.num_classes else None, sigma=sigma,
         truncation=truncation, seed=seed, burn_in=drs_burn_in, **gamma_choice)
     images, labels, stats = sampler.sample(n)
