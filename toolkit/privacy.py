@@ -224,8 +224,13 @@ class PrivateMode:
         if isinstance(D, GradSampleModule):
             D.enable_hooks()
         try:
-            stats = self._private_step(inner, D, G, prior, objective, d_opt, real, labels,
-                                       config, num_classes, measure)
+            with warnings.catch_warnings():
+                # Opacus' full backward hooks warn that the real images need no gradient;
+                # they need none: the hooks read parameter gradients only.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing",
+                                        category=UserWarning)
+                stats = self._private_step(inner, D, G, prior, objective, d_opt, real, labels,
+                                           config, num_classes, measure)
         finally:
             if isinstance(D, GradSampleModule):
                 D.disable_hooks()
