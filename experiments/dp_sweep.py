@@ -1,0 +1,230 @@
+"""The privacy-budget sweep: one model and seed at several epsilons, evaluated and audited.
+
+    python experiments/dp_sweep.py                                          # small, 2 CPU cores
+    python experiments/dp_sweep.py --config experiments/configs/dp_sweep_full.json \
+        --data-root ../shared/data/mnist --device cuda                      # full, a GPU
+    python experiments/dp_sweep.py --rows eps4,non-private --set epochs=1 --set g_width=8 \
+        --set d_width=8 --samples 200 --out /tmp/dp_tiny                    # a quick check
+
+Each row of the config trains one run (same seed, data and base options; the row's own
+options on top: `mode: dp` with a `target_epsilon`, or the non-private `mode: standard`),
+then evaluates its samples against the real reference split and audits its discriminator
+with a membership-inference attack (toolkit/audit.py: D's scores of training images vs
+held-out reference images, ROC AUC; 0.5 = chance). Outputs in --out (default
+experiments/results/<config name>/):
+
+    table.csv, table.md        epsilon (the final epsilon the run's history reports; inf when
+                               non-private), delta, noise multiplier, dp steps, precision,
+                               recall, density, coverage, FID, downstream accuracy, attack AUC,
+                               train time
+    metrics_vs_epsilon.png     each metric against epsilon (log x); non-private as a line
+    samples/<row>.png          a sample grid per row
+    runs/<row>/                the training runs (a finished run is reused, not retrained)
+"""
+
+import argparse
+import csv
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from toolkit.audit import audit_discriminator  # noqa: E402
+from toolkit.config import Config, validate  # noqa: E402
+from toolkit.data import load_data  # noqa: E402
+from toolkit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,  # noqa: E402
+                              metric_classifier)
+from toolkit.runs import RunDir  # noqa: E402
+from toolkit.sampling import load_discriminator, load_generator  # noqa: E402
+from toolkit.trainer import Trainer  # noqa: E402
+
+log = logging.getLogger("toolkit")
+
+TABLE_COLUMNS = ["row", "epsilon", "delta", "noise_multiplier", "dp_steps", "precision", "recall",
+                 "density", "coverage", "fid", "downstream_accuracy", "attack_auc", "train_time_s"]
+PLOTTED = ["precision", "recall", "density", "coverage", "fid", "downstream_accuracy", "attack_auc"]
+
+
+def train_row(name: str, config: Config, data, runs_dir: Path) -> float:
+    """Train (or reuse) one row's run; returns its training seconds."""
+    run_path = runs_dir / name
+    run = RunDir(run_path)
+    if run.checkpoint_path("last").exists():
+        ckpt = run.load_checkpoint()
+        if ckpt["state"]["epoch"] >= config.train.epochs and ckpt["config"] == config.to_dict():
+            log.info("[%s] reusing the finished run in %s", name, run_path)
+            return ckpt["state"]["train_time"]
+        if ckpt["config"] != config.to_dict():
+            raise SystemExit(f"[{name}] {run_path} holds a run of another configuration; "
+                             "remove it or choose another --out")
+        trainer = Trainer(Config.from_dict(ckpt["config"]), data, run)
+        trainer.resume()  # an interrupted sweep continues where it stopped
+    else:
+        trainer = Trainer(config, data, RunDir.create(config))
+    log.info("[%s] training: %s", name, trainer.run.path)
+    status = trainer.fit()
+    if status == "stopped":
+        # The budget stop of a dp run: its epsilon is what it is; evaluate what it trained.
+        log.warning("[%s] stopped before the planned epochs (privacy budget)", name)
+    elif status != "done":
+        raise SystemExit(f"[{name}] training did not finish")
+    return trainer.state.train_time
+
+
+def privacy_of(run_path: Path) -> dict:
+    """The final epoch's privacy record; epsilon inf for a non-private run."""
+    history = RunDir(run_path).history()
+    last = history[-1] if history else {}
+    if "epsilon" not in last:
+        return {"epsilon": math.inf, "delta": 0.0, "noise_multiplier": 0.0, "dp_steps": 0}
+    return {"epsilon": float(last["epsilon"]), "delta": float(last["delta"]),
+            "noise_multiplier": float(last["noise_multiplier"]), "dp_steps": int(last["dp_steps"])}
+
+
+def evaluate_row(name, run_path, ref, classifier, data, ev, seed):
+    """The table row of one run (metrics, privacy, attack AUC) and its sample grid."""
+    gen = load_generator(run_path)
+    images, labels, _ = draw_samples(gen, ev["samples"], seed)
+    metrics, _ = evaluate_samples(ref, classifier, images, labels,
+                                  downstream_epochs=ev["downstream_epochs"], seed=seed)
+    # The audit attacks D with training images vs the reference split; it is an
+    # evaluation of the finished run, not part of training.
+    audit = audit_discriminator(load_discriminator(run_path), (data.train_x, data.train_y),
+                                (data.ref_x, data.ref_y), n=ev.get("audit_samples") or None, seed=seed)
+    row = {"row": name, **privacy_of(run_path), **metrics, "attack_auc": audit["auc"],
+           "audit_n": audit["n_members"]}
+    return row, images[:64]
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_metrics(path: Path, table: list[dict]) -> None:
+    """One panel per metric against epsilon; non-private runs as labelled horizontal lines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    private = sorted((r for r in table if math.isfinite(r["epsilon"])), key=lambda r: r["epsilon"])
+    public = [r for r in table if not math.isfinite(r["epsilon"])]
+    metrics = [m for m in PLOTTED if any(m in r for r in table)]
+    cols = 4
+    rows = math.ceil(len(metrics) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.9 * rows), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        pts = [(r["epsilon"], r[metric]) for r in private if metric in r]
+        if pts:
+            ax.plot(*zip(*pts), "-o", ms=4, color="C0", label="dp")
+            ax.set_xscale("log")
+        for i, r in enumerate(public):
+            if metric in r:
+                ax.axhline(r[metric], color=f"C{i + 1}", ls="--", lw=1, label=f"{r['row']} (eps=inf)")
+        if metric == "attack_auc":
+            ax.axhline(0.5, color="gray", ls=":", lw=1, label="chance")
+        ax.set_title(metric + (" (lower is better)" if metric == "fid" else ""), fontsize=9)
+        ax.set_xlabel("epsilon")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    if "attack_auc" in metrics:
+        axes.flat[metrics.index("attack_auc")].legend(fontsize=7)
+    fig.suptitle("Quality and membership-attack AUC vs privacy budget", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_value(text: str):
+    """A --set value as JSON when it parses (numbers, true/false), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "experiments/configs/dp_sweep_small.json"))
+    parser.add_argument("--out", default="", help="default: experiments/results/<config name>")
+    parser.add_argument("--data-root", default="", help="overrides the base data root")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rows", default="", help="comma-separated subset of the config's rows")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                        help="override a training option of every row (repeatable), e.g. epochs=1")
+    parser.add_argument("--samples", type=int, default=0, help="override the generated samples per row")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    spec = json.loads(Path(args.config).read_text())
+    out = Path(args.out or ROOT / "experiments" / "results" / Path(args.config).stem)
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    ev = dict(spec["evaluation"])
+    if args.samples:
+        ev["samples"] = args.samples
+    overrides = dict(option.split("=", 1) for option in args.set)
+    base = dict(spec["base"], seed=args.seed, device=args.device)
+    if args.data_root:
+        base["data_root"] = args.data_root
+    wanted = [r for r in args.rows.split(",") if r]
+    unknown = set(wanted) - set(spec["rows"])
+    if unknown:
+        raise SystemExit(f"unknown rows {sorted(unknown)}; the config has {list(spec['rows'])}")
+    rows = {k: v for k, v in spec["rows"].items() if not wanted or k in wanted}
+    configs = {}
+    for name, options in rows.items():
+        # --set applies last, so a quick check can shrink every row alike.
+        flat = {**base, **options, **{k: parse_value(v) for k, v in overrides.items()},
+                "out_dir": str(out / "runs"), "name": name}
+        configs[name] = Config().updated(flat)
+        validate(configs[name])
+    data = load_data(next(iter(configs.values())).data)
+    log.info("data: %s", data.description)
+    classifier = metric_classifier("", data.image_shape, data.num_classes)
+    ref = Reference.of(classifier, data.ref_x, data.ref_y)
+
+    started = time.perf_counter()
+    table, grids = [], {}
+    for name, config in configs.items():
+        train_time = train_row(name, config, data, out / "runs")
+        row, grids[name] = evaluate_row(name, out / "runs" / name, ref, classifier, data, ev,
+                                        args.seed)
+        row["train_time_s"] = round(train_time, 1)
+        table.append(row)
+        log.info("[%s] epsilon=%.3g fid=%.3g downstream=%.3g attack_auc=%.3f", name,
+                 row["epsilon"], row["fid"], row.get("downstream_accuracy", float("nan")),
+                 row["attack_auc"])
+
+    from torchvision.utils import save_image
+    for name, images in grids.items():
+        save_image(images, out / "samples" / f"{name}.png", nrow=8, normalize=True, value_range=(-1, 1))
+
+    write_csv(out / "table.csv", table, TABLE_COLUMNS)
+    total = time.perf_counter() - started
+    command = "python " + " ".join(sys.argv)
+    audit_n = table[0]["audit_n"]
+    (out / "table.md").write_text(
+        f"# Privacy-budget sweep: {Path(args.config).stem}\n\n{spec.get('description', '')}\n\n"
+        f"Reference: {data.description} ({len(data.ref_x):,} images). "
+        f"{ev['samples']:,} generated samples per row. epsilon is the final epsilon each run's "
+        f"history reports (inf: non-private). attack_auc: membership inference on D (Hayes et "
+        f"al. 2019), {audit_n:,} training vs {audit_n:,} reference images, 0.5 = chance. "
+        f"Total time {total / 60:.1f} min.\n\n"
+        f"Command: `{command}`\n\n" + markdown_table(table, TABLE_COLUMNS))
+    plot_metrics(out / "metrics_vs_epsilon.png", table)
+    log.info("wrote %s (%.1f min)", out / "table.md", total / 60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
