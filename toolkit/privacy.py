@@ -152,6 +152,11 @@ class PrivateMode:
     name = "dp"
 
     def attach(self, trainer) -> None:
+        # Opacus' full backward hooks stay registered on D, and torch warns on every pass
+        # whose inputs need no gradient (real images): harmless, since the hooks read
+        # parameter gradients only.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing",
+                                category=UserWarning)
         config: Config = trainer.config
         p = config.privacy
         problems = config_problems(config) + module_problems(trainer.D)
@@ -224,13 +229,8 @@ class PrivateMode:
         if isinstance(D, GradSampleModule):
             D.enable_hooks()
         try:
-            with warnings.catch_warnings():
-                # Opacus' full backward hooks warn that the real images need no gradient;
-                # they need none: the hooks read parameter gradients only.
-                warnings.filterwarnings("ignore", message="Full backward hook is firing",
-                                        category=UserWarning)
-                stats = self._private_step(inner, D, G, prior, objective, d_opt, real, labels,
-                                           config, num_classes, measure)
+            stats = self._private_step(inner, D, G, prior, objective, d_opt, real, labels,
+                                       config, num_classes, measure)
         finally:
             if isinstance(D, GradSampleModule):
                 D.disable_hooks()
