@@ -39,41 +39,15 @@ from toolkit.config import Config, validate  # noqa: E402
 from toolkit.data import load_data  # noqa: E402
 from toolkit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,  # noqa: E402
                               metric_classifier)
-from toolkit.runs import RunDir  # noqa: E402
 from toolkit.sampling import load_discriminator, load_generator  # noqa: E402
-from toolkit.trainer import Trainer  # noqa: E402
+from experiments.studies import train_row  # noqa: E402
+from toolkit.runs import RunDir  # noqa: E402
 
 log = logging.getLogger("toolkit")
 
 TABLE_COLUMNS = ["row", "epsilon", "delta", "noise_multiplier", "dp_steps", "precision", "recall",
                  "density", "coverage", "fid", "downstream_accuracy", "attack_auc", "train_time_s"]
 PLOTTED = ["precision", "recall", "density", "coverage", "fid", "downstream_accuracy", "attack_auc"]
-
-
-def train_row(name: str, config: Config, data, runs_dir: Path) -> float:
-    """Train (or reuse) one row's run; returns its training seconds."""
-    run_path = runs_dir / name
-    run = RunDir(run_path)
-    if run.checkpoint_path("last").exists():
-        ckpt = run.load_checkpoint()
-        if ckpt["state"]["epoch"] >= config.train.epochs and ckpt["config"] == config.to_dict():
-            log.info("[%s] reusing the finished run in %s", name, run_path)
-            return ckpt["state"]["train_time"]
-        if ckpt["config"] != config.to_dict():
-            raise SystemExit(f"[{name}] {run_path} holds a run of another configuration; "
-                             "remove it or choose another --out")
-        trainer = Trainer(Config.from_dict(ckpt["config"]), data, run)
-        trainer.resume()  # an interrupted sweep continues where it stopped
-    else:
-        trainer = Trainer(config, data, RunDir.create(config))
-    log.info("[%s] training: %s", name, trainer.run.path)
-    status = trainer.fit()
-    if status == "stopped":
-        # The budget stop of a dp run: its epsilon is what it is; evaluate what it trained.
-        log.warning("[%s] stopped before the planned epochs (privacy budget)", name)
-    elif status != "done":
-        raise SystemExit(f"[{name}] training did not finish")
-    return trainer.state.train_time
 
 
 def privacy_of(run_path: Path) -> dict:

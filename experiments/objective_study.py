@@ -36,34 +36,14 @@ from toolkit.data import load_data  # noqa: E402
 from toolkit.errors import UserError  # noqa: E402
 from toolkit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,  # noqa: E402
                               metric_classifier, plot_truncation, truncation_sweep)
-from toolkit.runs import RunDir  # noqa: E402
 from toolkit.sampling import load_discriminator, load_generator  # noqa: E402
-from toolkit.trainer import Trainer  # noqa: E402
+from experiments.studies import train_row  # noqa: E402
 
 log = logging.getLogger("toolkit")
 
 TABLE_COLUMNS = ["row", "drs", "precision", "recall", "f1", "density", "coverage", "fid",
                  "downstream_accuracy", "modes_covered", "mode_tv", "drs_acceptance_rate",
                  "train_time_s"]
-
-
-def train_row(name: str, config: Config, data, runs_dir: Path) -> float:
-    """Train (or reuse) one row's run; returns its training seconds."""
-    run_path = runs_dir / name
-    run = RunDir(run_path)
-    if run.checkpoint_path("last").exists():
-        ckpt = run.load_checkpoint()
-        if ckpt["state"]["epoch"] >= config.train.epochs and ckpt["config"] == config.to_dict():
-            log.info("[%s] reusing the finished run in %s", name, run_path)
-            return ckpt["state"]["train_time"]
-        trainer = Trainer(Config.from_dict(ckpt["config"]), data, run)
-        trainer.resume()  # an interrupted study continues where it stopped
-    else:
-        trainer = Trainer(config, data, RunDir.create(config))
-    log.info("[%s] training: %s", name, trainer.run.path)
-    if trainer.fit() != "done":
-        raise SystemExit(f"[{name}] training did not finish")
-    return trainer.state.train_time
 
 
 def evaluate_row(name, run_path, ref, classifier, data, ev, seed):
