@@ -11,6 +11,8 @@ for var, sub in (("TORCH_HOME", "torch"), ("MPLCONFIGDIR", "mpl"), ("FLWR_HOME",
 
 from toolkit.config import Config  # noqa: E402
 from toolkit.data import ImageData  # noqa: E402
+from toolkit.runs import RunDir  # noqa: E402
+from toolkit.trainer import Callback, Trainer, unwrapped  # noqa: E402
 
 
 def tiny_config(out_dir, **overrides) -> Config:
@@ -28,6 +30,40 @@ def synthetic_data(n=256, labelled=True, shape=(1, 28, 28), seed=0) -> ImageData
     rx = torch.rand((64,) + shape, generator=gen) * 2 - 1
     ry = torch.randint(10, (64,), generator=gen) if labelled else None
     return ImageData(x, y, rx, ry, "synthetic", "synthetic test data")
+
+
+def train(config, data, resume=False, callbacks=()):
+    """A run to completion (or to a requested stop): (trainer, status)."""
+    run = (RunDir.open(config.train.out_dir + "/" + config.train.name) if resume
+           else RunDir.create(config))
+    trainer = Trainer(config, data, run, callbacks=callbacks)
+    if resume:
+        trainer.resume()
+    return trainer, trainer.fit()
+
+
+def history(trainer):
+    """The run's history without wall-clock times, which differ between runs."""
+    return [{k: v for k, v in r.items() if k != "train_time_s"} for r in trainer.run.history()]
+
+
+def assert_same_weights(a, b):
+    for left, right in ((a.G, b.G), (unwrapped(a.D), unwrapped(b.D))):
+        sa, sb = left.state_dict(), right.state_dict()
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+
+
+class StopAt(Callback):
+    """Acts like Ctrl-C arriving during the given step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer, stats):
+        if trainer.state.step == self.step:
+            trainer.stop_requested = True
 
 
 @pytest.fixture

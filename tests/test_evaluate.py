@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import StopAt, history, tiny_config
 from toolkit import cli
 from toolkit.config import DataConfig
 from toolkit.data import load_data
@@ -57,29 +57,21 @@ def test_training_history_gets_metrics_and_resume_stays_exact(tmp_path, mnist5k,
     straight = Trainer(straight_cfg, data_small, RunDir.create(straight_cfg),
                        callbacks=[EvalCallback(straight_cfg, data_small, classifier)])
     straight.fit()
-    history = straight.run.history()
+    records = straight.run.history()
     for key in ("precision", "recall", "density", "coverage", "fid"):
-        assert all(np.isfinite(r[key]) for r in history), key
+        assert all(np.isfinite(r[key]) for r in records), key
     best = straight.run.load_checkpoint("best")
-    assert best["state"]["best"] == min(r["fid"] for r in history)
-
-    class StopAt5:
-        def on_step_end(self, trainer, stats):
-            trainer.stop_requested = trainer.state.step == 5
-
-        def on_epoch_end(self, trainer, record):
-            pass
+    assert best["state"]["best"] == min(r["fid"] for r in records)
 
     cut_cfg = tiny_config(tmp_path / "b", **options)
     cut = Trainer(cut_cfg, data_small, RunDir.create(cut_cfg),
-                  callbacks=[EvalCallback(cut_cfg, data_small, classifier), StopAt5()])
+                  callbacks=[EvalCallback(cut_cfg, data_small, classifier), StopAt(5)])
     assert cut.fit() == "interrupted"
     resumed = Trainer(cut_cfg, data_small, RunDir.open(cut.run.path),
                       callbacks=[EvalCallback(cut_cfg, data_small, classifier)])
     resumed.resume()
     resumed.fit()
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "train_time_s"} for r in rows]
-    assert strip(resumed.run.history()) == strip(history)
+    assert history(resumed) == history(straight)
 
 
 @pytest.fixture(scope="module")

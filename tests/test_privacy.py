@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import StopAt, assert_same_weights, history, tiny_config, train
 from toolkit import cli
 from toolkit.config import GRAD_SAMPLE_MODES, validate
 from toolkit.errors import ConfigError
 from toolkit.models import build_discriminator
 from toolkit.runs import RunDir
-from toolkit.trainer import Callback, Trainer, unwrapped
+from toolkit.trainer import Trainer, unwrapped
 
 opacus = pytest.importorskip("opacus")
 from opacus.accountants import create_accountant  # noqa: E402
@@ -34,27 +34,6 @@ def quiet():
 
 def dp_config(out_dir, **overrides):
     return tiny_config(out_dir, **{"mode": "dp", **overrides})
-
-
-def train(config, data, resume=False, callbacks=()):
-    run = (RunDir.open(config.train.out_dir + "/" + config.train.name) if resume
-           else RunDir.create(config))
-    trainer = Trainer(config, data, run, callbacks=callbacks)
-    if resume:
-        trainer.resume()
-    return trainer, trainer.fit()
-
-
-def history(trainer):
-    return [{k: v for k, v in r.items() if k != "train_time_s"} for r in trainer.run.history()]
-
-
-def assert_same_weights(a, b):
-    for left, right in ((a.G, b.G), (unwrapped(a.D), unwrapped(b.D))):
-        sa, sb = left.state_dict(), right.state_dict()
-        assert sa.keys() == sb.keys()
-        for k in sa:
-            assert torch.equal(sa[k], sb[k]), k
 
 
 class CaptureSteps:
@@ -196,15 +175,6 @@ def test_resume_after_an_epoch_continues_the_accounting_exactly(tmp_path, data):
     assert history(straight) == history(resumed)  # epsilon neither reset nor counted twice
     assert resumed.mode.steps() == 16
     assert_same_weights(straight, resumed)
-
-
-class StopAt(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer, stats):
-        if trainer.state.step == self.step:
-            trainer.stop_requested = True
 
 
 def test_interrupt_mid_epoch_and_resume_continue_the_same_accounting(tmp_path, data):

@@ -5,32 +5,11 @@ import json
 import pytest
 import torch
 
-from conftest import synthetic_data, tiny_config
+from conftest import StopAt, assert_same_weights, history, tiny_config, train
 from toolkit.errors import TrainingDiverged
 from toolkit.objectives import OBJECTIVES
 from toolkit.runs import RunDir
 from toolkit.trainer import Callback, Trainer
-
-
-def train(config, data, resume=False, callbacks=()):
-    run = RunDir.open(config.train.out_dir + "/" + config.train.name) if resume else RunDir.create(config)
-    trainer = Trainer(config, data, run, callbacks=callbacks)
-    if resume:
-        trainer.resume()
-    status = trainer.fit()
-    return trainer, status
-
-
-def assert_same_weights(a: Trainer, b: Trainer):
-    for left, right in ((a.G, b.G), (a.D, b.D)):
-        sa, sb = left.state_dict(), right.state_dict()
-        assert sa.keys() == sb.keys()
-        for k in sa:
-            assert torch.equal(sa[k], sb[k]), k
-
-
-def history(trainer):
-    return [{k: v for k, v in r.items() if k != "train_time_s"} for r in trainer.run.history()]
 
 
 def test_same_seed_same_losses_other_seed_different(tmp_path, data):
@@ -55,17 +34,6 @@ def test_resume_after_one_epoch_equals_two_straight_epochs(tmp_path, data):
     assert torch.equal(straight.ema.module.state_dict()["body.0.weight"],
                        resumed.ema.module.state_dict()["body.0.weight"])
     assert history(straight) == history(resumed)
-
-
-class StopAt(Callback):
-    """Acts like Ctrl-C arriving during the given step."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer, stats):
-        if trainer.state.step == self.step:
-            trainer.stop_requested = True
 
 
 def test_interrupt_mid_epoch_saves_and_resume_is_exact(tmp_path, data):

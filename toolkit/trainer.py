@@ -13,7 +13,6 @@ mode state, RNG states and the position inside the epoch, so it continues bit-ex
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import random
@@ -33,7 +32,7 @@ from toolkit.data import ImageData, ShuffledBatches
 from toolkit.errors import TrainingDiverged, UserError
 from toolkit.latent import build_prior, sample_labels
 from toolkit.models import build_discriminator, build_generator
-from toolkit.modes import StandardMode, build_mode
+from toolkit.modes import build_mode
 from toolkit.objectives import Objective, clip_weights, get_objective, gradient_penalty
 from toolkit.runs import RunDir
 
