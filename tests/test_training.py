@@ -109,3 +109,23 @@ def test_best_checkpoint_follows_best_metric(tmp_path, data):
     trainer, _ = train(config, data, callbacks=[FakeMetric()])
     best = trainer.run.load_checkpoint("best")
     assert best["state"]["epoch"] == 2 and best["state"]["best"] == 1.0
+
+
+def test_ema_ramps_its_decay_so_the_initial_weights_are_forgotten():
+    from torch.optim.swa_utils import AveragedModel
+    from toolkit.trainer import ema_with_warmup
+
+    net = torch.nn.Linear(1, 1, bias=False)
+    decay = 0.999
+    ema = AveragedModel(net, multi_avg_fn=ema_with_warmup(decay), use_buffers=True)
+    expected = None
+    for step in range(300):
+        net.weight.data.fill_(float(step))
+        ema.update_parameters(net)
+        # The first update copies; after n updates the next blends with min(decay, (1+n)/(10+n)).
+        d = min(decay, (1 + step) / (10 + step))
+        expected = float(step) if expected is None else d * expected + (1 - d) * step
+    assert ema.module.weight.item() == pytest.approx(expected, rel=1e-5)
+    # A plain 0.999 EMA would still sit near the start (about 44 after 300 steps of 0..299);
+    # the ramped one tracks the recent weights.
+    assert ema.module.weight.item() > 250

@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from toolkit.config import Config, n_critic, validate
@@ -114,6 +114,25 @@ def grad_norm(module: nn.Module) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
 
+def ema_with_warmup(decay: float):
+    """EMA update whose decay ramps up as min(decay, (1 + n) / (10 + n)) after n updates.
+
+    A plain EMA starts from G's random initial weights, which still weigh decay**n after
+    n updates (a third after 1,100 steps at 0.999): short runs then sample washed-out
+    grey images. The ramp (as in TensorFlow's ExponentialMovingAverage num_updates)
+    forgets the initial weights quickly and reaches the full decay later.
+    """
+    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        n = float(num_averaged)
+        weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
+        for avg, cur in zip(averaged, current):
+            if avg.is_floating_point():
+                avg.lerp_(cur, weight)
+            else:
+                avg.copy_(cur)  # integer buffers such as BatchNorm's step counter
+    return update
+
+
 # --- State and callbacks --------------------------------------------------------------------------
 
 @dataclass
@@ -168,7 +187,7 @@ class Trainer:
         self.g_opt = torch.optim.Adam(g_params, lr=o.g_lr, betas=(o.g_beta1, o.g_beta2))
         self.d_opt = torch.optim.Adam(self.D.parameters(), lr=o.d_lr, betas=(o.d_beta1, o.d_beta2))
         self.schedulers = [self._scheduler(opt) for opt in (self.g_opt, self.d_opt)]
-        self.ema = (AveragedModel(self.G, multi_avg_fn=get_ema_multi_avg_fn(o.ema_decay),
+        self.ema = (AveragedModel(self.G, multi_avg_fn=ema_with_warmup(o.ema_decay),
                                   use_buffers=True) if o.ema_decay else None)
         labels = data.train_y if config.model.conditional else None
         self.batches = ShuffledBatches(data.train_x.to(self.device),
