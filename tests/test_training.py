@@ -129,3 +129,21 @@ def test_ema_ramps_its_decay_so_the_initial_weights_are_forgotten():
     # A plain 0.999 EMA would still sit near the start (about 44 after 300 steps of 0..299);
     # the ramped one tracks the recent weights.
     assert ema.module.weight.item() > 250
+
+
+def test_local_steps_continue_the_same_batch_stream_as_epochs(tmp_path, data):
+    # A federated client's local round (train_steps) is the same loop: 12 steps, in one call
+    # or split 8 + 4 across the epoch end, equal the first 12 steps of a normal run.
+    options = dict(conditional=True, n_critic=2, ema_decay=0.9)
+    cut, status = train(tiny_config(tmp_path / "fit", **options), data, callbacks=[StopAt(12)])
+    assert status == "interrupted"
+    one = Trainer(tiny_config(tmp_path / "a", **options), data, None)
+    stats = one.train_steps(12)
+    two = Trainer(tiny_config(tmp_path / "b", **options), data, None)
+    two.train_steps(8)
+    two.train_steps(4)
+    for other in (one, two):
+        assert other.state.step == 12 and other.state.g_steps == 6
+        assert_same_weights(cut, other)
+    assert (one.state.epoch, one.state.batch) == (1, 4)  # 8 batches an epoch
+    assert set(stats) >= {"d_loss", "g_loss"} and all(torch.isfinite(torch.tensor(v)) for v in stats.values())

@@ -24,10 +24,13 @@ D_NORMS = ("none", "group", "layer", "instance", "batch")
 CONDITIONINGS = ("projection", "concat")
 PRIORS = ("gaussian", "mixture")
 LR_DECAYS = ("none", "linear", "exponential")
-MODES = ("standard", "dp")  # dp: toolkit/privacy.py
+MODES = ("standard", "dp", "federated")  # dp: toolkit/privacy.py; federated: server/, clients/
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 GRAD_SAMPLE_MODES = ("ew", "hooks", "functorch")
 DEVICES = ("cpu", "cuda", "auto")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean", "krum")
+PARTITIONS = ("iid", "dirichlet", "pathological")
+CLIENT_DP = ("none", "server", "client")
 
 
 def option(default: Any, help: str, **metadata: Any):
@@ -178,6 +181,32 @@ class PrivacyConfig:
 
 
 @dataclass
+class FederatedConfig:
+    """Options of the federated mode (Flower: clients/ and server/)."""
+    clients: int = option(4, "federated: number of clients (simulated, or SuperNodes when deployed)")
+    rounds: int = option(5, "federated: server rounds")
+    local_steps: int = option(50, "federated: discriminator steps each sampled client trains per round")
+    fraction_train: float = option(1.0, "federated: share of the clients sampled each round")
+    min_clients: int = option(
+        0, "federated: fewest replies a round needs (0 = every sampled client; fewer lets a "
+           "round survive failed clients)")
+    strategy: str = option("fedavg", "federated: aggregation: " + " | ".join(STRATEGIES))
+    proximal_mu: float = option(0.01, "federated: FedProx proximal term weight")
+    server_lr: float = option(0.01, "federated: FedAdam server learning rate (eta)")
+    trim_fraction: float = option(0.25, "federated: trimmed-mean share cut at each end")
+    krum_malicious: int = option(1, "federated: Krum's assumed number of malicious clients")
+    partition: str = option("iid", "federated: data split: " + " | ".join(PARTITIONS))
+    dirichlet_alpha: float = option(1.0, "federated: Dirichlet label-skew concentration")
+    classes_per_client: int = option(2, "federated: classes per client (pathological partition)")
+    client_dp: str = option(
+        "none", "federated: client-level DP-FedAvg: none | server (clip on the server) | "
+                "client (clip on the clients)")
+    client_dp_noise: float = option(1.0, "federated: client-level DP noise multiplier")
+    client_dp_clip: float = option(1.0, "federated: client-level DP clipping norm of a client's update")
+    client_cpus: float = option(1.0, "federated: CPU cores per simulated client (Ray)")
+
+
+@dataclass
 class EvalConfig:
     eval_every: int = option(
         1, "compute precision, recall, density, coverage and FID every N epochs (0 = off)")
@@ -197,12 +226,13 @@ GROUPS = {
     "optim": OptimConfig,
     "train": TrainConfig,
     "privacy": PrivacyConfig,
+    "federated": FederatedConfig,
     "eval": EvalConfig,
 }
 
 # Options that a resumed run may change; every other change is refused.
 RESUMABLE_CHANGES = {"epochs", "progress", "tensorboard", "log_every", "sample_every", "device",
-                     "eval_every", "eval_samples"}
+                     "eval_every", "eval_samples", "rounds", "client_cpus"}
 
 
 @dataclass
@@ -214,6 +244,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
@@ -265,6 +296,34 @@ class Config:
         return Config.from_dict(raw)
 
 
+def federated_problems(f: FederatedConfig) -> list[str]:
+    problems = []
+    for value, allowed, what in [(f.strategy, STRATEGIES, "strategy"), (f.partition, PARTITIONS, "partition"),
+                                 (f.client_dp, CLIENT_DP, "client-dp")]:
+        if value not in allowed:
+            problems.append(f"unknown {what} '{value}' (choose from {', '.join(allowed)})")
+    for value, what in [(f.clients, "clients"), (f.rounds, "rounds"), (f.local_steps, "local-steps"),
+                        (f.dirichlet_alpha, "dirichlet-alpha"), (f.classes_per_client, "classes-per-client"),
+                        (f.client_dp_clip, "client-dp-clip"), (f.client_cpus, "client-cpus"),
+                        (f.server_lr, "server-lr")]:
+        if value <= 0:
+            problems.append(f"{what} must be positive, got {value}")
+    for value, what in [(f.min_clients, "min-clients"), (f.proximal_mu, "proximal-mu"),
+                        (f.krum_malicious, "krum-malicious"), (f.client_dp_noise, "client-dp-noise")]:
+        if value < 0:
+            problems.append(f"{what} must be non-negative, got {value}")
+    if not 0 < f.fraction_train <= 1:
+        problems.append(f"fraction-train must be in (0, 1], got {f.fraction_train}")
+    if not 0 <= f.trim_fraction < 0.5:
+        problems.append(f"trim-fraction must be in [0, 0.5), got {f.trim_fraction}")
+    if f.min_clients > f.clients:
+        problems.append(f"min-clients ({f.min_clients}) cannot exceed clients ({f.clients})")
+    if f.client_dp != "none" and f.strategy not in ("fedavg", "fedprox"):
+        problems.append(f"client-level DP adds noise to a FedAvg-style mean; it does not compose "
+                        f"with strategy '{f.strategy}' (use fedavg or fedprox)")
+    return problems
+
+
 def n_critic(config: Config) -> int:
     if config.objective.n_critic:
         return config.objective.n_critic
@@ -314,6 +373,7 @@ def validate(config: Config, num_classes: Optional[int] = None) -> None:
         from toolkit.privacy import config_problems  # late: imports opacus
 
         problems += config_problems(config)
+    problems += federated_problems(config.federated)
 
     for value, what in [
         (opt.g_lr, "g-lr"), (opt.d_lr, "d-lr"), (t.epochs, "epochs"),

@@ -168,7 +168,7 @@ class Callback:
 # --- The trainer ------------------------------------------------------------------------------------
 
 class Trainer:
-    def __init__(self, config: Config, data: ImageData, run: RunDir, mode=None,
+    def __init__(self, config: Config, data: ImageData, run: Optional[RunDir], mode=None,
                  callbacks: tuple = ()):
         validate(config, data.num_classes)
         self.config, self.data, self.run = config, data, run
@@ -311,28 +311,7 @@ class Trainer:
                    disable=None if t.progress else True, leave=False, dynamic_ncols=True)
         tick = time.perf_counter()
         for real, labels in bar:
-            self._anneal_instance_noise()
-            measure = (s.step + 1) % t.log_every == 0
-            stats = self.d_step(self.D, self.G, self.prior, self.objective, self.d_opt,
-                                real, labels, self.config, self.num_classes, measure)
-            s.step += 1
-            if s.step % self.n_critic == 0:
-                # G's batch is the configured size, not the real batch's: under Poisson
-                # sampling that size depends on the data. G needs no per-sample gradients of
-                # D, so it goes through the plain network.
-                stats.update(generator_step(self.G, unwrapped(self.D), self.prior, self.objective,
-                                            self.g_opt, self.d_opt, t.batch_size, self.config,
-                                            self.num_classes, self.device, measure))
-                s.g_steps += 1
-                if self.ema is not None:
-                    self.ema.update_parameters(self.G)
-            self._check_finite(stats)
-            s.add(stats)
-            s.batch += 1
-            if measure:
-                self._log_step(stats)
-            for cb in self.callbacks:
-                cb.on_step_end(self, stats)
+            self._step(real, labels)
             if t.checkpoint_every and s.step % t.checkpoint_every == 0:
                 s.train_time += time.perf_counter() - tick
                 tick = time.perf_counter()
@@ -345,6 +324,51 @@ class Trainer:
         s.train_time += time.perf_counter() - tick
         self._end_epoch()
         return True
+
+    def _step(self, real: Tensor, labels: Optional[Tensor]) -> None:
+        """One discriminator step, and a generator step every n_critic of them."""
+        t, s = self.config.train, self.state
+        self._anneal_instance_noise()
+        measure = (s.step + 1) % t.log_every == 0
+        stats = self.d_step(self.D, self.G, self.prior, self.objective, self.d_opt,
+                            real, labels, self.config, self.num_classes, measure)
+        s.step += 1
+        if s.step % self.n_critic == 0:
+            # G's batch is the configured size, not the real batch's: under Poisson
+            # sampling that size depends on the data. G needs no per-sample gradients of
+            # D, so it goes through the plain network.
+            stats.update(generator_step(self.G, unwrapped(self.D), self.prior, self.objective,
+                                        self.g_opt, self.d_opt, t.batch_size, self.config,
+                                        self.num_classes, self.device, measure))
+            s.g_steps += 1
+            if self.ema is not None:
+                self.ema.update_parameters(self.G)
+        self._check_finite(stats)
+        s.add(stats)
+        s.batch += 1
+        if measure:
+            self._log_step(stats)
+        for cb in self.callbacks:
+            cb.on_step_end(self, stats)
+
+    def train_steps(self, steps: int) -> dict:
+        """Train `steps` discriminator steps from the current position, crossing epoch ends
+        without any epoch-end work (no samples, history or checkpoints): a federated client's
+        local round. Returns the mean statistics of these steps."""
+        s = self.state
+        s.sums, s.counts = {}, {}
+        done = 0
+        tick = time.perf_counter()
+        while done < steps:
+            for real, labels in self.batches.epoch(s.epoch, start=s.batch):
+                self._step(real, labels)
+                done += 1
+                if done == steps:
+                    break
+            else:
+                s.epoch, s.batch = s.epoch + 1, 0
+        s.train_time += time.perf_counter() - tick
+        return s.means()
 
     def _end_epoch(self) -> None:
         t, s = self.config.train, self.state
@@ -386,8 +410,8 @@ class Trainer:
     def _check_finite(self, stats: dict) -> None:
         for key in ("d_loss", "g_loss"):
             if key in stats and not torch.isfinite(stats[key]):
-                last = self.run.checkpoint_path("last")
-                kept = (f"the last good checkpoint is {last}" if last.exists()
+                last = self.run.checkpoint_path("last") if self.run is not None else None
+                kept = (f"the last good checkpoint is {last}" if last is not None and last.exists()
                         else "no checkpoint was written before this")
                 raise TrainingDiverged(
                     f"{key} became {float(stats[key])} at epoch {self.state.epoch + 1}, step "
@@ -411,7 +435,7 @@ class Trainer:
 
     @property
     def writer(self):
-        if self._writer is None and self.config.train.tensorboard:
+        if self._writer is None and self.config.train.tensorboard and self.run is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(str(self.run.tensorboard))
