@@ -81,6 +81,8 @@ def train_command(args: argparse.Namespace) -> int:
     data = load_data(config.data)
     log.info("data: %s", data.description)
     validate(config, data.num_classes)
+    if config.train.mode == "federated":
+        return federated_command(config, data, resume_dir)
     callbacks = training_callbacks(config, data, resolve_device(config.train.device))
     if resume_dir is not None:
         run = RunDir.open(resume_dir)
@@ -98,6 +100,34 @@ def train_command(args: argparse.Namespace) -> int:
     status = trainer.fit()
     if status == "interrupted":
         return EXIT_INTERRUPTED
+    log.info("finished: samples in %s, history in %s, checkpoints in %s", run.samples,
+             run.history_path, run.checkpoints)
+    return 0
+
+
+def federated_command(config, data, resume_dir) -> int:
+    """--mode federated: Flower's simulation engine on this machine (server/simulation.py)."""
+    from toolkit.evaluate import metric_classifier
+    from toolkit.runs import RunDir
+
+    try:
+        from server.simulation import simulate
+    except ImportError as err:
+        raise UserError(f"the federated mode needs Flower: pip install 'flwr[simulation]' ({err})") from None
+    if resume_dir is not None:
+        run = RunDir.open(resume_dir)
+        done = run.load_checkpoint("last")["round"] if run.checkpoint_path("last").exists() else 0
+        if done >= config.federated.rounds:
+            raise UserError(f"{run.path} has finished its {done} rounds; pass a larger --rounds to train longer")
+        config.save(run.config_path)  # records an extended --rounds
+    else:
+        run = RunDir.create(config)
+    log_to_file(run.log_path)
+    log.info("run folder: %s", run.path)
+    classifier = (metric_classifier(config.eval.classifier, data.image_shape, data.num_classes,
+                                    required=False) if config.eval.eval_every else None)
+    simulate(config, data, run, resume=resume_dir is not None and run.checkpoint_path("last").exists(),
+             classifier=classifier)
     log.info("finished: samples in %s, history in %s, checkpoints in %s", run.samples,
              run.history_path, run.checkpoints)
     return 0

@@ -204,13 +204,18 @@ class EvalCallback(Callback):
         e, epochs = self.config.eval, self.config.train.epochs
         if record["epoch"] % e.eval_every and record["epoch"] != epochs:
             return
-        # Fixed latents (seeded apart from training) make epochs comparable and leave the
-        # training random stream untouched, so resume stays exact.
         gen = LoadedGenerator(trainer.sampling_generator, trainer.prior, self.config,
                               trainer.num_classes, trainer.data.image_shape)
-        images, _ = gen.sample(e.eval_samples, seed=self.config.train.seed + 2)
-        features, _ = extract(self.classifier, images)
-        record.update({k: float(v) for k, v in core_metrics(self.ref, features, e.prdc_k).items()})
+        record.update(generator_metrics(gen, self.classifier, self.ref, self.config))
+
+
+def generator_metrics(gen: LoadedGenerator, classifier, ref: Reference, config: Config) -> dict:
+    """core_metrics of `eval_samples` images drawn from fixed latents: seeded apart from
+    training, so that epochs (or rounds) compare and the training random stream is
+    untouched (resume stays exact)."""
+    images, _ = gen.sample(config.eval.eval_samples, seed=config.train.seed + 2)
+    features, _ = extract(classifier, images)
+    return {k: float(v) for k, v in core_metrics(ref, features, config.eval.prdc_k).items()}
 
 
 def training_callbacks(config: Config, data: ImageData, device="cpu") -> list:

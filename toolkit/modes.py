@@ -46,4 +46,10 @@ MODES = {"standard": StandardMode, "dp": _private_mode}
 
 
 def build_mode(name: str):
+    if name == "federated":
+        # Many Trainers, one per client and round, under Flower: server/ and clients/.
+        from toolkit.errors import UserError
+
+        raise UserError("the federated mode is not a single training loop: run it with "
+                        "`gankit train --mode federated` (server/simulation.py)")
     return MODES[name]()

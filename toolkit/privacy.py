@@ -72,6 +72,23 @@ def resolve_delta(delta: float, n: int) -> float:
     return 1e-5 if 1e-5 < 1.0 / n else 1.0 / (10 * n)
 
 
+def client_level_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
+    """Epsilon of DP-FedAvg with fixed clipping (Flower's DP strategy wrappers) after `rounds`
+    Gaussian releases, for one client's whole data (add/remove one client).
+
+    RDP, as Flower's own accountant. No amplification by client sampling is claimed:
+    Flower samples a fixed number of clients without replacement, not Poisson, and so do
+    not we; the bound is conservative when --fraction-train < 1.
+    """
+    if rounds <= 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    accountant = create_accountant("rdp")
+    accountant.history = [(noise_multiplier, 1.0, rounds)]
+    return float(accountant.get_epsilon(delta))
+
+
 # --- What the dp mode refuses -------------------------------------------------------------------
 
 def config_problems(config: Config) -> list[str]:

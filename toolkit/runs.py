@@ -67,9 +67,9 @@ class RunDir:
             return []
         return [json.loads(line) for line in self.history_path.read_text().splitlines() if line]
 
-    def truncate_history(self, epochs_done: int) -> None:
-        """Drop records of epochs after the checkpoint (written just before a crash)."""
-        kept = [r for r in self.history() if r["epoch"] <= epochs_done]
+    def truncate_history(self, done: int, key: str = "epoch") -> None:
+        """Drop records of epochs (or rounds) after the checkpoint (written just before a crash)."""
+        kept = [r for r in self.history() if r[key] <= done]
         self.history_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     # --- checkpoints -------------------------------------------------------------------------

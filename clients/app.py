@@ -1,0 +1,70 @@
+"""The Flower ClientApp: one client's local GAN training on its share of the data.
+
+Each train message carries the global weights (one ArrayRecord: G, D and the prior, keys
+prefixed "g.", "d.", "p.") and, in its ConfigRecord, the whole run configuration as JSON,
+so a client needs nothing but its node config: `partition-id`, `num-partitions` and,
+optionally, `data-root` (where this machine keeps its data). It loads the data once per
+process, takes its partition (seeded, so every machine agrees on the split), trains
+`local_steps` discriminator steps with the toolkit's loop (toolkit/federated.py) and
+returns both networks with metrics (examples, losses).
+
+Client-level DP with clipping on the clients: when the server's config holds
+"clipping_norm", Flower's `fixedclipping_mod` clips this client's update before it leaves.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+
+from toolkit.config import Config
+from toolkit.data import load_data
+from toolkit.errors import ConfigError
+from toolkit.federated import local_round
+
+_data_cache: dict = {}
+
+
+def client_data(config: Config):
+    key = json.dumps(config.to_dict()["data"], sort_keys=True)
+    if key not in _data_cache:
+        _data_cache.clear()
+        _data_cache[key] = load_data(config.data)
+    return _data_cache[key]
+
+
+def run_config_of(msg: Message, context: Context) -> Config:
+    raw = json.loads(str(msg.content["config"]["config-json"]))
+    config = Config.from_dict(raw)
+    if "data-root" in context.node_config:
+        config = config.updated({"data_root": str(context.node_config["data-root"])})
+    return config
+
+
+def local_training(msg: Message, context: Context) -> Message:
+    config = run_config_of(msg, context)
+    client = int(context.node_config["partition-id"])
+    if int(context.node_config.get("num-partitions", config.federated.clients)) != config.federated.clients:
+        raise ConfigError(f"this node is one of {context.node_config['num-partitions']} partitions, but "
+                          f"the run has {config.federated.clients} clients")
+    torch.set_num_threads(max(1, int(config.federated.client_cpus)))
+    cfg = msg.content["config"]
+    weights, metrics = local_round(config, client_data(config), msg.content["arrays"].to_torch_state_dict(),
+                                   client, int(cfg["server-round"]),
+                                   proximal_mu=float(cfg.get("proximal-mu", 0.0)))
+    return Message(content=RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)}),
+                   reply_to=msg)
+
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    if "clipping_norm" in msg.content["config"]:
+        return fixedclipping_mod(msg, context, local_training)
+    return local_training(msg, context)

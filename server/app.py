@@ -1,0 +1,124 @@
+"""The Flower ServerApp: rounds of federated GAN training around one global model.
+
+`serve` is the whole server: it sends the global weights and the run's configuration to the
+sampled clients, aggregates their replies with the chosen strategy (server/strategy.py),
+and after every round evaluates the global G centrally on the reference split, writes a
+sample grid, the round's history record and checkpoints (toolkit/federated.py). A resumed
+run starts from the last round's checkpoint and numbers rounds on from there.
+
+Two ways in:
+- simulation (server/simulation.py, `gankit train --mode federated`) builds a ServerApp
+  around `serve` with the config and run folder in hand;
+- deployment (`flwr run` against a SuperLink): the module attribute `app` below reads
+  the run config keys `config` (a config JSON file), `out-dir`/`name` overrides and
+  `resume` (true to continue the run folder).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Optional
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from server.strategy import build_strategy, sampled_clients
+from toolkit.config import Config, validate
+from toolkit.data import ImageData, load_data
+from toolkit.federated import GlobalModel, describe_partitions
+from toolkit.runs import RunDir
+
+log = logging.getLogger("toolkit")
+
+
+def client_facing_config(config: Config) -> Config:
+    """What clients receive: the data root made absolute (a simulated client's working
+    folder may differ; a deployed client can override it with its node config)."""
+    root = Path(config.data.data_root)
+    return config.updated({"data_root": str(root.resolve())}) if root.exists() else config
+
+
+def privacy_record(config: Config, rounds_done: int, data: ImageData) -> dict:
+    f = config.federated
+    if f.client_dp == "none":
+        return {}
+    from toolkit.privacy import client_level_epsilon, resolve_delta
+
+    delta = resolve_delta(config.privacy.delta, f.clients)
+    return {"client_epsilon": client_level_epsilon(f.client_dp_noise, rounds_done, delta),
+            "client_delta": delta, "client_dp_noise": f.client_dp_noise,
+            "client_dp_clip": f.client_dp_clip}
+
+
+def serve(grid: Grid, config: Config, run: RunDir, data: ImageData, resume: bool = False,
+          classifier=None) -> GlobalModel:
+    f = config.federated
+    model = GlobalModel(config, data, run, classifier)
+    if resume:
+        model.resume()
+    describe_partitions(config, data, run)
+    remaining = f.rounds - model.round
+    if remaining <= 0:
+        log.info("all %d rounds are done", f.rounds)
+        return model
+    offset = model.round
+    outcome: dict = {}
+    train_metrics: dict = {}
+
+    def collect(records, weight_key):
+        from server.strategy import weighted_metrics
+
+        merged = weighted_metrics(records, weight_key)
+        train_metrics.clear()
+        train_metrics.update(dict(merged))
+        return merged
+
+    strategy = build_strategy(config, offset, outcome, train_metrics=collect)
+
+    def end_of_round(server_round: int, arrays: ArrayRecord) -> Optional[MetricRecord]:
+        if server_round == 0:
+            return None  # Flower evaluates the initial weights first; the history has them as a run start
+        aggregated = outcome.get("aggregated", False)
+        extra = {k: outcome[k] for k in ("failed", "rejected") if outcome.get(k)}
+        extra.update(privacy_record(config, server_round + offset, data))
+        record = model.end_round(server_round + offset, arrays.to_torch_state_dict() if aggregated else None,
+                                 dict(train_metrics) if aggregated else {}, extra)
+        outcome.clear()
+        train_metrics.clear()
+        return MetricRecord({k: float(v) for k, v in record.items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
+
+    log.info("federated: %d clients (%d per round), %d rounds of %d local steps, %s%s", f.clients,
+             sampled_clients(config), remaining, f.local_steps, f.strategy,
+             f", client-level DP ({f.client_dp}-side clipping)" if f.client_dp != "none" else "")
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(model.weights), num_rounds=remaining,
+                   train_config=ConfigRecord({"config-json": json.dumps(client_facing_config(config).to_dict())}),
+                   evaluate_fn=end_of_round)
+    return model
+
+
+# --- deployment: `flwr run` ------------------------------------------------------------------------
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    from toolkit.evaluate import metric_classifier
+
+    rc = context.run_config
+    if "config" not in rc:
+        raise SystemExit("the server app needs a run config 'config' (a gankit config JSON file)")
+    config = Config.load(Path(str(rc["config"])))
+    overrides = {k.replace("-", "_"): rc[k] for k in ("out-dir", "name", "rounds") if k in rc}
+    config = config.updated({"mode": "federated", **overrides})
+    data = load_data(config.data)
+    validate(config, data.num_classes)
+    resume = bool(rc.get("resume", False))
+    run = RunDir.open(Path(config.train.out_dir) / config.train.name) if resume else RunDir.create(config)
+    classifier = (metric_classifier(config.eval.classifier, data.image_shape, data.num_classes,
+                                    required=False) if config.eval.eval_every else None)
+    serve(grid, config, run, data, resume=resume, classifier=classifier)

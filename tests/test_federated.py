@@ -1,0 +1,173 @@
+"""Federated mode: weights that travel, a client's round, the global model, Flower's apps."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import synthetic_data, tiny_config
+from toolkit.federated import GlobalModel, client_config, client_partitions, local_round, pack, unpack
+from toolkit.runs import RunDir
+from toolkit.sampling import load_generator
+from toolkit.trainer import Trainer
+
+
+def fed_config(tmp_path, **overrides):
+    options = dict(mode="federated", clients=2, rounds=2, local_steps=4, conditional=True)
+    options.update(overrides)
+    return tiny_config(tmp_path, **options)
+
+
+def distance(a: dict, b: dict) -> float:
+    return float(sum(((a[k].float() - b[k].float()) ** 2).sum() for k in a if a[k].is_floating_point()) ** 0.5)
+
+
+def test_packed_weights_rebuild_the_same_networks(tmp_path):
+    data = synthetic_data()
+    a = Trainer(client_config(fed_config(tmp_path), 0, 1), data, None)
+    b = Trainer(client_config(fed_config(tmp_path), 1, 1), data, None)
+    weights = pack(a.G, a.D, a.prior)
+    assert {k.split(".")[0] for k in weights} <= {"g", "d", "p"}
+    unpack(weights, b.G, b.D, b.prior)
+    assert distance(pack(b.G, b.D, b.prior), weights) == 0
+
+
+def test_a_client_trains_on_its_own_partition_and_fedprox_pulls_towards_the_global_weights(tmp_path):
+    data = synthetic_data(n=256)
+    config = fed_config(tmp_path, partition="pathological", classes_per_client=2)
+    parts = client_partitions(config, data)
+    start = GlobalModel(config, data, RunDir(tmp_path)).weights
+    free, metrics = local_round(config, data, start, client=1, server_round=1)
+    assert metrics["num-examples"] == len(parts[1])
+    pulled, _ = local_round(config, data, start, client=1, server_round=1, proximal_mu=100.0)
+    # Adam scales every step to about lr, so the pull shortens the walk rather than stopping it.
+    d_only = (lambda w: {k: v for k, v in w.items() if k.startswith("d.")})  # D has no buffers
+    assert 0 < distance(d_only(pulled), d_only(start)) < 0.75 * distance(d_only(free), d_only(start))
+
+
+def test_the_global_model_checkpoints_rounds_that_generate_reads_and_resume_continues(tmp_path):
+    data = synthetic_data()
+    config = fed_config(tmp_path, name="fed")
+    run = RunDir.create(config)
+    model = GlobalModel(config, data, run)
+    trained, _ = local_round(config, data, model.weights, client=0, server_round=1)
+    model.end_round(1, trained, {"d_loss": 1.0})
+    model.end_round(2, None, {})  # a round with too few replies keeps the model
+    assert [r["round"] for r in run.history()] == [1, 2]
+    assert [r["aggregated"] for r in run.history()] == [True, False]
+    assert (run.samples / "round_002.png").exists()
+    again = GlobalModel(config, data, run)
+    again.resume()
+    assert again.round == 2 and distance(again.weights, trained) == 0
+    gen = load_generator(run.path)  # what `gankit generate/evaluate` use
+    assert distance({k: v for k, v in gen.G.state_dict().items()},
+                    {k[2:]: v for k, v in trained.items() if k.startswith("g.")}) == 0
+
+
+def test_client_level_epsilon_matches_flowers_accountant():
+    from toolkit.privacy import client_level_epsilon
+
+    # Flower's RdpAccountant (dp-accounting, no amplification), noise 1, 2 rounds, delta 1e-5.
+    assert client_level_epsilon(1.0, 2, 1e-5) == pytest.approx(7.0774, abs=1e-3)
+    assert client_level_epsilon(1.0, 4, 1e-5) > client_level_epsilon(1.0, 2, 1e-5)
+
+
+# --- Flower ------------------------------------------------------------------------------------
+
+flwr = pytest.importorskip("flwr")
+
+
+def flower_message(weights: dict, config: dict):
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    # Outside a running federation a Message needs a task identity.
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    return Message(RecordDict({"arrays": ArrayRecord(weights), "config": ConfigRecord(config)}),
+                   dst_node_id=7, message_type=MessageType.TRAIN)
+
+
+def npz_config(tmp_path, **overrides):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "digits.npz"
+    np.savez(path, x=rng.integers(0, 256, (300, 28, 28), dtype=np.uint8), y=rng.integers(0, 10, 300))
+    return fed_config(tmp_path / "runs", dataset=f"npz:{path}", **overrides)
+
+
+def test_client_app_returns_both_networks_and_clips_its_update_when_asked(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from clients.app import app
+    from toolkit.data import load_data
+
+    config = npz_config(tmp_path)
+    start = GlobalModel(config, load_data(config.data), RunDir(tmp_path)).weights
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 2},
+                      state=RecordDict(), run_config={})
+    sent = {"config-json": json.dumps(config.to_dict()), "server-round": 1}
+    reply = app(flower_message(start, sent), context)
+    weights = reply.content["arrays"].to_torch_state_dict()
+    assert list(weights) == list(start) and distance(weights, start) > 0.01
+    assert reply.content["metrics"]["num-examples"] == len(client_partitions(config, load_data(config.data))[1])
+    clipped = app(flower_message(start, {**sent, "clipping_norm": 0.01}), context)
+    update = clipped.content["arrays"].to_torch_state_dict()
+    assert distance(update, start) <= 0.01 + 1e-5
+
+
+def test_guard_drops_failed_and_nan_replies_and_robust_aggregation_survives_a_poisoned_client(tmp_path):
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+    from server.strategy import build_strategy
+
+    honest = [{"w": torch.full((4,), float(i))} for i in (1, 2, 3)]
+
+    def replies(poison):
+        out = []
+        for weights in honest + [poison]:
+            request = flower_message({"w": torch.zeros(4)}, {})
+            out.append(Message(RecordDict({"arrays": ArrayRecord(weights),
+                                           "metrics": MetricRecord({"num-examples": 10})}), reply_to=request))
+        return out
+
+    def aggregate(strategy, poison):
+        outcome = {}
+        arrays, _ = build_strategy(tiny_config(tmp_path, clients=4, strategy=strategy), 0, outcome) \
+            .aggregate_train(1, replies(poison))
+        return arrays.to_torch_state_dict()["w"], outcome
+
+    w, outcome = aggregate("fedavg", {"w": torch.full((4,), float("nan"))})
+    assert outcome["rejected"] == 1 and torch.allclose(w, torch.full((4,), 2.0))  # NaN reply dropped
+    w, _ = aggregate("fedavg", {"w": torch.full((4,), 1e6)})
+    assert w.abs().max() > 1e5  # a plain mean is ruined by one huge reply...
+    for robust in ("trimmed-mean", "fedmedian", "krum"):
+        w, _ = aggregate(robust, {"w": torch.full((4,), 1e6)})
+        assert w.abs().max() <= 3.0, robust  # ...a robust aggregate is not
+
+
+def test_simulated_rounds_survive_a_failing_client_and_resume_from_the_last_round(tmp_path):
+    from flwr.clientapp import ClientApp
+
+    from clients.app import local_training
+    from server.simulation import simulate
+    from toolkit.data import load_data
+
+    flaky = ClientApp()
+
+    @flaky.train()
+    def train(msg, context):
+        if int(context.node_config["partition-id"]) == 0 and int(msg.content["config"]["server-round"]) == 1:
+            raise RuntimeError("client 0 lost its connection")
+        return local_training(msg, context)
+
+    config = npz_config(tmp_path, clients=3, rounds=1, name="fl")
+    data = load_data(config.data)
+    run = RunDir.create(config)
+    simulate(config, data, run, client_app=flaky)
+    first = run.history()
+    assert len(first) == 1 and first[0]["aggregated"] and first[0]["failed"] == 1
+    assert first[0]["clients-replied"] == 2
+    longer = config.updated({"rounds": 2})
+    model = simulate(longer, data, run, resume=True)
+    assert [r["round"] for r in run.history()] == [1, 2] and model.round == 2
+    assert (run.path / "partition.json").exists()

@@ -1,0 +1,215 @@
+"""Federated training with the toolkit's own pieces; Flower itself lives in clients/ and server/.
+
+This module never imports flwr, so everything here is testable without it:
+
+- the weights that travel: G, D and the latent prior in one flat dict, keys prefixed
+  "g.", "d." and "p." (one Flower ArrayRecord);
+- a client's local round (`local_round`): the standard training loop (Trainer.train_steps)
+  on the client's partition, starting from the global weights, with FedProx's proximal term
+  when asked;
+- the server's global model (`GlobalModel`): per-round history, sample grid, central
+  evaluation on the reference split, checkpoints that `gankit generate`/`evaluate` read, and
+  resume from the last round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from toolkit.config import Config
+from toolkit.data import ImageData
+from toolkit.latent import build_prior
+from toolkit.models import build_discriminator, build_generator
+from toolkit.partition import class_histogram, histogram_table, partition, save_histogram
+from toolkit.runs import RunDir
+from toolkit.trainer import CHECKPOINT_FORMAT, Trainer, seed_everything, unwrapped
+
+log = logging.getLogger("toolkit")
+
+
+# --- the weights that travel ------------------------------------------------------------------
+
+def pack(G: nn.Module, D: nn.Module, prior: nn.Module) -> dict[str, Tensor]:
+    """G, D and the prior's state (parameters and buffers) as one flat, prefixed dict."""
+    out = {}
+    for prefix, module in (("g", G), ("d", unwrapped(D)), ("p", prior)):
+        out.update({f"{prefix}.{k}": v.detach().cpu() for k, v in module.state_dict().items()})
+    return out
+
+
+def unpack(weights: dict[str, Tensor], G: nn.Module, D: nn.Module, prior: nn.Module) -> None:
+    """Load a packed dict into the networks (in place, so optimizers keep their parameters)."""
+    for prefix, module in (("g", G), ("d", unwrapped(D)), ("p", prior)):
+        own = module.state_dict()
+        state = {k[len(prefix) + 1:]: v for k, v in weights.items() if k.startswith(prefix + ".")}
+        # Aggregation returns floats for integer buffers (BatchNorm's step counter): cast back.
+        module.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in state.items()})
+
+
+# --- data per client --------------------------------------------------------------------------
+
+def client_partitions(config: Config, data: ImageData) -> list[Tensor]:
+    """Each client's training indices: the same on every machine (seeded by the run's seed)."""
+    f = config.federated
+    return partition(len(data.train_x), data.train_y, f.clients, f.partition, alpha=f.dirichlet_alpha,
+                     classes_per_client=f.classes_per_client, seed=config.train.seed,
+                     min_size=config.train.batch_size)
+
+
+def client_data(data: ImageData, indices: Tensor) -> ImageData:
+    return ImageData(data.train_x[indices], None if data.train_y is None else data.train_y[indices],
+                     data.ref_x, data.ref_y, data.name, data.description)
+
+
+def describe_partitions(config: Config, data: ImageData, run: Optional[RunDir]) -> list[list[int]]:
+    """Log the per-client class histogram and save it (partition.json/png) in the run folder."""
+    parts = client_partitions(config, data)
+    hist = class_histogram(data.train_y, parts, data.num_classes or 1)
+    f = config.federated
+    log.info("partition %s across %d clients (images per class):\n%s", f.partition, f.clients,
+             histogram_table(hist))
+    if run is not None:
+        save_histogram(run.path, hist, f.partition, alpha=f.dirichlet_alpha,
+                       classes_per_client=f.classes_per_client, seed=config.train.seed)
+    return hist
+
+
+# --- a client's round -------------------------------------------------------------------------
+
+def client_config(config: Config, client: int, server_round: int) -> Config:
+    """The local run of one client in one round: the standard loop, its own batch order."""
+    return config.updated({"mode": "standard", "tensorboard": False, "progress": False,
+                           "eval_every": 0, "seed": config.train.seed + 7919 * server_round + client})
+
+
+def add_proximal_term(optimizer: torch.optim.Optimizer, anchor: list[Tensor], mu: float) -> None:
+    """FedProx: every step also pulls the weights towards the round's global weights,
+    the gradient of mu/2 ||w - w_global||^2 added just before the update."""
+    inner = getattr(optimizer, "original_optimizer", optimizer)  # inside Opacus' DPOptimizer
+    params = [p for group in inner.param_groups for p in group["params"]]
+
+    def pull(_optimizer, _args, _kwargs):
+        for p, a in zip(params, anchor):
+            if p.grad is not None:
+                p.grad.add_(p.detach() - a, alpha=mu)
+
+    inner.register_step_pre_hook(pull)
+
+
+def local_round(config: Config, data: ImageData, weights: dict[str, Tensor], client: int,
+                server_round: int, proximal_mu: float = 0.0) -> tuple[dict[str, Tensor], dict]:
+    """Train from the global weights on this client's data; (new weights, metrics)."""
+    local = client_data(data, client_partitions(config, data)[client])
+    trainer = Trainer(client_config(config, client, server_round), local, None)
+    unpack(weights, trainer.G, trainer.D, trainer.prior)
+    if proximal_mu:
+        for opt, net in ((trainer.g_opt, trainer.G), (trainer.d_opt, unwrapped(trainer.D))):
+            add_proximal_term(opt, [p.detach().clone() for p in net.parameters()], proximal_mu)
+    stats = trainer.train_steps(config.federated.local_steps)
+    metrics = {"num-examples": len(local.train_x), "client": client,
+               "local-steps": config.federated.local_steps,
+               **{k: float(v) for k, v in stats.items() if k in ("d_loss", "g_loss", "d_acc_real",
+                                                                  "d_acc_fake")}}
+    return pack(trainer.G, trainer.D, trainer.prior), metrics
+
+
+# --- the server's global model ----------------------------------------------------------------
+
+class GlobalModel:
+    """The global G and D between rounds: evaluation, samples, history and checkpoints."""
+
+    def __init__(self, config: Config, data: ImageData, run: RunDir, classifier=None):
+        self.config, self.data, self.run = config, data, run
+        self.num_classes = data.num_classes if config.model.conditional else 0
+        # Built like the Trainer builds them, so round 0 starts from the same initial weights
+        # as a standard run with this seed.
+        seed_everything(config.train.seed)
+        self.G = build_generator(config.model, config.latent.latent_dim, data.image_shape,
+                                 self.num_classes)
+        self.D = build_discriminator(config.model, data.image_shape, self.num_classes)
+        self.prior = build_prior(config.latent, config.train.seed)
+        self.round = 0
+        self.best: Optional[float] = None
+        self.server_state: dict = {}  # e.g. the client-level privacy accountant's history
+        self.classifier = classifier
+        self._reference = None
+
+    @property
+    def weights(self) -> dict[str, Tensor]:
+        return pack(self.G, self.D, self.prior)
+
+    def resume(self) -> None:
+        ckpt = self.run.load_checkpoint("last")
+        unpack(ckpt["weights"], self.G, self.D, self.prior)
+        self.round, self.best = ckpt["round"], ckpt.get("best")
+        self.server_state = ckpt.get("server_state", {})
+        self.run.truncate_history(self.round, key="round")
+        log.info("resumed %s after round %d", self.run.path, self.round)
+
+    def end_round(self, server_round: int, weights: Optional[dict[str, Tensor]], train_metrics: dict,
+                  extra: Optional[dict] = None) -> dict:
+        """Take the aggregated weights (None: the round failed, keep the previous model),
+        evaluate, write samples, history and checkpoints. Returns the round's record."""
+        if weights is not None:
+            unpack(weights, self.G, self.D, self.prior)
+        self.round = server_round
+        record = {"round": server_round, "aggregated": weights is not None, **train_metrics,
+                  **(extra or {})}
+        e = self.config.eval
+        last = server_round == self.config.federated.rounds
+        if self.classifier is not None and e.eval_every and (server_round % e.eval_every == 0 or last):
+            record.update(self.evaluate())
+        if server_round % self.config.train.sample_every == 0 or last:
+            self.write_samples(self.run.samples / f"round_{server_round:03d}.png")
+        self.run.append_history(record)
+        self.save("last")
+        value = record.get(e.best_metric)
+        if value is not None and math.isfinite(value) and (self.best is None or value < self.best):
+            self.best = value
+            self.save("best")
+        shown = " ".join(f"{k}={v:.4g}" for k, v in record.items()
+                         if k in ("d_loss", "g_loss", "precision", "recall", "fid", "epsilon")
+                         and isinstance(v, float))
+        log.info("round %d/%d %s%s", server_round, self.config.federated.rounds, shown,
+                 "" if weights is not None else " (no update: too few clients replied)")
+        return record
+
+    def evaluate(self) -> dict:
+        from toolkit.evaluate import Reference, generator_metrics
+        from toolkit.sampling import LoadedGenerator
+
+        if self._reference is None:
+            self._reference = Reference.of(self.classifier, self.data.ref_x, self.data.ref_y)
+        gen = LoadedGenerator(self.G, self.prior, self.config, self.num_classes, self.data.image_shape)
+        return generator_metrics(gen, self.classifier, self._reference, self.config)
+
+    @torch.no_grad()
+    def write_samples(self, path) -> None:
+        from torchvision.utils import save_image
+
+        from toolkit.sampling import LoadedGenerator
+
+        gen = LoadedGenerator(self.G, self.prior, self.config, self.num_classes, self.data.image_shape)
+        n = 10 * max(1, self.num_classes or 8)
+        labels = (torch.arange(self.num_classes).repeat(n // self.num_classes)
+                  if self.num_classes else None)
+        images, _ = gen.sample(n, seed=self.config.train.seed + 1, labels=labels)
+        save_image(images, path, nrow=self.num_classes or 8, normalize=True, value_range=(-1, 1))
+
+    def save(self, name: str) -> None:
+        """A checkpoint that `gankit generate` and `gankit evaluate` read like any other."""
+        self.run.save_checkpoint({
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.to_dict(),
+            "data": {"image_shape": list(self.data.image_shape), "num_classes": self.num_classes,
+                     "name": self.data.name},
+            "round": self.round, "best": self.best, "weights": self.weights,
+            "server_state": self.server_state,
+            "G": self.G.state_dict(), "D": self.D.state_dict(), "prior": self.prior.state_dict(),
+            "ema": None,
+        }, name)
