@@ -29,7 +29,7 @@ from toolkit.federated import local_round
 _data_cache: dict = {}
 
 
-def client_data(config: Config):
+def load_client_data(config: Config):
     key = json.dumps(config.to_dict()["data"], sort_keys=True)
     if key not in _data_cache:
         _data_cache.clear()
@@ -53,7 +53,7 @@ def local_training(msg: Message, context: Context) -> Message:
                           f"the run has {config.federated.clients} clients")
     torch.set_num_threads(max(1, int(config.federated.client_cpus)))
     cfg = msg.content["config"]
-    weights, metrics = local_round(config, client_data(config), msg.content["arrays"].to_torch_state_dict(),
+    weights, metrics = local_round(config, load_client_data(config), msg.content["arrays"].to_torch_state_dict(),
                                    client, int(cfg["server-round"]),
                                    proximal_mu=float(cfg.get("proximal-mu", 0.0)))
     return Message(content=RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)}),

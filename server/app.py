@@ -25,7 +25,7 @@ from typing import Optional
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from server.strategy import build_strategy, sampled_clients
+from server.strategy import build_strategy, sampled_clients, weighted_metrics
 from toolkit.config import Config, validate
 from toolkit.data import ImageData, load_data
 from toolkit.federated import GlobalModel, describe_partitions
@@ -69,8 +69,6 @@ def serve(grid: Grid, config: Config, run: RunDir, data: ImageData, resume: bool
     train_metrics: dict = {}
 
     def collect(records, weight_key):
-        from server.strategy import weighted_metrics
-
         merged = weighted_metrics(records, weight_key)
         train_metrics.clear()
         train_metrics.update(dict(merged))
