@@ -105,7 +105,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from toolkit.evaluate import metric_classifier
+    from toolkit.evaluate import training_classifier
 
     rc = context.run_config
     if "config" not in rc:
@@ -117,6 +117,4 @@ def main(grid: Grid, context: Context) -> None:
     validate(config, data.num_classes)
     resume = bool(rc.get("resume", False))
     run = RunDir.open(Path(config.train.out_dir) / config.train.name) if resume else RunDir.create(config)
-    classifier = (metric_classifier(config.eval.classifier, data.image_shape, data.num_classes,
-                                    required=False) if config.eval.eval_every else None)
-    serve(grid, config, run, data, resume=resume, classifier=classifier)
+    serve(grid, config, run, data, resume=resume, classifier=training_classifier(config, data))

@@ -107,7 +107,7 @@ def train_command(args: argparse.Namespace) -> int:
 
 def federated_command(config, data, resume_dir) -> int:
     """--mode federated: Flower's simulation engine on this machine (server/simulation.py)."""
-    from toolkit.evaluate import metric_classifier
+    from toolkit.evaluate import training_classifier
     from toolkit.runs import RunDir
 
     try:
@@ -124,10 +124,8 @@ def federated_command(config, data, resume_dir) -> int:
         run = RunDir.create(config)
     log_to_file(run.log_path)
     log.info("run folder: %s", run.path)
-    classifier = (metric_classifier(config.eval.classifier, data.image_shape, data.num_classes,
-                                    required=False) if config.eval.eval_every else None)
     simulate(config, data, run, resume=resume_dir is not None and run.checkpoint_path("last").exists(),
-             classifier=classifier)
+             classifier=training_classifier(config, data))
     log.info("finished: samples in %s, history in %s, checkpoints in %s", run.samples,
              run.history_path, run.checkpoints)
     return 0

@@ -218,12 +218,18 @@ def generator_metrics(gen: LoadedGenerator, classifier, ref: Reference, config: 
     return {k: float(v) for k, v in core_metrics(ref, features, config.eval.prdc_k).items()}
 
 
+def training_classifier(config: Config, data: ImageData, device="cpu"):
+    """The metric classifier for evaluation during training, or None when evaluation is off
+    or no classifier fits the data."""
+    if not config.eval.eval_every:
+        return None
+    return metric_classifier(config.eval.classifier, data.image_shape, data.num_classes, device,
+                             required=False)
+
+
 def training_callbacks(config: Config, data: ImageData, device="cpu") -> list:
     """The callbacks a training run gets from its config."""
-    if not config.eval.eval_every:
-        return []
-    classifier = metric_classifier(config.eval.classifier, data.image_shape, data.num_classes,
-                                   device, required=False)
+    classifier = training_classifier(config, data, device)
     return [EvalCallback(config, data, classifier)] if classifier is not None else []
 
 

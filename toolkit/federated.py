@@ -27,7 +27,7 @@ from toolkit.latent import build_prior
 from toolkit.models import build_discriminator, build_generator
 from toolkit.partition import class_histogram, histogram_table, partition, save_histogram
 from toolkit.runs import RunDir
-from toolkit.trainer import CHECKPOINT_FORMAT, Trainer, seed_everything, unwrapped
+from toolkit.trainer import Trainer, checkpoint_header, seed_everything, unwrapped
 
 log = logging.getLogger("toolkit")
 
@@ -143,6 +143,12 @@ class GlobalModel:
     def weights(self) -> dict[str, Tensor]:
         return pack(self.G, self.D, self.prior)
 
+    @property
+    def generator(self):
+        from toolkit.sampling import LoadedGenerator
+
+        return LoadedGenerator(self.G, self.prior, self.config, self.num_classes, self.data.image_shape)
+
     def resume(self) -> None:
         ckpt = self.run.load_checkpoint("last")
         unpack(ckpt["weights"], self.G, self.D, self.prior)
@@ -181,33 +187,25 @@ class GlobalModel:
 
     def evaluate(self) -> dict:
         from toolkit.evaluate import Reference, generator_metrics
-        from toolkit.sampling import LoadedGenerator
 
         if self._reference is None:
             self._reference = Reference.of(self.classifier, self.data.ref_x, self.data.ref_y)
-        gen = LoadedGenerator(self.G, self.prior, self.config, self.num_classes, self.data.image_shape)
-        return generator_metrics(gen, self.classifier, self._reference, self.config)
+        return generator_metrics(self.generator, self.classifier, self._reference, self.config)
 
     @torch.no_grad()
     def write_samples(self, path) -> None:
         from torchvision.utils import save_image
 
-        from toolkit.sampling import LoadedGenerator
-
-        gen = LoadedGenerator(self.G, self.prior, self.config, self.num_classes, self.data.image_shape)
         n = 10 * max(1, self.num_classes or 8)
         labels = (torch.arange(self.num_classes).repeat(n // self.num_classes)
                   if self.num_classes else None)
-        images, _ = gen.sample(n, seed=self.config.train.seed + 1, labels=labels)
+        images, _ = self.generator.sample(n, seed=self.config.train.seed + 1, labels=labels)
         save_image(images, path, nrow=self.num_classes or 8, normalize=True, value_range=(-1, 1))
 
     def save(self, name: str) -> None:
         """A checkpoint that `gankit generate` and `gankit evaluate` read like any other."""
         self.run.save_checkpoint({
-            "format": CHECKPOINT_FORMAT,
-            "config": self.config.to_dict(),
-            "data": {"image_shape": list(self.data.image_shape), "num_classes": self.num_classes,
-                     "name": self.data.name},
+            **checkpoint_header(self.config, self.data, self.num_classes),
             "round": self.round, "best": self.best, "weights": self.weights,
             "server_state": self.server_state,
             "G": self.G.state_dict(), "D": self.D.state_dict(), "prior": self.prior.state_dict(),

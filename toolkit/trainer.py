@@ -114,6 +114,13 @@ def grad_norm(module: nn.Module) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
 
+def checkpoint_header(config: Config, data: ImageData, num_classes: int) -> dict:
+    """What every checkpoint starts with, so that `load_generator` rebuilds its networks."""
+    return {"format": CHECKPOINT_FORMAT, "config": config.to_dict(),
+            "data": {"image_shape": list(data.image_shape), "num_classes": num_classes,
+                     "name": data.name}}
+
+
 def ema_with_warmup(decay: float):
     """EMA update whose decay ramps up as min(decay, (1 + n) / (10 + n)) after n updates.
 
@@ -224,10 +231,7 @@ class Trainer:
     def state_dict(self) -> dict:
         s = self.state
         return {
-            "format": CHECKPOINT_FORMAT,
-            "config": self.config.to_dict(),
-            "data": {"image_shape": list(self.data.image_shape), "num_classes": self.num_classes,
-                     "name": self.data.name},
+            **checkpoint_header(self.config, self.data, self.num_classes),
             "state": {k: getattr(s, k) for k in ("epoch", "batch", "step", "g_steps", "train_time",
                                                   "best", "sums", "counts")},
             "G": self.G.state_dict(),
