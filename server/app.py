@@ -28,7 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 from server.strategy import build_strategy, sampled_clients, weighted_metrics
 from toolkit.config import Config, validate
 from toolkit.data import ImageData, load_data
-from toolkit.federated import GlobalModel, describe_partitions
+from toolkit.federated import GlobalModel, describe_partitions, describe_sample_dp
 from toolkit.runs import RunDir
 
 log = logging.getLogger("toolkit")
@@ -60,6 +60,8 @@ def serve(grid: Grid, config: Config, run: RunDir, data: ImageData, resume: bool
     if resume:
         model.resume()
     describe_partitions(config, data, run)
+    if f.sample_dp:
+        describe_sample_dp(config, data)
     remaining = f.rounds - model.round
     if remaining <= 0:
         log.info("all %d rounds are done", f.rounds)
@@ -82,6 +84,8 @@ def serve(grid: Grid, config: Config, run: RunDir, data: ImageData, resume: bool
         aggregated = outcome.get("aggregated", False)
         extra = {k: outcome[k] for k in ("failed", "rejected") if outcome.get(k)}
         extra.update(privacy_record(config, server_round + offset, data))
+        if f.sample_dp:
+            extra.update(model.account_sample_dp(outcome.get("client_metrics", [])))
         record = model.end_round(server_round + offset, arrays.to_torch_state_dict() if aggregated else None,
                                  dict(train_metrics) if aggregated else {}, extra)
         outcome.clear()

@@ -50,7 +50,9 @@ def guarded(strategy_cls: type, round_offset: int, min_replies: int, outcome: di
             failed = [m for m in replies if m.has_error()]
             answered = [m for m in replies if not m.has_error()]
             good = [m for m in answered if finite(m)]
-            outcome.update(failed=len(failed), rejected=len(answered) - len(good), replied=len(good))
+            outcome.update(failed=len(failed), rejected=len(answered) - len(good), replied=len(good),
+                           client_metrics=[dict(next(iter(m.content.metric_records.values())))
+                                           for m in answered if m.content.metric_records])
             if failed:
                 log.warning("round %d: %d client(s) failed: %s", server_round + round_offset, len(failed),
                             "; ".join(m.error.reason.strip().splitlines()[-1][:200] for m in failed))

@@ -25,8 +25,8 @@ def distance(a: dict, b: dict) -> float:
 
 def test_packed_weights_rebuild_the_same_networks(tmp_path):
     data = synthetic_data()
-    a = Trainer(client_config(fed_config(tmp_path), 0, 1), data, None)
-    b = Trainer(client_config(fed_config(tmp_path), 1, 1), data, None)
+    a = Trainer(client_config(fed_config(tmp_path), 0, 1, 64), data, None)
+    b = Trainer(client_config(fed_config(tmp_path), 1, 1, 64), data, None)
     weights = pack(a.G, a.D, a.prior)
     assert {k.split(".")[0] for k in weights} <= {"g", "d", "p"}
     unpack(weights, b.G, b.D, b.prior)
@@ -71,6 +71,46 @@ def test_client_level_epsilon_matches_flowers_accountant():
     # Flower's RdpAccountant (dp-accounting, no amplification), noise 1, 2 rounds, delta 1e-5.
     assert client_level_epsilon(1.0, 2, 1e-5) == pytest.approx(7.0774, abs=1e-3)
     assert client_level_epsilon(1.0, 4, 1e-5) > client_level_epsilon(1.0, 2, 1e-5)
+
+
+def test_sample_level_dp_plans_each_clients_noise_and_the_server_accounts_like_opacus(tmp_path):
+    from opacus.accountants import PRVAccountant
+
+    data = synthetic_data(n=256)
+    config = fed_config(tmp_path, name="sdp", sample_dp=True, target_epsilon=4.0, rounds=3,
+                        local_steps=5, batch_size=16, partition="dirichlet", dirichlet_alpha=0.5)
+    parts = client_partitions(config, data)
+    assert len(parts[0]) != len(parts[1])  # unequal shares: unequal sample rates and noise
+    run = RunDir.create(config)
+    model = GlobalModel(config, data, run)
+    replies = {}
+    for rnd, clients in ((1, (0, 1)), (2, (0,)), (3, (0,))):  # client 1 misses rounds 2 and 3
+        for c in clients:
+            _, replies[c, rnd] = local_round(config, data, model.weights, client=c, server_round=rnd)
+        record = model.end_round(rnd, None, {}, model.account_sample_dp([replies[c, rnd] for c in clients]))
+
+    def opacus_epsilon(m, steps):  # Opacus' own accountant, stepped one private step at a time
+        acc = PRVAccountant()
+        for _ in range(steps):
+            acc.step(noise_multiplier=m["noise-multiplier"], sample_rate=m["sample-rate"])
+        return acc.get_epsilon(m["delta"])
+
+    for c in (0, 1):
+        m = replies[c, 1]
+        n = len(parts[c])
+        assert m["sample-rate"] == pytest.approx(1 / np.ceil(n / 16)) and m["dp-steps"] == 5
+    # Client 0 trained all 3 planned rounds: it ends at (just below) the target.
+    assert opacus_epsilon(replies[0, 3], 15) == pytest.approx(replies[0, 3]["epsilon"], rel=1e-6)
+    assert 3.9 < replies[0, 3]["epsilon"] <= 4.0
+    # Client 1 spent 5 steps only; the server counts what it did, not the worst case.
+    eps = record["epsilon_per_client"]
+    assert eps["1"] == pytest.approx(opacus_epsilon(replies[1, 1], 5), abs=1e-4) and eps["1"] < 0.8 * eps["0"]
+    assert record["epsilon"] == pytest.approx(eps["0"], abs=1e-4)
+    assert replies[0, 1]["noise-multiplier"] != replies[1, 1]["noise-multiplier"]
+    # The account survives a resume.
+    again = GlobalModel(config, data, run)
+    again.resume()
+    assert again.account_sample_dp([])["epsilon_per_client"] == eps
 
 
 # --- Flower ------------------------------------------------------------------------------------
@@ -160,7 +200,8 @@ def test_simulated_rounds_survive_a_failing_client_and_resume_from_the_last_roun
             raise RuntimeError("client 0 lost its connection")
         return local_training(msg, context)
 
-    config = npz_config(tmp_path, clients=3, rounds=1, name="fl")
+    # With sample-level DP on, so the privacy account travels through Flower and the resume.
+    config = npz_config(tmp_path, clients=3, rounds=1, name="fl", sample_dp=True, noise_multiplier=1.0)
     data = load_data(config.data)
     run = RunDir.create(config)
     simulate(config, data, run, client_app=flaky)
@@ -171,3 +212,8 @@ def test_simulated_rounds_survive_a_failing_client_and_resume_from_the_last_roun
     model = simulate(longer, data, run, resume=True)
     assert [r["round"] for r in run.history()] == [1, 2] and model.round == 2
     assert (run.path / "partition.json").exists()
+    # Client 0 failed in round 1: it has spent one round of private steps, the others two.
+    assert set(first[0]["epsilon_per_client"]) == {"1", "2"}
+    eps = run.history()[1]["epsilon_per_client"]
+    assert eps["0"] < eps["1"] and eps["1"] == pytest.approx(eps["2"], rel=0.05)
+    assert run.history()[1]["epsilon"] == pytest.approx(max(eps.values()), abs=1e-4)

@@ -198,6 +198,10 @@ class FederatedConfig:
     partition: str = option("iid", "federated: data split: " + " | ".join(PARTITIONS))
     dirichlet_alpha: float = option(1.0, "federated: Dirichlet label-skew concentration")
     classes_per_client: int = option(2, "federated: classes per client (pathological partition)")
+    sample_dp: bool = option(
+        False, "federated: sample-level DP: every client trains its D with Opacus under the dp "
+               "options (--target-epsilon then covers all rounds); the server reports the "
+               "largest client epsilon")
     client_dp: str = option(
         "none", "federated: client-level DP-FedAvg: none | server (clip on the server) | "
                 "client (clip on the clients)")
@@ -369,7 +373,7 @@ def validate(config: Config, num_classes: Optional[int] = None) -> None:
         positive(value, what)
     if p.delta >= 1:
         problems.append(f"delta must be below 1, got {p.delta}")
-    if t.mode == "dp":
+    if t.mode == "dp" or (t.mode == "federated" and config.federated.sample_dp):
         from toolkit.privacy import config_problems  # late: imports opacus
 
         problems += config_problems(config)

@@ -79,12 +79,54 @@ def describe_partitions(config: Config, data: ImageData, run: Optional[RunDir]) 
     return hist
 
 
+def describe_sample_dp(config: Config, data: ImageData) -> None:
+    """Sample-level DP: log each client's planned noise (and fail before round 1 when a
+    client's budget cannot be met)."""
+    f, p = config.federated, config.privacy
+    noise = [client_noise_multiplier(config, len(idx)) for idx in client_partitions(config, data)]
+    log.info("sample-level DP: every client's D trains with Opacus, %d private steps per client "
+             "over %d rounds, noise multiplier %s%s, max grad norm %g", f.rounds * f.local_steps,
+             f.rounds, ", ".join(f"{n:.3g}" for n in noise),
+             f" (per client, for target epsilon {p.target_epsilon:g})" if p.target_epsilon else "",
+             p.max_grad_norm)
+
+
 # --- a client's round -------------------------------------------------------------------------
 
-def client_config(config: Config, client: int, server_round: int) -> Config:
-    """The local run of one client in one round: the standard loop, its own batch order."""
-    return config.updated({"mode": "standard", "tensorboard": False, "progress": False,
-                           "eval_every": 0, "seed": config.train.seed + 7919 * server_round + client})
+def client_config(config: Config, client: int, server_round: int, examples: int) -> Config:
+    """The local run of one client in one round: the standard loop with its own batch order,
+    or the dp mode (sample-level DP) at the noise planned for all its rounds."""
+    local = {"tensorboard": False, "progress": False, "eval_every": 0,
+             "seed": config.train.seed + 7919 * server_round + client}
+    if not config.federated.sample_dp:
+        return config.updated({"mode": "standard", **local})
+    return config.updated({"mode": "dp", "target_epsilon": 0.0,
+                           "noise_multiplier": client_noise_multiplier(config, examples), **local})
+
+
+def client_noise_multiplier(config: Config, examples: int) -> float:
+    """Sample-level DP: the noise at which a client that trains in every round ends the run
+    at --target-epsilon (or --noise-multiplier when no target is set)."""
+    from toolkit.privacy import planned_noise_multiplier
+
+    f = config.federated
+    return planned_noise_multiplier(config.privacy, examples, config.train.batch_size,
+                                    steps=f.rounds * f.local_steps)
+
+
+def client_epsilon_bound(config: Config, examples: int, noise: float, steps: int,
+                         server_round: int) -> dict:
+    """What a client reports of its sample-level privacy after `server_round` rounds: epsilon as
+    if it had trained in every round so far (an upper bound when clients are sampled), and the
+    facts the server accounts exactly from (noise multiplier, sample rate, steps, delta)."""
+    from toolkit.privacy import epsilon_of, resolve_delta, sample_rate_of
+
+    p = config.privacy
+    q = sample_rate_of(examples, config.train.batch_size, p.poisson_sampling)
+    delta = resolve_delta(p.delta, examples)
+    return {"epsilon": epsilon_of([(noise, q, steps * server_round)], delta, p.accountant,
+                                  p.poisson_sampling),
+            "noise-multiplier": noise, "sample-rate": q, "dp-steps": steps, "delta": delta}
 
 
 def add_proximal_term(optimizer: torch.optim.Optimizer, anchor: list[Tensor], mu: float) -> None:
@@ -105,7 +147,7 @@ def local_round(config: Config, data: ImageData, weights: dict[str, Tensor], cli
                 server_round: int, proximal_mu: float = 0.0) -> tuple[dict[str, Tensor], dict]:
     """Train from the global weights on this client's data; (new weights, metrics)."""
     local = client_data(data, client_partitions(config, data)[client])
-    trainer = Trainer(client_config(config, client, server_round), local, None)
+    trainer = Trainer(client_config(config, client, server_round, len(local.train_x)), local, None)
     unpack(weights, trainer.G, trainer.D, trainer.prior)
     if proximal_mu:
         for opt, net in ((trainer.g_opt, trainer.G), (trainer.d_opt, unwrapped(trainer.D))):
@@ -115,6 +157,10 @@ def local_round(config: Config, data: ImageData, weights: dict[str, Tensor], cli
                "local-steps": config.federated.local_steps,
                **{k: float(v) for k, v in stats.items() if k in ("d_loss", "g_loss", "d_acc_real",
                                                                   "d_acc_fake")}}
+    if config.federated.sample_dp:
+        # What Opacus' optimizer and accountant actually did this round.
+        metrics.update(client_epsilon_bound(config, len(local.train_x), trainer.d_opt.noise_multiplier,
+                                            trainer.mode.steps(), server_round))
     return pack(trainer.G, trainer.D, trainer.prior), metrics
 
 
@@ -184,6 +230,33 @@ class GlobalModel:
         log.info("round %d/%d %s%s", server_round, self.config.federated.rounds, shown,
                  "" if weights is not None else " (no update: too few clients replied)")
         return record
+
+    def account_sample_dp(self, client_metrics: list[dict]) -> dict:
+        """Sample-level DP: add each answering client's private steps to its own history (kept
+        in server_state, so a resumed run keeps counting) and report every client's epsilon;
+        the run's epsilon is the largest. Rejected replies count too: the server saw them."""
+        from toolkit.privacy import epsilon_of
+
+        p = self.config.privacy
+        clients = self.server_state.setdefault("sample_dp", {})
+        for m in client_metrics:
+            entry = clients.setdefault(str(int(m["client"])), {"history": [], "delta": float(m["delta"])})
+            step = [float(m["noise-multiplier"]), float(m["sample-rate"]), int(m["dp-steps"])]
+            history = entry["history"]
+            if history and history[-1][:2] == step[:2]:
+                history[-1][2] += step[2]
+            else:
+                history.append(step)
+        if not clients:
+            return {}
+        eps = {c: epsilon_of(e["history"], e["delta"], p.accountant, p.poisson_sampling)
+               for c, e in sorted(clients.items(), key=lambda item: int(item[0]))}
+        worst = max(eps, key=eps.get)
+        if p.target_epsilon and eps[worst] > p.target_epsilon * 1.01:
+            log.warning("sample-level DP: client %s has spent epsilon %.3g, past --target-epsilon %g "
+                        "(the rounds were extended beyond the plan)", worst, eps[worst], p.target_epsilon)
+        return {"epsilon": eps[worst], "delta": clients[worst]["delta"],
+                "epsilon_per_client": {c: round(v, 4) for c, v in eps.items()}}
 
     def evaluate(self) -> dict:
         from toolkit.evaluate import Reference, generator_metrics

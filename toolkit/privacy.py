@@ -46,6 +46,7 @@ from typing import Iterator, Optional
 import torch
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample import GradSampleModule
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
@@ -70,6 +71,40 @@ def resolve_delta(delta: float, n: int) -> float:
     if delta:
         return delta
     return 1e-5 if 1e-5 < 1.0 / n else 1.0 / (10 * n)
+
+
+def sample_rate_of(n: int, batch_size: int, poisson: bool) -> float:
+    """Opacus' sample rate for N examples in batches of B: one over the batches per epoch
+    (ceil(N/B) with Poisson sampling, floor(N/B) fixed-size batches otherwise)."""
+    return 1.0 / (math.ceil(n / batch_size) if poisson else n // batch_size)
+
+
+def epsilon_of(history: list, delta: float, accountant: str, poisson: bool = True) -> float:
+    """Epsilon of a DP-SGD history [(noise multiplier, sample rate, steps), ...] at delta."""
+    if not history:
+        return 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        acc = create_accountant(accountant)
+    acc.history = [tuple(entry) for entry in history]
+    extra = {"poisson": poisson} if acc.mechanism() == "gdp" else {}
+    return float(acc.get_epsilon(delta, **extra))
+
+
+def planned_noise_multiplier(p, n: int, batch_size: int, steps: int) -> float:
+    """The noise multiplier that ends `steps` private steps on N examples at p.target_epsilon
+    (or p.noise_multiplier when no target is set): a federated client plans all its rounds."""
+    if not p.target_epsilon:
+        return p.noise_multiplier
+    q = sample_rate_of(n, batch_size, p.poisson_sampling)
+    try:
+        return float(get_noise_multiplier(target_epsilon=p.target_epsilon,
+                                          target_delta=resolve_delta(p.delta, n), sample_rate=q,
+                                          steps=steps, accountant=p.accountant))
+    except ValueError as err:  # Opacus: "The privacy budget is too low."
+        raise ConfigError(f"dp: --target-epsilon {p.target_epsilon:g} cannot be met in {steps} "
+                          f"steps at sample rate {q:.4g} ({err}); use a larger budget, fewer "
+                          "rounds or local steps, or a smaller batch size") from None
 
 
 def client_level_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
@@ -208,7 +243,7 @@ class PrivateMode:
                     "use a larger budget, fewer epochs or a smaller batch size") from None
         else:
             D, d_opt, _ = self.engine.make_private(noise_multiplier=p.noise_multiplier, **common)
-        self.sample_rate = 1.0 / len(loader)
+        self.sample_rate = sample_rate_of(n, b, p.poisson_sampling)  # = 1 / len(loader)
         steps = len(loader)
         if p.poisson_sampling:
             trainer.batches = PoissonBatches(x, y, self.sample_rate, steps, config.train.seed)
@@ -297,17 +332,10 @@ class PrivateMode:
         return sum(entry[2] for entry in self.accountant.history)
 
     def _epsilon(self, history: list) -> float:
-        if not history:
-            return 0.0
         key = tuple(history)
         if key not in self._eps_cache:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                acc = create_accountant(self.accountant.mechanism())
-            acc.history = list(history)
-            extra = ({"poisson": self.config.privacy.poisson_sampling}
-                     if acc.mechanism() == "gdp" else {})
-            self._eps_cache[key] = float(acc.get_epsilon(self.delta, **extra))
+            self._eps_cache[key] = epsilon_of(history, self.delta, self.accountant.mechanism(),
+                                              self.config.privacy.poisson_sampling)
         return self._eps_cache[key]
 
     def epsilon(self) -> float:
