@@ -25,7 +25,8 @@ from typing import Optional
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from server.strategy import build_strategy, sampled_clients, weighted_metrics
+from server.strategy import (build_strategy, load_strategy_state, sampled_clients, strategy_state,
+                             weighted_metrics)
 from toolkit.config import Config, validate
 from toolkit.data import ImageData, load_data
 from toolkit.federated import GlobalModel, describe_partitions, describe_sample_dp
@@ -77,11 +78,13 @@ def serve(grid: Grid, config: Config, run: RunDir, data: ImageData, resume: bool
         return merged
 
     strategy = build_strategy(config, offset, outcome, train_metrics=collect)
+    load_strategy_state(strategy, model.server_state.get("strategy"))
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> Optional[MetricRecord]:
         if server_round == 0:
             return None  # Flower evaluates the initial weights first; the history has them as a run start
         aggregated = outcome.get("aggregated", False)
+        model.server_state["strategy"] = strategy_state(strategy)  # saved with the round's checkpoint
         extra = {k: outcome[k] for k in ("failed", "rejected") if outcome.get(k)}
         extra.update(privacy_record(config, server_round + offset, data))
         if f.sample_dp:

@@ -19,6 +19,7 @@ import logging
 from typing import Callable, Iterable
 
 import numpy as np
+import torch
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as flwr_strategies
 
@@ -82,6 +83,22 @@ def weighted_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord
         values = np.array([float(m[key]) for m in metrics])
         out[key] = float(values.max() if key == "epsilon" else (values * weights).sum() / weights.sum())
     return MetricRecord(out)
+
+
+# Beyond the global weights, the FedOpt family (FedAdam) carries the server optimizer's
+# moments from round to round; a resumed run must continue them, not restart from zero.
+SERVER_OPTIMIZER_STATE = ("m_t", "v_t")
+
+
+def strategy_state(strategy) -> dict:
+    """The strategy's state between rounds (as tensors, for the checkpoint)."""
+    return {name: {k: torch.from_numpy(np.array(v)) for k, v in getattr(strategy, name).items()}
+            for name in SERVER_OPTIMIZER_STATE if getattr(strategy, name, None)}
+
+
+def load_strategy_state(strategy, state: dict) -> None:
+    for name, arrays in (state or {}).items():
+        setattr(strategy, name, {k: v.numpy() for k, v in arrays.items()})
 
 
 def build_strategy(config: Config, round_offset: int, outcome: dict,

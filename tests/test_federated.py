@@ -31,6 +31,11 @@ def test_packed_weights_rebuild_the_same_networks(tmp_path):
     assert {k.split(".")[0] for k in weights} <= {"g", "d", "p"}
     unpack(weights, b.G, b.D, b.prior)
     assert distance(pack(b.G, b.D, b.prior), weights) == 0
+    # DP noise on an aggregate can make a running variance negative: it comes back as zero.
+    var = next(k for k in weights if k.endswith("running_var"))
+    noised = dict(weights, **{var: weights[var] - 5.0})
+    unpack(noised, b.G, b.D, b.prior)
+    assert pack(b.G, b.D, b.prior)[var].min() == 0 and torch.isfinite(b.G.eval()(torch.randn(2, 16), torch.tensor([0, 1]))).all()
 
 
 def test_a_client_trains_on_its_own_partition_and_fedprox_pulls_towards_the_global_weights(tmp_path):
@@ -183,6 +188,35 @@ def test_guard_drops_failed_and_nan_replies_and_robust_aggregation_survives_a_po
     for robust in ("trimmed-mean", "fedmedian", "krum"):
         w, _ = aggregate(robust, {"w": torch.full((4,), 1e6)})
         assert w.abs().max() <= 3.0, robust  # ...a robust aggregate is not
+
+
+def test_fedadam_resumes_with_its_server_moments(tmp_path):
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+    from server.strategy import build_strategy, load_strategy_state, strategy_state
+
+    def replies(values):
+        return [Message(RecordDict({"arrays": ArrayRecord({"w": torch.tensor(v)}),
+                                    "metrics": MetricRecord({"num-examples": 10})}),
+                        reply_to=flower_message({"w": torch.zeros(3)}, {})) for v in values]
+
+    config = tiny_config(tmp_path, clients=2, strategy="fedadam", server_lr=0.1)
+    first = build_strategy(config, 0, {})
+    first.current_arrays = {"w": np.zeros(3, dtype=np.float32)}  # what configure_train records
+    after_1 = first.aggregate_train(1, replies([[1.0, 2, 3], [3.0, 2, 1]]))[0].to_numpy_ndarrays()[0]
+    saved = strategy_state(first)
+    first.current_arrays = {"w": after_1}
+    round_2 = replies([[0.5, -1, 2], [1.5, 0, 2]])
+    expected = first.aggregate_train(2, round_2)[0].to_numpy_ndarrays()[0]
+
+    def resumed(state):  # a resumed run: rounds offset by 1, the saved state loaded
+        strategy = build_strategy(config, 1, {})
+        load_strategy_state(strategy, state)
+        strategy.current_arrays = {"w": after_1}
+        return strategy.aggregate_train(1, replies([[0.5, -1, 2], [1.5, 0, 2]]))[0].to_numpy_ndarrays()[0]
+
+    assert np.array_equal(resumed(saved), expected)
+    assert not np.allclose(resumed({}), expected)  # restarting the moments changes the step
 
 
 def test_simulated_rounds_survive_a_failing_client_and_resume_from_the_last_round(tmp_path):

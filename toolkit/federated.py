@@ -48,7 +48,12 @@ def unpack(weights: dict[str, Tensor], G: nn.Module, D: nn.Module, prior: nn.Mod
         own = module.state_dict()
         state = {k[len(prefix) + 1:]: v for k, v in weights.items() if k.startswith(prefix + ".")}
         # Aggregation returns floats for integer buffers (BatchNorm's step counter): cast back.
-        module.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in state.items()})
+        state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
+        # Client-level DP noises every aggregated array, and can push BatchNorm's running
+        # variance below zero (NaN images); a variance is never negative, so clamp it
+        # (post-processing of the private aggregate: no privacy cost).
+        state = {k: v.clamp(min=0) if k.endswith("running_var") else v for k, v in state.items()}
+        module.load_state_dict(state)
 
 
 # --- data per client --------------------------------------------------------------------------
