@@ -23,6 +23,7 @@ def quiet_flower() -> None:
     from flwr.common.logger import console_handler
 
     console_handler.setLevel(logging.ERROR)
+    logging.getLogger("flwr").propagate = False  # not again through a root handler (scripts)
 
 
 def simulate(config: Config, data: ImageData, run: RunDir, resume: bool = False, classifier=None,

@@ -37,6 +37,7 @@ released model private, and pick an unguessable --seed for a release.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import logging
 import math
@@ -98,13 +99,18 @@ def planned_noise_multiplier(p, n: int, batch_size: int, steps: int) -> float:
         return p.noise_multiplier
     q = sample_rate_of(n, batch_size, p.poisson_sampling)
     try:
-        return float(get_noise_multiplier(target_epsilon=p.target_epsilon,
-                                          target_delta=resolve_delta(p.delta, n), sample_rate=q,
-                                          steps=steps, accountant=p.accountant))
+        return _noise_for(p.target_epsilon, resolve_delta(p.delta, n), q, steps, p.accountant)
     except ValueError as err:  # Opacus: "The privacy budget is too low."
         raise ConfigError(f"dp: --target-epsilon {p.target_epsilon:g} cannot be met in {steps} "
                           f"steps at sample rate {q:.4g} ({err}); use a larger budget, fewer "
                           "rounds or local steps, or a smaller batch size") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _noise_for(epsilon: float, delta: float, q: float, steps: int, accountant: str) -> float:
+    # A bisection over the accountant (seconds with PRV); a client asks again every round.
+    return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q,
+                                      steps=steps, accountant=accountant))
 
 
 def client_level_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
