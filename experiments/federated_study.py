@@ -109,12 +109,16 @@ def plot_fid_per_round(path: Path, runs: dict[str, Path], configs: dict[str, Con
         colour = colours.setdefault(key, f"C{len(colours)}")
         ax.plot(*zip(*points), "-o" if f.client_dp == "none" else "--s", ms=3.5, color=colour,
                 label=name)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("FID (classifier features, lower is better)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    ax.set_title("Global generator after each round (solid: no DP, dashed: client-level DP)", fontsize=9)
+    ax.set_title("Global generator after each round (solid: no DP, dashed: client-level DP;\n"
+                 "lines that coincide overlap)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
