@@ -73,12 +73,17 @@ def guarded(strategy_cls: type, round_offset: int, min_replies: int, outcome: di
     return Guarded
 
 
+PER_CLIENT_FACTS = ("client", "noise-multiplier", "sample-rate", "dp-steps", "delta")
+
+
 def weighted_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
     """Example-weighted mean of the clients' numeric metrics (losses, epsilon: the max)."""
     metrics = [next(iter(r.metric_records.values())) for r in records]
     weights = np.array([float(m[weight_key]) for m in metrics])
     out = {"clients-replied": len(metrics), weight_key: int(weights.sum())}
-    keys = set.intersection(*(set(m.keys()) for m in metrics)) - {weight_key, "client"}
+    # Per-client facts are not averaged: the sample-level privacy account uses each one
+    # (toolkit/federated.py: GlobalModel.account_sample_dp).
+    keys = set.intersection(*(set(m.keys()) for m in metrics)) - {weight_key, *PER_CLIENT_FACTS}
     for key in sorted(keys):
         values = np.array([float(m[key]) for m in metrics])
         out[key] = float(values.max() if key == "epsilon" else (values * weights).sum() / weights.sum())
