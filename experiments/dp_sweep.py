@@ -23,7 +23,6 @@ experiments/results/<config name>/):
 """
 
 import argparse
-import csv
 import json
 import logging
 import math
@@ -35,12 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from toolkit.audit import audit_discriminator  # noqa: E402
-from toolkit.config import Config, validate  # noqa: E402
 from toolkit.data import load_data  # noqa: E402
 from toolkit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,  # noqa: E402
                               metric_classifier)
 from toolkit.sampling import load_discriminator, load_generator  # noqa: E402
-from experiments.studies import train_row  # noqa: E402
+from experiments.studies import row_configs, train_row, write_csv  # noqa: E402
 from toolkit.runs import RunDir  # noqa: E402
 
 log = logging.getLogger("toolkit")
@@ -73,13 +71,6 @@ def evaluate_row(name, run_path, ref, classifier, data, ev, seed):
     row = {"row": name, **privacy_of(run_path), **metrics, "attack_auc": audit["auc"],
            "audit_n": audit["n_members"]}
     return row, images[:64]
-
-
-def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def plot_metrics(path: Path, table: list[dict]) -> None:
@@ -118,14 +109,6 @@ def plot_metrics(path: Path, table: list[dict]) -> None:
     plt.close(fig)
 
 
-def parse_value(text: str):
-    """A --set value as JSON when it parses (numbers, true/false), else the string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "experiments/configs/dp_sweep_small.json"))
@@ -146,22 +129,10 @@ def main() -> int:
     ev = dict(spec["evaluation"])
     if args.samples:
         ev["samples"] = args.samples
-    overrides = dict(option.split("=", 1) for option in args.set)
     base = dict(spec["base"], seed=args.seed, device=args.device)
     if args.data_root:
         base["data_root"] = args.data_root
-    wanted = [r for r in args.rows.split(",") if r]
-    unknown = set(wanted) - set(spec["rows"])
-    if unknown:
-        raise SystemExit(f"unknown rows {sorted(unknown)}; the config has {list(spec['rows'])}")
-    rows = {k: v for k, v in spec["rows"].items() if not wanted or k in wanted}
-    configs = {}
-    for name, options in rows.items():
-        # --set applies last, so a quick check can shrink every row alike.
-        flat = {**base, **options, **{k: parse_value(v) for k, v in overrides.items()},
-                "out_dir": str(out / "runs"), "name": name}
-        configs[name] = Config().updated(flat)
-        validate(configs[name])
+    configs = row_configs(spec, base, args.rows, args.set, out / "runs")
     data = load_data(next(iter(configs.values())).data)
     log.info("data: %s", data.description)
     classifier = metric_classifier("", data.image_shape, data.num_classes)

@@ -32,8 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.dp_sweep import parse_value, write_csv  # noqa: E402
-from toolkit.config import Config, validate  # noqa: E402
+from experiments.studies import row_configs, write_csv  # noqa: E402
+from toolkit.config import Config  # noqa: E402
 from toolkit.data import load_data  # noqa: E402
 from toolkit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,  # noqa: E402
                               metric_classifier)
@@ -46,7 +46,7 @@ TABLE_COLUMNS = ["row", "partition", "alpha", "client_dp", "client_dp_noise", "e
                  "recall", "density", "coverage", "fid", "downstream_accuracy", "train_time_s"]
 
 
-def train_row(name: str, config: Config, data, classifier, runs_dir: Path, times: dict) -> None:
+def train_federated_row(name: str, config: Config, data, classifier, runs_dir: Path, times: dict) -> None:
     """Simulate (or reuse, or resume) one row's federation; its wall seconds go into `times`."""
     from server.simulation import simulate
 
@@ -147,18 +147,7 @@ def main() -> int:
     base = dict(spec["base"], seed=args.seed, mode="federated")
     if args.data_root:
         base["data_root"] = args.data_root
-    wanted = [r for r in args.rows.split(",") if r]
-    unknown = set(wanted) - set(spec["rows"])
-    if unknown:
-        raise SystemExit(f"unknown rows {sorted(unknown)}; the config has {list(spec['rows'])}")
-    rows = {k: v for k, v in spec["rows"].items() if not wanted or k in wanted}
-    configs = {}
-    for name, options in rows.items():
-        flat = {**base, **options, **{k: parse_value(v) for k, v in
-                                      (o.split("=", 1) for o in args.set)},
-                "out_dir": str(out / "runs"), "name": name}
-        configs[name] = Config().updated(flat)
-        validate(configs[name])
+    configs = row_configs(spec, base, args.rows, args.set, out / "runs")
     data = load_data(next(iter(configs.values())).data)
     log.info("data: %s", data.description)
     classifier = metric_classifier("", data.image_shape, data.num_classes)
@@ -171,7 +160,7 @@ def main() -> int:
     times = json.loads(times_path.read_text()) if times_path.exists() else {}
     table, runs = [], {}
     for name, config in configs.items():
-        train_row(name, config, data, classifier, out / "runs", times)
+        train_federated_row(name, config, data, classifier, out / "runs", times)
         times_path.write_text(json.dumps(times, indent=1))
         runs[name] = out / "runs" / name
         row, grid, ncol = evaluate_row(name, config, runs[name], ref, classifier, ev, args.seed)

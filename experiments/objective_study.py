@@ -19,7 +19,6 @@ latent scale sigma. Outputs in --out (default experiments/results/<config name>/
 """
 
 import argparse
-import csv
 import json
 import logging
 import sys
@@ -31,13 +30,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from toolkit.config import Config, validate  # noqa: E402
 from toolkit.data import load_data  # noqa: E402
 from toolkit.errors import UserError  # noqa: E402
 from toolkit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,  # noqa: E402
                               metric_classifier, plot_truncation, truncation_sweep)
 from toolkit.sampling import load_discriminator, load_generator  # noqa: E402
-from experiments.studies import train_row  # noqa: E402
+from experiments.studies import row_configs, train_row, write_csv  # noqa: E402
 
 log = logging.getLogger("toolkit")
 
@@ -69,13 +67,6 @@ def evaluate_row(name, run_path, ref, classifier, data, ev, seed):
     trajectory = [{"row": name, **point} for point in
                   truncation_sweep(gen, ref, classifier, ev["truncation_sigmas"], ev["samples"], seed)]
     return rows, trajectory, grid_images
-
-
-def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def plot_results(out: Path, table: list[dict], trajectories: list[dict]) -> None:
@@ -124,11 +115,7 @@ def main() -> int:
     base = dict(spec["base"], seed=args.seed, device=args.device)
     if args.data_root:
         base["data_root"] = args.data_root
-    rows = {k: v for k, v in spec["rows"].items() if not args.rows or k in args.rows.split(",")}
-    configs = {}
-    for name, options in rows.items():
-        configs[name] = Config().updated({**base, **options, "out_dir": str(out / "runs"), "name": name})
-        validate(configs[name])
+    configs = row_configs(spec, base, args.rows, [], out / "runs")
     data = load_data(next(iter(configs.values())).data)
     log.info("data: %s", data.description)
     classifier = metric_classifier("", data.image_shape, data.num_classes)

@@ -1,9 +1,12 @@
-"""What the studies share: training each row's run once, resumably."""
+"""What the studies share: the rows' configurations, training each row's run once
+(resumably), and the CSV table."""
 
+import csv
+import json
 import logging
 from pathlib import Path
 
-from toolkit.config import Config
+from toolkit.config import Config, validate
 from toolkit.runs import RunDir
 from toolkit.trainer import Trainer
 
@@ -34,3 +37,36 @@ def train_row(name: str, config: Config, data, runs_dir: Path) -> float:
     elif status != "done":
         raise SystemExit(f"[{name}] training did not finish")
     return trainer.state.train_time
+
+
+def parse_value(text: str):
+    """A --set value as JSON when it parses (numbers, true/false), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def row_configs(spec: dict, base: dict, rows_arg: str, sets: list[str], runs_dir: Path) -> dict[str, Config]:
+    """Each wanted row's validated config: the study's base options, then the row's own, then
+    the --set overrides (last, so that a quick check shrinks every row alike)."""
+    wanted = [r for r in rows_arg.split(",") if r]
+    unknown = set(wanted) - set(spec["rows"])
+    if unknown:
+        raise SystemExit(f"unknown rows {sorted(unknown)}; the config has {list(spec['rows'])}")
+    overrides = {k: parse_value(v) for k, v in (option.split("=", 1) for option in sets)}
+    configs = {}
+    for name, options in spec["rows"].items():
+        if wanted and name not in wanted:
+            continue
+        configs[name] = Config().updated({**base, **options, **overrides, "out_dir": str(runs_dir),
+                                          "name": name})
+        validate(configs[name])
+    return configs
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
