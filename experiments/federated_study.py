@@ -82,14 +82,7 @@ def evaluate_row(name: str, config: Config, run_path: Path, ref, classifier, ev:
            "alpha": f.dirichlet_alpha if f.partition == "dirichlet" else "",
            "client_dp": f.client_dp, "client_dp_noise": f.client_dp_noise if f.client_dp != "none" else "",
            "epsilon": float(last.get("client_epsilon", math.inf)), **metrics}
-    # One column per class, ten rows: label skew shows as missing or weak classes.
-    k = gen.num_classes or 8
-    grid_labels = None
-    if gen.num_classes:
-        import torch
-        grid_labels = torch.arange(k).repeat(10)
-    grid, _ = gen.sample(10 * k, seed=seed + 1, labels=grid_labels)
-    return row, grid, k
+    return row
 
 
 def plot_fid_per_round(path: Path, runs: dict[str, Path], configs: dict[str, Config]) -> None:
@@ -153,8 +146,6 @@ def main() -> int:
     classifier = metric_classifier("", data.image_shape, data.num_classes)
     ref = Reference.of(classifier, data.ref_x, data.ref_y)
 
-    from torchvision.utils import save_image
-
     started = time.perf_counter()
     times_path = out / "train_times.json"
     times = json.loads(times_path.read_text()) if times_path.exists() else {}
@@ -163,10 +154,12 @@ def main() -> int:
         train_federated_row(name, config, data, classifier, out / "runs", times)
         times_path.write_text(json.dumps(times, indent=1))
         runs[name] = out / "runs" / name
-        row, grid, ncol = evaluate_row(name, config, runs[name], ref, classifier, ev, args.seed)
+        row = evaluate_row(name, config, runs[name], ref, classifier, ev, args.seed)
         row["train_time_s"] = times.get(name, math.nan)
         table.append(row)
-        save_image(grid, out / "samples" / f"{name}.png", nrow=ncol, normalize=True, value_range=(-1, 1))
+        # The final round's grid (GlobalModel.write_samples: a column per class, fixed latents).
+        shutil.copy(runs[name] / "samples" / f"round_{config.federated.rounds:03d}.png",
+                    out / "samples" / f"{name}.png")
         shutil.copy(runs[name] / "partition.png", out / "partitions" / f"{name}.png")
         log.info("[%s] epsilon=%.3g fid=%.3g precision=%.3g recall=%.3g downstream=%.3g", name,
                  row["epsilon"], row["fid"], row["precision"], row["recall"],
