@@ -30,7 +30,8 @@ from toolkit.config import GRAD_SAMPLE_MODES, Config  # noqa: E402
 from toolkit.data import ImageData  # noqa: E402
 from toolkit.models import build_discriminator  # noqa: E402
 from toolkit.runs import RunDir  # noqa: E402
-from toolkit.trainer import Trainer, generator_step, unwrapped  # noqa: E402
+from toolkit.steps import generator_step  # noqa: E402
+from toolkit.trainer import Trainer, unwrapped  # noqa: E402
 
 
 def make_data(n: int) -> ImageData:
@@ -49,13 +50,12 @@ def make_trainer(out: str, data: ImageData, batch: int, mode: str,
 
 
 def d_step(tr: Trainer, real) -> None:
-    tr.d_step(tr.D, tr.G, tr.prior, tr.objective, tr.d_opt, real, None, tr.config, 0, False)
+    tr.d_step(tr.ctx, tr.D, tr.d_opt, real, None, False)
 
 
 def full_step(tr: Trainer, real) -> None:
     d_step(tr, real)
-    generator_step(tr.G, unwrapped(tr.D), tr.prior, tr.objective, tr.g_opt, tr.d_opt,
-                   real.shape[0], tr.config, 0, "cpu")
+    generator_step(tr.ctx, unwrapped(tr.D), tr.g_opt, tr.d_opt, real.shape[0])
 
 
 def check_mode(out: str, data: ImageData, mode: str, pairs: int = 4) -> str:

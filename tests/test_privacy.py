@@ -78,8 +78,7 @@ def test_private_gradient_is_mean_of_clipped_pair_gradients(tmp_path, data, grad
     D0.load_state_dict(unwrapped(trainer.D).state_dict())
     capture = CaptureSteps(trainer)
     real, _ = next(trainer.batches.epoch(0))
-    trainer.d_step(trainer.D, trainer.G, trainer.prior, trainer.objective, trainer.d_opt, real,
-                   None, config, 0, False)
+    trainer.d_step(trainer.ctx, trainer.D, trainer.d_opt, real, None, False)
     assert len(capture.grads) == 1  # one optimizer step for the logical batch
     chunk = physical or len(real)
     assert all(len(x) <= chunk for x in capture.inputs)
@@ -109,8 +108,7 @@ def test_noise_has_std_noise_multiplier_times_clip_over_expected_batch(tmp_path,
     capture = CaptureSteps(trainer)
     steps = trainer.mode.steps()
     for _ in range(10):  # zero data gradient: an empty Poisson batch makes a noise-only step
-        trainer.d_step(trainer.D, trainer.G, trainer.prior, trainer.objective, trainer.d_opt,
-                       data.train_x[:0], None, config, 0, False)
+        trainer.d_step(trainer.ctx, trainer.D, trainer.d_opt, data.train_x[:0], None, False)
     noise = torch.cat([g.flatten() for grads in capture.grads for g in grads])
     assert noise.numel() > 20_000
     expected = 1.3 * 0.7 / 32
@@ -160,7 +158,7 @@ def test_target_epsilon_run_ends_below_it_and_an_extension_stops_at_the_budget(t
     # More epochs than planned: the run keeps its noise and stops before passing the target.
     longer, status = train(config.updated({"epochs": 4}), data, resume=True)
     assert status == "stopped" and longer.state.epoch == 2
-    assert "target 4" in longer.mode.stop_reason()
+    assert "target 4" in longer.mode.stop_reason(len(longer.batches))
     assert longer.mode.epoch_metrics()["epsilon"] == last["epsilon"]
     assert longer.d_opt.noise_multiplier == sigma
 

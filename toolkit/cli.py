@@ -1,7 +1,7 @@
 """The `gankit` command: train, generate, evaluate.
 
 Options are the dataclasses of toolkit.config, parsed with argparse-dataclass. Precedence:
-defaults < --config FILE < options on the command line. User mistakes print one line and
+defaults < --preset NAME < --config FILE < options on the command line. User mistakes print one line and
 exit with code 2; a diverged run exits 3; Ctrl-C saves and exits 130.
 """
 
@@ -17,6 +17,7 @@ from argparse_dataclass import MISSING, _add_dataclass_options
 
 from toolkit.config import GROUPS, RESUMABLE_CHANGES, Config, option, validate
 from toolkit.errors import TrainingDiverged, UserError
+from toolkit.presets import preset
 
 log = logging.getLogger("toolkit")
 
@@ -42,6 +43,9 @@ def train_parser(sub) -> None:
                        description="Train a GAN. Every option's default is shown; options "
                                    "given here override those of --config.")
     p.add_argument("--config", metavar="FILE", help="start from a saved config.json")
+    p.add_argument("--preset", metavar="NAME",
+                   help="start from a named option set (dp-record: the DP-GAN record's model, "
+                        "optimizer and adaptive D steps); --config and options override it")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a run exactly where its last checkpoint left off")
     for name, cls in GROUPS.items():
@@ -52,8 +56,8 @@ def train_parser(sub) -> None:
 def resolve_train_config(args: argparse.Namespace) -> tuple[Config, Optional[Path]]:
     given = given_options(args, GROUPS.values())
     if args.resume:
-        if args.config:
-            raise UserError("--resume uses the run's own config.json; drop --config")
+        if args.config or args.preset:
+            raise UserError("--resume uses the run's own config.json; drop --config and --preset")
         from toolkit.runs import RunDir
 
         run = RunDir.open(Path(args.resume))
@@ -66,7 +70,9 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[Config, Optional[Pat
                 f"{run.config_path}: {', '.join(refused)} (only {', '.join(sorted(RESUMABLE_CHANGES))} "
                 "may change)")
         return saved.updated(changed), run.path
-    base = Config.load(Path(args.config)) if args.config else Config()
+    base = Config().updated(preset(args.preset)) if args.preset else Config()
+    if args.config:
+        base = base.updated(Config.load(Path(args.config)).flat())
     return base.updated(given), None
 
 

@@ -8,6 +8,7 @@ resumed from its folder alone.
 
 
 import dataclasses
+import importlib.util
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -15,8 +16,9 @@ from typing import Any, Optional
 
 from toolkit.errors import ConfigError
 
-GENERATOR_ARCHS = ("dcgan", "mlp")
-DISCRIMINATOR_ARCHS = ("dcgan", "mlp", "maxout")
+# cdcgan: the DP-GAN record's class-conditional DCGAN (Bie et al. 2023), toolkit/models/cdcgan.py
+GENERATOR_ARCHS = ("dcgan", "mlp", "cdcgan")
+DISCRIMINATOR_ARCHS = ("dcgan", "mlp", "maxout", "cdcgan")
 G_NORMS = ("batch", "none")
 # GroupNorm is the default: as good as BatchNorm for DCGAN on MNIST (10-epoch comparison), and
 # per-sample, so the same D works under Opacus (BatchNorm mixes samples).
@@ -31,6 +33,7 @@ DEVICES = ("cpu", "cuda", "auto")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean", "krum")
 PARTITIONS = ("iid", "dirichlet", "pathological")
 CLIENT_DP = ("none", "server", "client")
+D_STEPS_SCHEDULES = ("fixed", "adaptive")  # toolkit/schedule.py
 
 
 def option(default: Any, help: str, **metadata: Any):
@@ -98,7 +101,16 @@ class ObjectiveConfig:
     minimax_g: bool = option(
         False, "use the saturating minimax generator loss instead of the non-saturating one"
     )
-    n_critic: int = option(0, "discriminator steps per generator step (0 = 5 for wgan/wgan-gp, else 1)")
+    n_critic: int = option(0, "discriminator steps per generator step (0 = 5 for wgan/wgan-gp, "
+                              "else 1); with --d-steps-schedule adaptive, the starting rate")
+    d_steps_schedule: str = option(
+        "fixed", "D steps per G step: fixed (--n-critic) | adaptive (Bie et al. 2023: climb 1, "
+                 "2, 5, 10, 20, 50, 100, ... when D's moving-average accuracy on fresh fakes "
+                 "falls to --d-steps-threshold)")
+    d_steps_threshold: float = option(0.6, "adaptive D steps: climb when D's average accuracy "
+                                           "on fresh fakes is at or below this")
+    d_steps_grace: int = option(200, "adaptive D steps: G steps at a rate before it may climb")
+    d_steps_beta: float = option(0.99, "adaptive D steps: moving-average factor of D's accuracy")
     clip_value: float = option(0.01, "wgan: clip every discriminator weight to [-c, c]")
     gp_weight: float = option(10.0, "wgan-gp: gradient penalty weight lambda")
     label_smoothing: float = option(
@@ -374,9 +386,7 @@ def validate(config: Config, num_classes: Optional[int] = None) -> None:
     if p.delta >= 1:
         problems.append(f"delta must be below 1, got {p.delta}")
     if t.mode == "dp" or (t.mode == "federated" and config.federated.sample_dp):
-        from toolkit.privacy import config_problems  # late: imports opacus
-
-        problems += config_problems(config)
+        problems += dp_problems(config)
     problems += federated_problems(config.federated)
 
     for value, what in [
@@ -430,5 +440,51 @@ def validate(config: Config, num_classes: Optional[int] = None) -> None:
     if m.spectral_norm and o.loss == "wgan":
         problems.append("wgan clips weights; spectral-norm and clipping together are not supported "
                         "(use wgan-gp or hinge with spectral norm)")
+    choice(o.d_steps_schedule, D_STEPS_SCHEDULES, "d-steps-schedule")
+    if not 0 < o.d_steps_threshold < 1:
+        problems.append(f"d-steps-threshold must be in (0, 1), got {o.d_steps_threshold}")
+    if not 0 <= o.d_steps_beta < 1:
+        problems.append(f"d-steps-beta must be in [0, 1), got {o.d_steps_beta}")
+    positive(o.d_steps_grace, "d-steps-grace", strict=False)
+    for arch, norm, flag in [(m.g_arch, m.g_norm, "g-norm"), (m.d_arch, m.d_norm, "d-norm")]:
+        if arch == "cdcgan" and norm != "none":
+            problems.append(f"the cdcgan networks have no normalization layers: add --{flag} none "
+                            "(or start from --preset dp-record)")
+    if "cdcgan" in (m.g_arch, m.d_arch) and not m.conditional:
+        problems.append("the cdcgan networks are class-conditional: add --conditional")
     if problems:
         raise ConfigError(problems)
+
+
+def dp_problems(config: "Config") -> list[str]:
+    """Options the dp mode cannot support, each with the reason and an alternative (what
+    Opacus finds in a built network is toolkit/privacy.py's module_problems)."""
+    m, o, p = config.model, config.objective, config.privacy
+    problems = []
+    if m.d_norm == "batch":
+        problems.append(
+            "dp: --d-norm batch mixes samples (each output depends on the whole batch, and its "
+            "running statistics are not private), so a per-sample gradient does not bound one "
+            "example's influence; use --d-norm group (the default), layer, instance or none")
+    if m.spectral_norm:
+        problems.append(
+            "dp: --spectral-norm keeps power-iteration vectors as buffers of every layer and "
+            "computes the weights through a parametrization: Opacus' hooks and functorch modes "
+            "refuse layers with buffers, and ew fails on the parametrization; drop it (GroupNorm "
+            "D) or use --loss wgan, whose weight clipping is post-processing of the private "
+            "weights")
+    if o.loss == "wgan-gp":
+        problems.append(
+            "dp: --loss wgan-gp differentiates D twice (the penalty's grad_x D(x_hat) with "
+            "create_graph), and Opacus' per-sample gradients cover one first-order backward "
+            "pass: hooks and functorch fail, ew returns wrong per-sample gradients (and has no "
+            "double backward for GroupNorm); use --loss wgan (weight clipping), hinge or bce")
+    if p.secure_mode:
+        reason = ("torchcsprng is not installed (there is no build of it for this torch)"
+                  if importlib.util.find_spec("torchcsprng") is None else
+                  "a cryptographic generator cannot be seeded, and the dp mode seeds sampling "
+                  "and noise so that runs are reproducible and resume exactly")
+        problems.append(
+            f"dp: --secure-mode is not supported: {reason}; use the default (seeded) mode and "
+            "keep the seed, config.json and checkpoints of a released model private")
+    return problems

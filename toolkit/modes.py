@@ -1,17 +1,43 @@
 """Training modes: what differs between standard, private and federated training.
 
-The Trainer runs one loop and never asks which mode it is in. A mode may replace the
-discriminator, its optimizer, the real-data batches and the discriminator step
-(`trainer.d_step`, same signature as `toolkit.trainer.discriminator_step`) when it is
-attached (the dp mode wraps all four: Opacus, Poisson batches, physical batches and only
-private statistics), add metrics to each epoch's record (epsilon spent), refuse the next
-epoch (budget spent; asked before every epoch), and keep state in checkpoints (the privacy
-accountant).
+The Trainer runs one loop and never asks which mode it is in. A mode prepares the parts
+it changes and returns them, as Opacus' `make_private` does: `prepare(parts, config)`
+takes the discriminator, its optimizer, the real-data batches and the D step
+(`DiscriminatorParts`) and returns the parts the loop should use (the dp mode: a
+per-sample-gradient D, a clipping and noising optimizer, Poisson batches and a D step that
+splits physical batches and keeps only private statistics). A mode also adds metrics to
+each epoch's record (epsilon spent), may refuse the rest of an epoch (budget spent; asked
+before every epoch with the steps it would take), and keeps state in checkpoints (the
+privacy accountant).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, NamedTuple, Optional, Protocol
+
+import torch
+from torch import nn
+
+
+class DiscriminatorParts(NamedTuple):
+    D: nn.Module
+    optimizer: torch.optim.Optimizer
+    batches: object          # .epoch(epoch, start) -> iterator of (real, labels); len() = steps
+    step: Callable           # (StepContext, D, optimizer, real, labels, measure) -> stats
+
+
+class Mode(Protocol):
+    name: str
+
+    def prepare(self, parts: DiscriminatorParts, config) -> DiscriminatorParts: ...
+
+    def epoch_metrics(self) -> dict: ...
+
+    def stop_reason(self, steps_ahead: int) -> Optional[str]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 class StandardMode:
@@ -19,14 +45,14 @@ class StandardMode:
 
     name = "standard"
 
-    def attach(self, trainer) -> None:
-        pass
+    def prepare(self, parts: DiscriminatorParts, config) -> DiscriminatorParts:
+        return parts
 
     def epoch_metrics(self) -> dict:
         return {}
 
-    def stop_reason(self) -> Optional[str]:
-        """Why the next epoch must not run, or None."""
+    def stop_reason(self, steps_ahead: int) -> Optional[str]:
+        """Why the next `steps_ahead` steps must not run, or None."""
         return None
 
     def state_dict(self) -> dict:
@@ -45,7 +71,7 @@ def _private_mode():
 MODES = {"standard": StandardMode, "dp": _private_mode}
 
 
-def build_mode(name: str):
+def build_mode(name: str) -> Mode:
     if name == "federated":
         # Many Trainers, one per client and round, under Flower: server/ and clients/.
         from toolkit.errors import UserError

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import logging
 import math
 import warnings
@@ -54,10 +53,11 @@ from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from toolkit.config import Config
+from toolkit.config import Config, dp_problems
 from toolkit.errors import ConfigError, UserError
+from toolkit.modes import DiscriminatorParts
 from toolkit.objectives import clip_weights
-from toolkit.trainer import grad_norm
+from toolkit.steps import grad_norm
 
 log = logging.getLogger(__name__)
 
@@ -130,40 +130,7 @@ def client_level_epsilon(noise_multiplier: float, rounds: int, delta: float) -> 
     return float(accountant.get_epsilon(delta))
 
 
-# --- What the dp mode refuses -------------------------------------------------------------------
-
-def config_problems(config: Config) -> list[str]:
-    """Options the dp mode cannot support, each with the reason and an alternative."""
-    m, o, p = config.model, config.objective, config.privacy
-    problems = []
-    if m.d_norm == "batch":
-        problems.append(
-            "dp: --d-norm batch mixes samples (each output depends on the whole batch, and its "
-            "running statistics are not private), so a per-sample gradient does not bound one "
-            "example's influence; use --d-norm group (the default), layer, instance or none")
-    if m.spectral_norm:
-        problems.append(
-            "dp: --spectral-norm keeps power-iteration vectors as buffers of every layer and "
-            "computes the weights through a parametrization: Opacus' hooks and functorch modes "
-            "refuse layers with buffers, and ew fails on the parametrization; drop it (GroupNorm "
-            "D) or use --loss wgan, whose weight clipping is post-processing of the private "
-            "weights")
-    if o.loss == "wgan-gp":
-        problems.append(
-            "dp: --loss wgan-gp differentiates D twice (the penalty's grad_x D(x_hat) with "
-            "create_graph), and Opacus' per-sample gradients cover one first-order backward "
-            "pass: hooks and functorch fail, ew returns wrong per-sample gradients (and has no "
-            "double backward for GroupNorm); use --loss wgan (weight clipping), hinge or bce")
-    if p.secure_mode:
-        reason = ("torchcsprng is not installed (there is no build of it for this torch)"
-                  if importlib.util.find_spec("torchcsprng") is None else
-                  "a cryptographic generator cannot be seeded, and the dp mode seeds sampling "
-                  "and noise so that runs are reproducible and resume exactly")
-        problems.append(
-            f"dp: --secure-mode is not supported: {reason}; use the default (seeded) mode and "
-            "keep the seed, config.json and checkpoints of a released model private")
-    return problems
-
+# --- What Opacus refuses in a built discriminator (config rules live in toolkit/config.py) ------
 
 def module_problems(D: nn.Module) -> list[str]:
     """What Opacus' own validators find in a built discriminator."""
@@ -209,19 +176,18 @@ class PrivateMode:
 
     name = "dp"
 
-    def attach(self, trainer) -> None:
+    def prepare(self, parts: DiscriminatorParts, config: Config) -> DiscriminatorParts:
         # Opacus' full backward hooks stay registered on D, and torch warns on every pass
         # whose inputs need no gradient (real images): harmless, since the hooks read
         # parameter gradients only.
         warnings.filterwarnings("ignore", message="Full backward hook is firing",
                                 category=UserWarning)
-        config: Config = trainer.config
         p = config.privacy
-        problems = config_problems(config) + module_problems(trainer.D)
+        problems = dp_problems(config) + module_problems(parts.D)
         if problems:
             raise ConfigError(problems)
-        self.trainer, self.config = trainer, config
-        x, y = trainer.batches.x, trainer.batches.y
+        self.config = config
+        x, y = parts.batches.x, parts.batches.y
         n, b = len(x), config.train.batch_size
         self.delta = resolve_delta(p.delta, n)
         # Opacus derives the sample rate (1 / batches per epoch) and the batch size the noised
@@ -230,11 +196,11 @@ class PrivateMode:
         loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=b,
                             drop_last=not p.poisson_sampling)
         with warnings.catch_warnings():
-            # "Secure RNG turned off": config_problems explains secure mode; and the GDP
+            # "Secure RNG turned off": dp_problems explains secure mode; and the GDP
             # accountant's "experimental" warning is repeated in our log below.
             warnings.simplefilter("ignore")
             self.engine = PrivacyEngine(accountant=p.accountant)
-        common = dict(module=trainer.D, optimizer=trainer.d_opt, data_loader=loader,
+        common = dict(module=parts.D, optimizer=parts.optimizer, data_loader=loader,
                       max_grad_norm=p.max_grad_norm, poisson_sampling=p.poisson_sampling,
                       grad_sample_mode=p.grad_sample_mode)
         if p.target_epsilon:
@@ -251,14 +217,12 @@ class PrivateMode:
             D, d_opt, _ = self.engine.make_private(noise_multiplier=p.noise_multiplier, **common)
         self.sample_rate = sample_rate_of(n, b, p.poisson_sampling)  # = 1 / len(loader)
         steps = len(loader)
+        batches = parts.batches
         if p.poisson_sampling:
-            trainer.batches = PoissonBatches(x, y, self.sample_rate, steps, config.train.seed)
+            batches = PoissonBatches(x, y, self.sample_rate, steps, config.train.seed)
         else:
             d_opt.expected_batch_size = b  # every batch holds exactly b (Opacus assumes N q)
-        trainer.D, trainer.d_opt = D, d_opt
         self.optimizer = d_opt
-        inner = trainer.d_step
-        trainer.d_step = lambda *args, **kwargs: self._d_step(inner, *args, **kwargs)
         self._eps_cache: dict = {}
         log.info(
             "dp: Opacus DP-SGD on D with the %s accountant; noise multiplier %.4g%s, max grad "
@@ -274,10 +238,10 @@ class PrivateMode:
         if p.accountant == "gdp":
             log.warning("dp: Opacus calls its GDP accountant experimental; it can underestimate "
                         "epsilon (prefer prv or rdp for a reported guarantee)")
+        return DiscriminatorParts(D, d_opt, batches, functools.partial(self._d_step, parts.step))
 
     # --- the private D step ----------------------------------------------------------------
-    def _d_step(self, inner, D, G, prior, objective, d_opt, real, labels, config, num_classes,
-                measure=False) -> dict:
+    def _d_step(self, inner, ctx, D, d_opt, real, labels, measure=False) -> dict:
         """One logical D step: split into physical batches when asked (Opacus'
         BatchMemoryManager protocol: every chunk but the last only clips and accumulates),
         a noise-only step for an empty batch, and only private statistics returned."""
@@ -287,18 +251,17 @@ class PrivateMode:
         if isinstance(D, GradSampleModule):
             D.enable_hooks()
         try:
-            stats = self._private_step(inner, D, G, prior, objective, d_opt, real, labels,
-                                       config, num_classes, measure)
+            stats = self._private_step(inner, ctx, D, d_opt, real, labels, measure)
         finally:
             if isinstance(D, GradSampleModule):
                 D.disable_hooks()
         return {k: v for k, v in stats.items() if k in PRIVATE_D_STATS}
 
-    def _private_step(self, inner, D, G, prior, objective, d_opt, real, labels, config,
-                      num_classes, measure) -> dict:
+    def _private_step(self, inner, ctx, D, d_opt, real, labels, measure) -> dict:
         n = real.shape[0]
+        config = ctx.config
         if n == 0:
-            stats = self._noise_only_step(D, d_opt, objective, config, measure)
+            stats = self._noise_only_step(D, d_opt, ctx.objective, config, measure)
         else:
             size = config.privacy.physical_batch_size or n
             count = math.ceil(n / size)
@@ -309,8 +272,7 @@ class PrivateMode:
                 d_opt.signal_skip_step(do_skip=not last)
                 # Measure only after the real (noised) step: a skipped chunk leaves the raw
                 # gradient in .grad.
-                stats = inner(D, G, prior, objective, d_opt, r, y, config, num_classes,
-                              measure and last)
+                stats = inner(ctx, D, d_opt, r, y, measure and last)
                 # ew refuses a forward while per-sample gradients are held; after a skipped
                 # chunk this keeps the accumulated clipped sum (Opacus' zero_grad contract).
                 d_opt.zero_grad(set_to_none=True)
@@ -369,20 +331,18 @@ class PrivateMode:
             metrics["target_epsilon"] = p.target_epsilon
         return metrics
 
-    def stop_reason(self) -> Optional[str]:
+    def stop_reason(self, steps_ahead: int) -> Optional[str]:
         """Refuses the next epoch (or the rest of the current one) when it would take epsilon
         past the target; only a run extended beyond its planned epochs gets here, since the
         noise was derived so that the planned epochs end at or below the target."""
         target = self.config.privacy.target_epsilon
         if not target:
             return None
-        state = self.trainer.state
-        remaining = len(self.trainer.batches) - state.batch
-        after = self.epsilon_after(remaining)
+        after = self.epsilon_after(steps_ahead)
         if after <= target:
             return None
-        return (f"privacy budget: epsilon {self.epsilon():.4g} spent after epoch {state.epoch}, "
-                f"the next epoch would reach {after:.4g} > target {target:g} (delta "
+        return (f"privacy budget: epsilon {self.epsilon():.4g} spent, the "
+                f"remaining {steps_ahead} steps of this epoch would reach {after:.4g} > target {target:g} (delta "
                 f"{self.delta:.3g}); start a new run with a larger --target-epsilon to train "
                 "longer")
 

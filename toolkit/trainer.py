@@ -1,9 +1,10 @@
 """The one training loop.
 
-Global steps over epochs of real batches: every batch is one discriminator step, and every
-n_critic-th discriminator step is followed by one generator step. The D and G steps are
-free functions of the networks, so a mode can hand in a wrapped (private) discriminator
-without the loop knowing.
+Global steps over epochs of real batches: every batch is one discriminator step, and a
+generator step follows whenever the D-step schedule says so (every n_critic-th D step, or
+the adaptive ladder of toolkit/schedule.py). The D and G steps are free functions
+(toolkit/steps.py); the mode prepares D, its optimizer, its batches and its D step, so a
+private discriminator runs through the same loop without the loop knowing.
 
 At each epoch end: history record, sample grid, callbacks (evaluation), checkpoints. Ctrl-C
 finishes the current step, saves a checkpoint and stops; a non-finite loss stops the run
@@ -30,89 +31,20 @@ from tqdm.auto import tqdm
 from toolkit.config import Config, n_critic, validate
 from toolkit.data import ImageData, ShuffledBatches
 from toolkit.errors import TrainingDiverged, UserError
-from toolkit.latent import build_prior, sample_labels
+from toolkit.latent import build_prior
 from toolkit.models import build_discriminator, build_generator
-from toolkit.modes import build_mode
-from toolkit.objectives import Objective, clip_weights, get_objective, gradient_penalty
+from toolkit.modes import DiscriminatorParts, build_mode
+from toolkit.objectives import get_objective
 from toolkit.runs import RunDir
+from toolkit.schedule import DStepSchedule
+from toolkit.steps import StepContext, discriminator_step, generator_step
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 
 
-# --- The two steps ------------------------------------------------------------------------------
-
-def sample_targets(n: int, low: float, high: float, like: Tensor) -> Optional[Tensor]:
-    """Per-sample BCE/LSGAN targets: a constant, or uniform in [low, high] (soft labels)."""
-    if low == high:
-        return torch.full((n,), low, device=like.device, dtype=like.dtype)
-    return torch.empty(n, device=like.device, dtype=like.dtype).uniform_(low, high)
-
-
-def discriminator_step(D: nn.Module, G: nn.Module, prior: nn.Module, objective: Objective,
-                       d_opt: torch.optim.Optimizer, real: Tensor, labels: Optional[Tensor],
-                       config: Config, num_classes: int, measure: bool = False) -> dict:
-    """One update of D on a real batch and as many fresh fakes. `measure` adds the gradient
-    norm (an extra pass over the parameters, so only on logging steps)."""
-    o = config.objective
-    n = real.shape[0]
-    fake_labels = sample_labels(n, num_classes, device=real.device) if labels is not None else None
-    with torch.no_grad():
-        fake = G(prior.sample(n, device=real.device), fake_labels)
-    v_real, v_fake = D(real, labels), D(fake, fake_labels)
-    real_target = fake_target = None
-    if objective.uses_targets:
-        low, high = ((1 - o.label_smoothing,) * 2 if o.label_smoothing
-                     else (o.real_label_min, o.real_label_max))
-        real_target = sample_targets(n, low, high, v_real)
-        fake_target = sample_targets(n, o.fake_label_min, o.fake_label_max, v_fake)
-    loss = objective.d_real(v_real, real_target).mean() + objective.d_fake(v_fake, fake_target).mean()
-    if objective.gradient_penalty:
-        loss = loss + o.gp_weight * gradient_penalty(D, real, fake, labels).mean()
-    d_opt.zero_grad(set_to_none=True)
-    loss.backward()
-    d_opt.step()
-    # Read after the step: a private optimizer has replaced the gradient by its clipped,
-    # noised version by then, so the logged norm stays private; Adam leaves it as it was.
-    stats = {"d_grad_norm": grad_norm(D)} if measure else {}
-    if objective.clip_weights:
-        clip_weights(D, o.clip_value)
-    with torch.no_grad():
-        return {
-            **stats,
-            "d_loss": loss.detach(),
-            "d_real": objective.activation(v_real).mean(),
-            "d_fake": objective.activation(v_fake).mean(),
-            "d_acc_real": objective.says_real(v_real).float().mean(),
-            "d_acc_fake": (~objective.says_real(v_fake)).float().mean(),
-        }
-
-
-def generator_step(G: nn.Module, D: nn.Module, prior: nn.Module, objective: Objective,
-                   g_opt: torch.optim.Optimizer, d_opt: torch.optim.Optimizer, n: int,
-                   config: Config, num_classes: int, device, measure: bool = False) -> dict:
-    labels = sample_labels(n, num_classes, device=device) if config.model.conditional else None
-    fake = G(prior.sample(n, device=device), labels)
-    loss = objective.g_loss(D(fake, labels), minimax=config.objective.minimax_g).mean()
-    if config.latent.mixture_sigma_reg:
-        loss = loss + config.latent.mixture_sigma_reg * prior.regularizer()
-    g_opt.zero_grad(set_to_none=True)
-    loss.backward()
-    stats = {"g_grad_norm": grad_norm(G)} if measure else {}
-    g_opt.step()
-    # G's backward pass also filled D's gradients (and, under Opacus, per-sample gradients);
-    # drop them so they never leak into D's next step.
-    d_opt.zero_grad(set_to_none=True)
-    return {**stats, "g_loss": loss.detach()}
-
-
-def grad_norm(module: nn.Module) -> float:
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-
+# --- Checkpoints and EMA ---------------------------------------------------------------------
 
 def checkpoint_header(config: Config, data: ImageData, num_classes: int) -> dict:
     """What every checkpoint starts with, so that `load_generator` rebuilds its networks."""
@@ -197,12 +129,20 @@ class Trainer:
         self.ema = (AveragedModel(self.G, multi_avg_fn=ema_with_warmup(o.ema_decay),
                                   use_buffers=True) if o.ema_decay else None)
         labels = data.train_y if config.model.conditional else None
-        self.batches = ShuffledBatches(data.train_x.to(self.device),
-                                       None if labels is None else labels.to(self.device),
-                                       t.batch_size, t.seed)
-        self.d_step = discriminator_step
+        batches = ShuffledBatches(data.train_x.to(self.device),
+                                  None if labels is None else labels.to(self.device),
+                                  t.batch_size, t.seed)
+        self.ctx = StepContext(self.G, self.prior, self.objective, config, self.num_classes,
+                               self.device)
+        # The mode prepares what it changes (the dp mode: a private D, its optimizer, Poisson
+        # batches and its D step) and hands it back; the loop runs whatever it returns.
         self.mode = mode or build_mode(t.mode)
-        self.mode.attach(self)  # may wrap D, d_opt, batches and d_step
+        parts = self.mode.prepare(DiscriminatorParts(self.D, self.d_opt, batches,
+                                                     discriminator_step), config)
+        self.D, self.d_opt, self.batches, self.d_step = parts
+        ob = config.objective
+        self.schedule = DStepSchedule(ob.d_steps_schedule, self.n_critic, ob.d_steps_threshold,
+                                      ob.d_steps_grace, ob.d_steps_beta)
         self.callbacks = list(callbacks)
         self.state = TrainState()
         self.stop_requested = False
@@ -242,6 +182,7 @@ class Trainer:
             "schedulers": [sch.state_dict() if sch else None for sch in self.schedulers],
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "mode": self.mode.state_dict(),
+            "schedule": self.schedule.state_dict(),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -262,6 +203,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(ckpt["ema"])
         self.mode.load_state_dict(ckpt["mode"])
+        self.schedule.load_state_dict(ckpt["schedule"])
         for k, v in ckpt["state"].items():
             setattr(self.state, k, v)
         rng = ckpt["rng"]
@@ -289,7 +231,7 @@ class Trainer:
         try:
             while self.state.epoch < t.epochs:
                 # Asked before every epoch, so a resumed run is refused before it overspends.
-                reason = self.mode.stop_reason()
+                reason = self.mode.stop_reason(len(self.batches) - self.state.batch)
                 if reason:
                     log.info("stopping: %s", reason)
                     return "stopped"
@@ -330,20 +272,19 @@ class Trainer:
         return True
 
     def _step(self, real: Tensor, labels: Optional[Tensor]) -> None:
-        """One discriminator step, and a generator step every n_critic of them."""
+        """One discriminator step, and a generator step whenever the schedule says so."""
         t, s = self.config.train, self.state
         self._anneal_instance_noise()
         measure = (s.step + 1) % t.log_every == 0
-        stats = self.d_step(self.D, self.G, self.prior, self.objective, self.d_opt,
-                            real, labels, self.config, self.num_classes, measure)
+        stats = self.d_step(self.ctx, self.D, self.d_opt, real, labels, measure)
         s.step += 1
-        if s.step % self.n_critic == 0:
+        if self.schedule.d_step_done():
             # G's batch is the configured size, not the real batch's: under Poisson
             # sampling that size depends on the data. G needs no per-sample gradients of
             # D, so it goes through the plain network.
-            stats.update(generator_step(self.G, unwrapped(self.D), self.prior, self.objective,
-                                        self.g_opt, self.d_opt, t.batch_size, self.config,
-                                        self.num_classes, self.device, measure))
+            stats.update(generator_step(self.ctx, unwrapped(self.D), self.g_opt, self.d_opt,
+                                        t.batch_size, measure))
+            self.schedule.g_step_done(float(stats["d_acc_g_fakes"]))
             s.g_steps += 1
             if self.ema is not None:
                 self.ema.update_parameters(self.G)
@@ -382,6 +323,7 @@ class Trainer:
         s.epoch += 1
         record = {"epoch": s.epoch, "step": s.step, "g_steps": s.g_steps, **s.means(),
                   "lr_g": self.g_opt.param_groups[0]["lr"], "lr_d": self.d_opt.param_groups[0]["lr"],
+                  "d_steps_per_g_step": self.schedule.rate,
                   "train_time_s": round(s.train_time, 3), **self.mode.epoch_metrics()}
         if s.epoch % t.sample_every == 0 or s.epoch == t.epochs:
             self.write_samples(self.run.samples / f"epoch_{s.epoch:03d}.png")

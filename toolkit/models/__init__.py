@@ -14,13 +14,15 @@ from torch import nn
 from toolkit.config import ModelConfig
 from toolkit.errors import ConfigError
 from toolkit.models.blocks import GaussianNoise, apply_spectral_norm, init_weights
+from toolkit.models.cdcgan import CDCGANDiscriminator, CDCGANGenerator
 from toolkit.models.dcgan import DCGANDiscriminator, DCGANGenerator
 from toolkit.models.maxout import MaxoutDiscriminator
 from toolkit.models.mlp import MLPDiscriminator, MLPGenerator
 
-GENERATORS = {"dcgan": DCGANGenerator, "mlp": MLPGenerator}
+GENERATORS = {"dcgan": DCGANGenerator, "mlp": MLPGenerator, "cdcgan": CDCGANGenerator}
 DISCRIMINATORS = {
     "dcgan": DCGANDiscriminator,
+    "cdcgan": CDCGANDiscriminator,
     "mlp": MLPDiscriminator,
     "maxout": MaxoutDiscriminator,
 }

@@ -1,0 +1,110 @@
+"""The discriminator step and the generator step, as free functions.
+
+Both take a `StepContext`: what a step needs besides the network being updated (G and its
+prior, the objective, the config). Keeping the steps free functions lets a mode hand in a
+wrapped (private) discriminator and its own D step without the loop knowing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from toolkit.config import Config
+from toolkit.latent import sample_labels
+from toolkit.objectives import Objective, clip_weights, gradient_penalty
+
+
+@dataclass(frozen=True)
+class StepContext:
+    G: nn.Module
+    prior: nn.Module
+    objective: Objective
+    config: Config
+    num_classes: int   # 0 when the model is unconditional
+    device: torch.device
+
+    def fake_labels(self, n: int) -> Optional[Tensor]:
+        return sample_labels(n, self.num_classes, device=self.device) if self.num_classes else None
+
+
+def sample_targets(n: int, low: float, high: float, like: Tensor) -> Tensor:
+    """Per-sample BCE/LSGAN targets: a constant, or uniform in [low, high] (soft labels)."""
+    if low == high:
+        return torch.full((n,), low, device=like.device, dtype=like.dtype)
+    return torch.empty(n, device=like.device, dtype=like.dtype).uniform_(low, high)
+
+
+def discriminator_step(ctx: StepContext, D: nn.Module, d_opt: torch.optim.Optimizer,
+                       real: Tensor, labels: Optional[Tensor], measure: bool = False) -> dict:
+    """One update of D on a real batch and as many fresh fakes. `measure` adds the gradient
+    norm (an extra pass over the parameters, so only on logging steps)."""
+    o, objective = ctx.config.objective, ctx.objective
+    n = real.shape[0]
+    fake_labels = ctx.fake_labels(n) if labels is not None else None
+    with torch.no_grad():
+        fake = ctx.G(ctx.prior.sample(n, device=real.device), fake_labels)
+    v_real, v_fake = D(real, labels), D(fake, fake_labels)
+    real_target = fake_target = None
+    if objective.uses_targets:
+        low, high = ((1 - o.label_smoothing,) * 2 if o.label_smoothing
+                     else (o.real_label_min, o.real_label_max))
+        real_target = sample_targets(n, low, high, v_real)
+        fake_target = sample_targets(n, o.fake_label_min, o.fake_label_max, v_fake)
+    loss = objective.d_real(v_real, real_target).mean() + objective.d_fake(v_fake, fake_target).mean()
+    if objective.gradient_penalty:
+        loss = loss + o.gp_weight * gradient_penalty(D, real, fake, labels).mean()
+    d_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    d_opt.step()
+    # Read after the step: a private optimizer has replaced the gradient by its clipped,
+    # noised version by then, so the logged norm stays private; Adam leaves it as it was.
+    stats = {"d_grad_norm": grad_norm(D)} if measure else {}
+    if objective.clip_weights:
+        clip_weights(D, o.clip_value)
+    with torch.no_grad():
+        return {
+            **stats,
+            "d_loss": loss.detach(),
+            "d_real": objective.activation(v_real).mean(),
+            "d_fake": objective.activation(v_fake).mean(),
+            "d_acc_real": objective.says_real(v_real).float().mean(),
+            "d_acc_fake": (~objective.says_real(v_fake)).float().mean(),
+        }
+
+
+def generator_step(ctx: StepContext, D: nn.Module, g_opt: torch.optim.Optimizer,
+                   d_opt: torch.optim.Optimizer, n: int, measure: bool = False) -> dict:
+    """One update of G through D's scores of n fresh fakes.
+
+    Also returns `d_acc_g_fakes`, D's accuracy on these fakes before G learns from them:
+    D has never seen them, and they depend on no real data, so it is a private statistic
+    (the adaptive D-step schedule reads it).
+    """
+    objective = ctx.objective
+    labels = ctx.fake_labels(n)
+    fake = ctx.G(ctx.prior.sample(n, device=ctx.device), labels)
+    scores = D(fake, labels)
+    loss = objective.g_loss(scores, minimax=ctx.config.objective.minimax_g).mean()
+    if ctx.config.latent.mixture_sigma_reg:
+        loss = loss + ctx.config.latent.mixture_sigma_reg * ctx.prior.regularizer()
+    g_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    stats = {"g_grad_norm": grad_norm(ctx.G)} if measure else {}
+    g_opt.step()
+    # G's backward pass also filled D's gradients (and, under Opacus, per-sample gradients);
+    # drop them so they never leak into D's next step.
+    d_opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        fooled = objective.says_real(scores.detach()).float().mean()
+    return {**stats, "g_loss": loss.detach(), "d_acc_g_fakes": 1.0 - fooled}
+
+
+def grad_norm(module: nn.Module) -> float:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
