@@ -6,11 +6,21 @@ import json
 import logging
 from pathlib import Path
 
-from toolkit.config import Config, validate
+from toolkit.config import RESUMABLE_CHANGES, Config, validate
 from toolkit.runs import RunDir
 from toolkit.trainer import Trainer
 
 log = logging.getLogger("toolkit")
+
+
+# Options that say where a run lives or how it is shown, not what it trains: a finished run
+# moved to another folder or machine is still the same row.
+PLACEMENT = RESUMABLE_CHANGES - {"epochs", "rounds"} | {"out_dir", "name", "data_root"}
+
+
+def same_training(saved: dict, config: Config) -> bool:
+    strip = lambda flat: {k: v for k, v in flat.items() if k not in PLACEMENT}  # noqa: E731
+    return strip(Config.from_dict(saved).flat()) == strip(config.flat())
 
 
 def train_row(name: str, config: Config, data, runs_dir: Path) -> float:
@@ -19,10 +29,10 @@ def train_row(name: str, config: Config, data, runs_dir: Path) -> float:
     run = RunDir(run_path)
     if run.checkpoint_path("last").exists():
         ckpt = run.load_checkpoint()
-        if ckpt["state"]["epoch"] >= config.train.epochs and ckpt["config"] == config.to_dict():
+        if ckpt["state"]["epoch"] >= config.train.epochs and same_training(ckpt["config"], config):
             log.info("[%s] reusing the finished run in %s", name, run_path)
             return ckpt["state"]["train_time"]
-        if ckpt["config"] != config.to_dict():
+        if not same_training(ckpt["config"], config):
             raise SystemExit(f"[{name}] {run_path} holds a run of another configuration; "
                              "remove it or choose another --out")
         trainer = Trainer(Config.from_dict(ckpt["config"]), data, run)

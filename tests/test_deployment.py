@@ -72,7 +72,7 @@ def test_superlink_and_two_supernodes_complete_a_round(tmp_path):
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         history = (tmp_path / "runs/deployed/history.jsonl").read_text().splitlines()
         assert len(history) == 1 and '"clients-replied": 2' in history[0]
-        assert (tmp_path / "runs/deployed/checkpoints/last.pt").exists()
+        assert (tmp_path / "runs/deployed/checkpoints/last.safetensors").exists()
     finally:
         for proc in reversed(started):  # SuperNodes first, then the SuperLink: graceful SIGTERM
             if proc.poll() is None:

@@ -89,7 +89,7 @@ def trained_run(tmp_path_factory):
 
 
 def test_evaluate_writes_json_table_and_prd_plot(trained_run, capsys):
-    assert (trained_run / "checkpoints" / "best.pt").is_file()
+    assert (trained_run / "checkpoints" / "best.safetensors").is_file()
     assert cli.main(["evaluate", str(trained_run), "--num", "200", "--downstream-epochs", "1"]) == 0
     result = json.loads((trained_run / "eval" / "last" / "metrics.json").read_text())
     metrics = result["metrics"]

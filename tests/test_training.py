@@ -63,7 +63,7 @@ def test_nan_stops_with_last_good_checkpoint_kept(tmp_path, data):
     config = tiny_config(tmp_path, epochs=3)
     run = RunDir.create(config)
     trainer = Trainer(config, data, run, callbacks=[PoisonAt(10)])
-    with pytest.raises(TrainingDiverged, match=r"epoch 2, step 11.*last\.pt"):
+    with pytest.raises(TrainingDiverged, match=r"epoch 2, step 11.*last\.safetensors"):
         trainer.fit()
     ckpt = run.load_checkpoint("last")
     assert ckpt["state"]["epoch"] == 1 and ckpt["state"]["batch"] == 0

@@ -353,6 +353,75 @@ def evaluate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- export, convert ------------------------------------------------------------------------------
+
+@dataclass
+class ExportOptions:
+    run: str = option("", "run folder", args=["run"])
+    out: str = option("", "folder to write generator.safetensors into")
+    checkpoint: str = option("last", "which checkpoint: last | best")
+    no_ema: bool = option(False, "export the raw generator even when the run kept an EMA")
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from toolkit.sampling import export_generator
+
+    opts = ExportOptions(**given_options(args, [ExportOptions]))
+    if not opts.out:
+        raise UserError("--out FOLDER is required")
+    path = export_generator(opts.run, Path(opts.out), opts.checkpoint, ema=not opts.no_ema)
+    log.info("wrote %s (%.1f MB): the generator alone; read it with gankit generate %s",
+             path, path.stat().st_size / 1e6, opts.out)
+    return 0
+
+
+@dataclass
+class ConvertOptions:
+    path: str = option("", "a pickled .pt checkpoint of an older gankit, or a run folder",
+                       args=["path"])
+    trust_pickle: bool = option(False, "required: unpickling runs whatever code the file holds; "
+                                       "convert only files you made yourself")
+
+
+def convert_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from toolkit.statefile import save_state
+
+    opts = ConvertOptions(**given_options(args, [ConvertOptions]))
+    path = Path(opts.path)
+    files = sorted((path / "checkpoints").glob("*.pt")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() and f.suffix == ".pt" for f in files):
+        raise UserError(f"no .pt checkpoint at {path}")
+    if not opts.trust_pickle:
+        raise UserError("converting unpickles the file, which can run any code it holds; "
+                        "add --trust-pickle if you made it yourself")
+    for f in files:
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - whatever a broken pickle raises
+            raise UserError(f"{f} could not be read ({err})") from None
+        if not isinstance(state, dict) or "config" not in state:
+            raise UserError(f"{f} is not a gankit checkpoint")
+        state["format"] = 2  # the layout is unchanged; only the file format differs
+        target = save_state(state, f.with_suffix(".safetensors"))
+        log.info("converted %s -> %s", f, target)
+    return 0
+
+
+def export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a run's generator alone, for release",
+                       description="Write the generator (no discriminator, optimizer or RNG "
+                                   "state) as generator.safetensors, which runs no code on "
+                                   "load and which gankit generate reads.")
+    add_options(p, ExportOptions, "export options")
+    p.set_defaults(command=export_command)
+    c = sub.add_parser("convert", help="convert a trusted pickled checkpoint of an older gankit",
+                       description="Convert .pt checkpoints of an older gankit to .safetensors.")
+    add_options(c, ConvertOptions, "convert options")
+    c.set_defaults(command=convert_command)
+
+
 # --- entry point ------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -362,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser(sub)
     generate_parser(sub)
     evaluate_parser(sub)
+    export_parser(sub)
     return parser
 
 

@@ -165,7 +165,7 @@ class TrainConfig:
     sample_every: int = option(1, "write a sample grid every N epochs")
     log_every: int = option(50, "write TensorBoard scalars every N steps")
     checkpoint_every: int = option(
-        0, "also save last.pt every N steps within an epoch (0 = at epoch ends only)"
+        0, "also save the last checkpoint every N steps within an epoch (0 = at epoch ends only)"
     )
     tensorboard: bool = option(True, "write TensorBoard logs")
     progress: bool = option(True, "show progress bars")
@@ -231,7 +231,7 @@ class EvalConfig:
         "", "metric classifier checkpoint (default: the shipped MNIST classifier, used when the "
             "data is 1x28x28 with 10 classes)")
     prdc_k: int = option(3, "k of the k-NN balls for precision, recall, density and coverage")
-    best_metric: str = option("fid", "history metric that selects best.pt; lower is better")
+    best_metric: str = option("fid", "history metric that selects the best checkpoint")
 
 
 GROUPS = {
@@ -275,8 +275,13 @@ class Config:
         groups = {}
         for name, group_cls in GROUPS.items():
             values = raw.get(name, {})
-            known = {f.name for f in fields(group_cls)}
-            problems += [f"unknown option '{name}.{k}'" for k in sorted(set(values) - known)]
+            if not isinstance(values, dict):
+                problems.append(f"option group '{name}' must be an object, got {type(values).__name__}")
+                continue
+            known = {f.name: f.type for f in fields(group_cls)}
+            problems += [f"unknown option '{name}.{k}'" for k in sorted(set(values) - set(known))]
+            problems += [p for k, v in values.items() if k in known
+                         for p in type_problems(k, v, known[k])]
             groups[name] = group_cls(**{k: v for k, v in values.items() if k in known})
         if problems:
             raise ConfigError(problems)
@@ -310,6 +315,26 @@ class Config:
         for key, value in overrides.items():
             raw[owners[key]][key] = value
         return Config.from_dict(raw)
+
+
+def type_problems(name: str, value: Any, kind: type) -> list[str]:
+    """A JSON value against its option's type: no "1" for an int, no 1.5 epochs, no
+    "false" that Python would read as true, no null learning rate."""
+    flag = "--" + name.replace("_", "-")
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif kind is str:
+        ok = isinstance(value, str)
+    else:
+        return []
+    if ok:
+        return []
+    shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
+    return [f"{flag} must be {'a whole number' if kind is int else 'true or false' if kind is bool else 'a number' if kind is float else 'a string'}, got {shown}"]
 
 
 def federated_problems(f: FederatedConfig) -> list[str]:

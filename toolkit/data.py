@@ -149,8 +149,20 @@ def load_mnist_5k() -> tuple[Tensor, Tensor]:
     return to_unit_range(x.reshape(-1, 1, 28, 28)), torch.from_numpy(y.astype(np.int64))
 
 
-def load_folder(path: Path) -> tuple[Tensor, Optional[Tensor]]:
+MAX_CLASSES = 1000  # one stray label of 10**6 must not build a million-class model
+
+
+def check_labels(y: Optional[Tensor], where: str) -> Optional[Tensor]:
+    if y is not None and len(y) and int(y.max()) >= MAX_CLASSES:
+        raise DataError(f"{where}: label {int(y.max())} means {int(y.max()) + 1:,} classes; labels "
+                        f"must be class indices 0..K-1 with K at most {MAX_CLASSES}")
+    return y
+
+
+def load_folder(path: Path, size: int = 0) -> tuple[Tensor, Optional[Tensor]]:
+    """An ImageFolder; `size` resizes every image first (folders of mixed sizes need it)."""
     import torchvision
+    from PIL import Image, UnidentifiedImageError
     from torchvision.transforms.functional import pil_to_tensor
 
     if not path.is_dir():
@@ -159,10 +171,19 @@ def load_folder(path: Path) -> tuple[Tensor, Optional[Tensor]]:
         folder = torchvision.datasets.ImageFolder(str(path))
     except (FileNotFoundError, RuntimeError) as err:
         raise DataError(f"no images in {path}: expected one subfolder of images per class ({err})") from None
+    def read(img_path):
+        try:
+            return folder.loader(img_path)
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            raise DataError(f"cannot read image {img_path} ({type(err).__name__}); remove or "
+                            "replace it") from None
+
     images, sizes, labels = [], set(), []
-    grey = all(folder.loader(p).mode in ("L", "1", "I;16") for p, _ in folder.samples[:64])
+    grey = all(read(p).mode in ("L", "1", "I;16") for p, _ in folder.samples[:64])
     for img_path, label in folder.samples:
-        img = folder.loader(img_path).convert("L" if grey else "RGB")
+        img = read(img_path).convert("L" if grey else "RGB")
+        if size:
+            img = img.resize((size, size), Image.BILINEAR)
         images.append(pil_to_tensor(img))
         sizes.add(tuple(images[-1].shape[1:]))
         labels.append(label)
@@ -178,12 +199,17 @@ def load_npz(path: Path) -> tuple[Tensor, Optional[Tensor]]:
     if not path.is_file():
         raise DataError(f"npz file not found: {path}")
     try:
-        arrays = np.load(path)
-    except Exception as err:
-        raise DataError(f"cannot read {path} as an .npz archive ({err})") from None
-    if "x" not in arrays:
-        raise DataError(f"{path} has no array named 'x' (found: {', '.join(arrays.files) or 'none'})")
-    x = arrays["x"]
+        arrays = np.load(path, allow_pickle=False)  # object arrays would unpickle
+        if not hasattr(arrays, "files"):
+            raise DataError(f"{path} is a single .npy array, not an .npz archive with 'x'")
+        if "x" not in arrays:
+            raise DataError(f"{path} has no array named 'x' (found: {', '.join(arrays.files) or 'none'})")
+        x = arrays["x"]
+        y_arr = arrays["y"] if "y" in arrays.files else None
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - zip, format and pickle errors alike
+        raise DataError(f"cannot read {path} as an .npz archive of numeric arrays ({err})") from None
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
@@ -202,13 +228,12 @@ def load_npz(path: Path) -> tuple[Tensor, Optional[Tensor]]:
     else:
         raise DataError(f"{path}: 'x' must be uint8 (0..255) or float in [0, 1] or [-1, 1]")
     y = None
-    if "y" in arrays:
-        y_arr = arrays["y"]
+    if y_arr is not None:
         if y_arr.shape != (len(x),):
             raise DataError(f"{path}: 'y' must have shape ({len(x)},), got {y_arr.shape}")
         if not np.issubdtype(y_arr.dtype, np.integer) or y_arr.min() < 0:
             raise DataError(f"{path}: 'y' must hold non-negative integer class labels")
-        y = torch.from_numpy(y_arr.astype(np.int64))
+        y = check_labels(torch.from_numpy(y_arr.astype(np.int64)), str(path))
     return tx.contiguous(), y
 
 
@@ -261,7 +286,8 @@ def load_data(cfg: DataConfig) -> ImageData:
         kind, _, path = name.partition(":")
         if not path:
             raise DataError(f"dataset '{name}' needs a path, e.g. {kind}:/data/images")
-        x, y = (load_folder if kind == "folder" else load_npz)(Path(path).expanduser())
+        x, y = (load_folder(Path(path).expanduser(), cfg.image_size) if kind == "folder"
+                else load_npz(Path(path).expanduser()))
         x, y, rx, ry = holdout_split(x, y, cfg.holdout_fraction)
         description = (f"{name}: {len(x):,} training images; reference: a fixed held-out "
                        f"{cfg.holdout_fraction:.0%}")

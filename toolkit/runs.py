@@ -3,8 +3,12 @@
     <run>/config.json          the full configuration (pass back with --config)
     <run>/history.jsonl        one JSON record per epoch
     <run>/samples/epoch_NNN.png
-    <run>/checkpoints/last.pt  written at every epoch end (and every N steps if asked)
-    <run>/checkpoints/best.pt  the epoch with the best --best-metric so far
+    <run>/checkpoints/last.safetensors  written at every epoch end (and every N steps if asked)
+    <run>/checkpoints/best.safetensors  the epoch with the best --best-metric so far
+
+Checkpoints are state files (toolkit/statefile.py: safetensors and JSON), which run no code
+when read; the pickled `.pt` checkpoints of gankit before 0.2 are refused with the one
+command that converts a trusted one.
     <run>/tb/                  TensorBoard event files
     <run>/train.log
 """
@@ -12,15 +16,13 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from toolkit.config import Config
 from toolkit.errors import UserError
+from toolkit.statefile import load_state, save_state
 
 
 class RunDir:
@@ -74,22 +76,30 @@ class RunDir:
 
     # --- checkpoints -------------------------------------------------------------------------
     def checkpoint_path(self, name: str) -> Path:
-        return self.checkpoints / f"{name}.pt"
+        return self.checkpoints / f"{name}{CHECKPOINT_SUFFIX}"
 
     def save_checkpoint(self, state: dict, name: str = "last") -> Path:
         """Write atomically: a crash mid-write never leaves a broken checkpoint behind."""
-        path = self.checkpoint_path(name)
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-        return path
+        return save_state(state, self.checkpoint_path(name))
 
     def load_checkpoint(self, name: str = "last", map_location="cpu") -> dict:
         path = self.checkpoint_path(name)
         if not path.is_file():
+            refuse_legacy(path.with_suffix(LEGACY_SUFFIX))
             raise UserError(f"no checkpoint {path}")
-        # Our own files hold optimizer and RNG states, which need full unpickling.
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return load_state(path, map_location)
+
+
+CHECKPOINT_SUFFIX = ".safetensors"
+LEGACY_SUFFIX = ".pt"
+
+
+def refuse_legacy(path: Path) -> None:
+    """A pickled checkpoint of an older gankit: never unpickled unless the user asks."""
+    if Path(path).is_file() and Path(path).suffix == LEGACY_SUFFIX:
+        raise UserError(f"{path} is a pickled checkpoint of an older gankit; unpickling can run "
+                        "code, so gankit does not read it. If you trust the file, convert it "
+                        f"once: gankit convert {path} --trust-pickle")
 
 
 def find_checkpoint(path: Path, name: str = "last") -> tuple[Optional[RunDir], Path]:
@@ -99,8 +109,10 @@ def find_checkpoint(path: Path, name: str = "last") -> tuple[Optional[RunDir], P
         run = RunDir.open(path)
         ckpt = run.checkpoint_path(name)
         if not ckpt.is_file():
-            raise UserError(f"run {path} has no {name}.pt checkpoint yet")
+            refuse_legacy(ckpt.with_suffix(LEGACY_SUFFIX))
+            raise UserError(f"run {path} has no {ckpt.name} checkpoint yet")
         return run, ckpt
     if path.is_file():
+        refuse_legacy(path)
         return None, path
     raise UserError(f"no run folder or checkpoint at {path}")

@@ -16,6 +16,7 @@ from toolkit.errors import UserError
 from toolkit.latent import build_prior
 from toolkit.models import build_discriminator, build_generator
 from toolkit.runs import find_checkpoint
+from toolkit.statefile import load_state
 
 
 @contextmanager
@@ -62,19 +63,30 @@ class LoadedGenerator:
         return torch.cat(images), labels
 
 
+RELEASE_FILE = "generator.safetensors"
+
+
 def read_checkpoint(path, checkpoint: str = "last", device="cpu") -> tuple[dict, Config, dict]:
-    """(checkpoint, its config, its data info) from a run folder or checkpoint file."""
-    _, ckpt_path = find_checkpoint(Path(path), checkpoint)
+    """(checkpoint, its config, its data info) from a run folder, a checkpoint file or a
+    released generator's folder."""
+    path = Path(path)
+    if path.is_dir() and (path / RELEASE_FILE).is_file():
+        ckpt_path = path / RELEASE_FILE
+    else:
+        _, ckpt_path = find_checkpoint(path, checkpoint)
+    ckpt = load_state(ckpt_path, device)  # runs no code, whatever the file holds
     try:
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         return ckpt, Config.from_dict(ckpt["config"]), ckpt["data"]
-    except (KeyError, RuntimeError, EOFError, ValueError, TypeError) as err:
-        raise UserError(f"{ckpt_path} is not a checkpoint of this toolkit ({err})") from None
+    except (KeyError, TypeError) as err:
+        raise UserError(f"{ckpt_path} is not a checkpoint of this toolkit (no {err})") from None
 
 
 def load_discriminator(path, checkpoint: str = "last", device="cpu") -> nn.Module:
     """Rebuild D from a run folder or checkpoint file, in eval mode."""
     ckpt, config, info = read_checkpoint(path, checkpoint, device)
+    if "D" not in ckpt:
+        raise UserError(f"{path} holds a released generator without its discriminator; "
+                        "rejection sampling needs the run's own checkpoint")
     D = build_discriminator(config.model, tuple(info["image_shape"]), info["num_classes"]).to(device)
     D.load_state_dict(ckpt["D"])
     return D.eval()
@@ -85,7 +97,7 @@ def load_generator(path, checkpoint: str = "last", ema: bool = True, device="cpu
     ckpt, config, info = read_checkpoint(path, checkpoint, device)
     G = build_generator(config.model, config.latent.latent_dim, tuple(info["image_shape"]),
                         info["num_classes"]).to(device)
-    if ema and ckpt.get("ema"):
+    if ema and ckpt.get("ema") and not ckpt.get("released"):
         # AveragedModel keeps the averaged network under "module." next to a counter.
         G.load_state_dict({k[len("module."):]: v for k, v in ckpt["ema"].items()
                            if k.startswith("module.")})
@@ -95,6 +107,31 @@ def load_generator(path, checkpoint: str = "last", ema: bool = True, device="cpu
     prior.load_state_dict(ckpt["prior"])
     return LoadedGenerator(G.eval(), prior.eval(), config, info["num_classes"],
                            tuple(info["image_shape"]))
+
+
+def export_generator(path, out: Path, checkpoint: str = "last", ema: bool = True) -> Path:
+    """Write the generator alone (weights, prior, the config that rebuilds it, and the run's
+    privacy facts) to `out/generator.safetensors`: what a private run may release, since G
+    is post-processing of the private D. No discriminator, optimizer or RNG state (these
+    are not covered by the release, or would help an attacker)."""
+    from toolkit.runs import RunDir
+    from toolkit.statefile import save_state
+
+    gen = load_generator(path, checkpoint, ema=ema)
+    ckpt, _, info = read_checkpoint(path, checkpoint)
+    history = RunDir(Path(path)).history() if Path(path).is_dir() else []
+    last = history[-1] if history else {}
+    privacy = {k: last[k] for k in ("epsilon", "epsilon_rdp", "epsilon_prv", "delta",
+                                    "accountant", "noise_multiplier", "dp_steps") if k in last}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = gen.config.to_dict()
+    # The seed drives the private run's sampling and noise: it is not released.
+    config["train"]["seed"] = 0
+    return save_state({"released": True, "config": config, "data": info,
+                       "G": gen.G.state_dict(), "prior": gen.prior.state_dict(),
+                       "privacy": privacy, "epoch": ckpt.get("state", {}).get("epoch")},
+                      out / RELEASE_FILE)
 
 
 def to_uint8(images: Tensor) -> np.ndarray:

@@ -41,7 +41,7 @@ from toolkit.steps import StepContext, discriminator_step, generator_step
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: state files (toolkit/statefile.py); 1 was pickled
 
 
 # --- Checkpoints and EMA ---------------------------------------------------------------------

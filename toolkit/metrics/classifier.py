@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -134,14 +134,16 @@ def random_affine(x: Tensor, generator: torch.Generator, degrees: float = 10.0,
 def train_classifier(x: Tensor, y: Tensor, epochs: int, batch_size: int = 128, lr: float = 2e-3,
                      augment: bool = True, seed: int = 0, device: str = "cpu",
                      progress: bool = True, weight_decay: float = 5e-4,
-                     num_classes: Optional[int] = None) -> Classifier:
+                     num_classes: Optional[int] = None,
+                     epoch_end: Optional[Callable[[int, "Classifier"], None]] = None) -> Classifier:
     """Train a fresh classifier on images `x` (N, C, H, W) in [-1, 1] with labels `y`.
 
     AdamW with a cosine learning-rate decay to zero over all steps, so that the same
     defaults suit a long run on a few thousand images and a short downstream run; the
     BatchNorm statistics are recomputed at the end (see `recalibrate_batchnorm`).
     Deterministic for a given seed (and device/thread count); the caller's global RNG
-    state is left as it was.
+    state is left as it was. `epoch_end(epoch, model)` runs after every epoch (model
+    selection); it must leave the model as it found it.
     """
     if len(x) != len(y):
         raise UserError(f"{len(x)} images but {len(y)} labels")
@@ -168,7 +170,7 @@ def train_classifier(x: Tensor, y: Tensor, epochs: int, batch_size: int = 128, l
         model.train()
         bar = tqdm(total=total_steps, desc="classifier", unit="step", disable=not progress,
                    leave=False)
-        for _ in range(epochs):
+        for epoch in range(epochs):
             order = torch.randperm(len(x), generator=gen).to(device)
             for b in range(steps_per_epoch):
                 idx = order[b * batch_size:(b + 1) * batch_size]
@@ -182,6 +184,8 @@ def train_classifier(x: Tensor, y: Tensor, epochs: int, batch_size: int = 128, l
                 sched.step()
                 bar.update()
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if epoch_end is not None:
+                epoch_end(epoch + 1, model)
         bar.close()
         recalibrate_batchnorm(model, x_dev, batch_size)
     return model.eval()

@@ -1,0 +1,74 @@
+"""Evaluation as the DP-generation papers do it: epsilon under RDP beside PRV, downstream
+accuracy with the epoch chosen on generated images, and the DP-SGD classifier baseline."""
+
+import warnings
+
+import pytest
+import torch
+
+from conftest import tiny_config, train
+from toolkit.metrics.downstream import synthetic_to_real
+
+opacus = pytest.importorskip("opacus")
+from opacus.accountants import create_accountant  # noqa: E402
+
+
+def blocks(n, seed, label_noise=0.0):
+    """Separable 28x28 images: class c lights a 4x4 block at position c, plus noise;
+    `label_noise` replaces that share of labels by random ones."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(10, (n,), generator=gen)
+    x = torch.randn(n, 1, 28, 28, generator=gen) * 0.3 - 0.5
+    for i, c in enumerate(y.tolist()):
+        r, col = divmod(c, 5)
+        x[i, 0, 4 + 10 * r:8 + 10 * r, 2 + 5 * col:6 + 5 * col] += 1.5
+    flip = torch.rand(n, generator=gen) < label_noise
+    y = torch.where(flip, torch.randint(10, (n,), generator=gen), y)
+    return x.clamp(-1, 1), y
+
+
+def test_history_reports_epsilon_under_rdp_and_prv_for_the_same_steps(tmp_path, data):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer, _ = train(tiny_config(tmp_path, mode="dp", noise_multiplier=1.0,
+                                       accountant="prv", epochs=2), data)
+    record = trainer.run.history()[-1]
+    history = [(1.0, record["sample_rate"], record["dp_steps"])]
+    for name in ("rdp", "prv"):
+        acc = create_accountant(name)
+        acc.history = history
+        assert record[f"epsilon_{name}"] == pytest.approx(acc.get_epsilon(record["delta"]), rel=1e-6)
+    assert record["epsilon"] == record["epsilon_prv"] < record["epsilon_rdp"]
+
+
+def test_downstream_epoch_is_chosen_on_generated_images_and_tested_once_on_real():
+    train_x, train_y = blocks(600, seed=0)
+    val_x, val_y = blocks(200, seed=1)
+    test_x, test_y = blocks(300, seed=2)
+    result = synthetic_to_real(train_x, train_y, val_x, val_y, test_x, test_y, epochs=3)
+    curve = result["downstream_val_curve"]
+    assert len(curve) == 3
+    assert result["downstream_epoch"] == curve.index(max(curve)) + 1
+    assert result["downstream_val_accuracy"] == max(curve)
+    assert result["downstream_accuracy"] > 0.9
+    # Real test labels that disagree with the images: the score drops, the choice does not
+    # change, because the test split never takes part in it.
+    shuffled = synthetic_to_real(train_x, train_y, val_x, val_y, test_x, test_y.roll(1), epochs=3)
+    assert shuffled["downstream_epoch"] == result["downstream_epoch"]
+    assert shuffled["downstream_val_curve"] == curve
+    assert shuffled["downstream_accuracy"] < 0.3
+
+
+def test_dp_sgd_baseline_spends_its_budget_and_learns():
+    from toolkit.privacy import dp_sgd_classifier_accuracy
+
+    train_x, train_y = blocks(2000, seed=0)
+    test_x, test_y = blocks(500, seed=1)
+    result = dp_sgd_classifier_accuracy(train_x, train_y, test_x, test_y, target_epsilon=4.0,
+                                        delta=1e-4, epochs=4, batch_size=128, lr=0.5)
+    assert 3.6 < result["epsilon"] <= 4.0
+    assert result["accuracy"] > 0.9
+    # A smaller budget means more noise for the same steps.
+    small = dp_sgd_classifier_accuracy(train_x, train_y, test_x, test_y, target_epsilon=0.5,
+                                       delta=1e-4, epochs=4, batch_size=128, lr=0.5)
+    assert small["noise_multiplier"] > result["noise_multiplier"]
