@@ -69,3 +69,14 @@ class StopAt(Callback):
 @pytest.fixture
 def data():
     return synthetic_data()
+
+
+@pytest.fixture(autouse=True)
+def release_run_folders():
+    """A CLI process holds its run folder's lock until it exits; a test process would
+    collect one open lock file per run, so each test lets go of its own."""
+    yield
+    from toolkit import runs
+
+    for path in list(runs._HELD):
+        runs.RunDir(path).unlock()

@@ -151,10 +151,17 @@ def test_drs_refuses_a_calibration_that_would_break_a_dp_guarantee(trained_run):
     from toolkit.evaluate import draw_samples
     from toolkit.sampling import load_discriminator, load_generator
 
+    from toolkit.config import Config, privacy_facts
+
     gen, D = load_generator(trained_run), load_discriminator(trained_run)
-    gen.config.train.mode, gen.config.objective.loss = "dp", "hinge"
-    with pytest.raises(UserError, match="privacy guarantee does not cover"):
-        draw_samples(gen, 10, drs=True, D=D, calibration=(torch.zeros(4, 1, 28, 28), None))
+    assert gen.privacy["private"] is False  # the run's own record
+    gen.config.objective.loss = "hinge"
+    # Every private run refuses, whichever level it protects: the recorded fact decides.
+    for options in ({"mode": "dp"}, {"mode": "federated", "sample_dp": True},
+                    {"mode": "federated", "client_dp": "server"}):
+        gen.privacy = privacy_facts(Config().updated(options))
+        with pytest.raises(UserError, match="privacy guarantee .* does not cover"):
+            draw_samples(gen, 10, drs=True, D=D, calibration=(torch.zeros(4, 1, 28, 28), None))
     gen.config.objective.loss = "bce"  # closed-form logits: DRS is free post-processing
     images, _, info = draw_samples(gen, 10, drs=True, D=D, drs_target_rate=0.5)
     assert len(images) == 10 and info["drs_uses_real_data"] is False

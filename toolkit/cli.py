@@ -61,7 +61,7 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[Config, Optional[Pat
         from toolkit.runs import RunDir
 
         run = RunDir.open(Path(args.resume))
-        saved = run.config()
+        saved = run.authoritative_config()
         changed = {k: v for k, v in given.items() if saved.flat()[k] != v}
         refused = sorted(set(changed) - RESUMABLE_CHANGES)
         if refused:
@@ -90,19 +90,16 @@ def train_command(args: argparse.Namespace) -> int:
     if config.train.mode == "federated":
         return federated_command(config, data, resume_dir)
     callbacks = training_callbacks(config, data, resolve_device(config.train.device))
-    if resume_dir is not None:
-        run = RunDir.open(resume_dir)
-        config.save(run.config_path)  # records an extended --epochs
-    else:
-        run = RunDir.create(config)
-    log_to_file(run.log_path)
-    log.info("run folder: %s", run.path)
+    run = RunDir.open(resume_dir).lock() if resume_dir is not None else RunDir.create(config)
     trainer = Trainer(config, data, run, callbacks=callbacks)
     if resume_dir is not None:
-        trainer.resume()
+        trainer.resume()  # refuses a checkpoint it cannot trust before anything is written
         if trainer.state.epoch >= config.train.epochs:
             raise UserError(f"{run.path} has finished its {trainer.state.epoch} epochs; "
                             "pass a larger --epochs to train longer")
+        config.save(run.config_path)  # records an extended --epochs
+    log_to_file(run.log_path)
+    log.info("run folder: %s", run.path)
     status = trainer.fit()
     if status == "interrupted":
         return EXIT_INTERRUPTED
@@ -121,7 +118,7 @@ def federated_command(config, data, resume_dir) -> int:
     except ImportError as err:
         raise UserError(f"the federated mode needs Flower: pip install 'flwr[simulation]' ({err})") from None
     if resume_dir is not None:
-        run = RunDir.open(resume_dir)
+        run = RunDir.open(resume_dir).lock()
         done = run.load_checkpoint("last")["round"] if run.checkpoint_path("last").exists() else 0
         if done >= config.federated.rounds:
             raise UserError(f"{run.path} has finished its {done} rounds; pass a larger --rounds to train longer")
@@ -424,10 +421,20 @@ def export_parser(sub) -> None:
 
 # --- entry point ------------------------------------------------------------------------------------
 
+class Parser(argparse.ArgumentParser):
+    """No abbreviated options (--epoch is not --epochs), and a mistake is one line."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gankit", description="Privacy-aware collaborative GAN training toolkit.")
-    sub = parser.add_subparsers(metavar="COMMAND", required=True)
+    parser = Parser(prog="gankit", description="Privacy-aware collaborative GAN training toolkit.")
+    sub = parser.add_subparsers(metavar="COMMAND", required=True, parser_class=Parser)
     train_parser(sub)
     generate_parser(sub)
     evaluate_parser(sub)
@@ -461,6 +468,11 @@ def main(argv=None) -> int:
         return args.command(args)
     except UserError as err:
         print(f"gankit: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as err:
+        # A read-only folder, a full disk, a missing file: the machine's state, not a bug.
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"gankit: error: {err.strerror or err}{where}", file=sys.stderr)
         return EXIT_USER_ERROR
     except TrainingDiverged as err:
         print(f"gankit: training diverged: {err}", file=sys.stderr)

@@ -513,3 +513,18 @@ def dp_problems(config: "Config") -> list[str]:
             f"dp: --secure-mode is not supported: {reason}; use the default (seeded) mode and "
             "keep the seed, config.json and checkpoints of a released model private")
     return problems
+
+
+def privacy_facts(config: "Config") -> dict:
+    """What a run protects, decided once when its first checkpoint is written and read back
+    from the checkpoint by everything that must refuse to spend real data outside the
+    guarantee (a DRS calibration, say). Sample level: each training image (the dp mode,
+    or --sample-dp in every federated client); client level: each client's whole data
+    (--client-dp)."""
+    t, f = config.train, config.federated
+    sample = t.mode == "dp" or (t.mode == "federated" and f.sample_dp)
+    client = t.mode == "federated" and f.client_dp != "none"
+    protects = [what for on, what in ((sample, "each training image"),
+                                      (client, "each client's whole data")) if on]
+    return {"private": sample or client, "sample_level": sample, "client_level": client,
+            "protects": " and ".join(protects) or "nothing (not private)"}

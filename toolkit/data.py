@@ -172,8 +172,11 @@ def load_folder(path: Path, size: int = 0) -> tuple[Tensor, Optional[Tensor]]:
     except (FileNotFoundError, RuntimeError) as err:
         raise DataError(f"no images in {path}: expected one subfolder of images per class ({err})") from None
     def read(img_path):
+        # PIL directly: torchvision's loader converts everything to RGB, grey images too.
         try:
-            return folder.loader(img_path)
+            with Image.open(img_path) as img:
+                img.load()
+                return img
         except (UnidentifiedImageError, OSError, ValueError) as err:
             raise DataError(f"cannot read image {img_path} ({type(err).__name__}); remove or "
                             "replace it") from None

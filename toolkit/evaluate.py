@@ -137,12 +137,13 @@ def draw_samples(gen, n: int, seed: int = 0, sigma: Optional[float] = None,
     from toolkit.rejection_sampling import density_ratio_logit, rejection_sampler_for
 
     loss = gen.config.objective.loss
-    if gen.config.train.mode == "dp" and density_ratio_logit(loss) is None:
+    if gen.privacy["private"] and density_ratio_logit(loss) is None:
         # DRS itself only post-processes the private D; a calibration would read the
         # training images outside the privacy accounting.
         raise UserError(f"rejection sampling a '{loss}' discriminator needs a calibration on the "
-                        "training images, which a dp run's privacy guarantee does not cover; "
-                        "DRS is free for bce, js, kl, rkl and hellinger")
+                        f"training images, which this run's privacy guarantee (it protects "
+                        f"{gen.privacy['protects']}) does not cover; DRS is free for bce, js, kl, "
+                        "rkl and hellinger")
     real_images, real_labels = calibration if calibration is not None else (None, None)
     # gamma: a percentile of the burn-in scores (the paper's choice) or a target acceptance.
     gamma_choice = ({"gamma_percentile": drs_percentile} if drs_percentile is not None

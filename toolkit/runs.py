@@ -16,11 +16,12 @@ command that converts a trusted one.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Optional
 
-from toolkit.config import Config
+from toolkit.config import RESUMABLE_CHANGES, Config
 from toolkit.errors import UserError
 from toolkit.statefile import load_state, save_state
 
@@ -41,13 +42,41 @@ class RunDir:
         t = config.train
         name = t.name or f"{config.model.g_arch}-{config.objective.loss}-{time.strftime('%Y%m%d-%H%M%S')}"
         run = cls(Path(t.out_dir) / name)
-        if run.checkpoint_path("last").exists():
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.lock()  # before anything is written: a second process stops here
+        if run.checkpoint_path("last").exists() or run.history_path.exists():
             raise UserError(f"run folder {run.path} already holds a run; "
                             f"continue it with --resume {run.path} or pick another --name")
         run.samples.mkdir(parents=True, exist_ok=True)
         run.checkpoints.mkdir(parents=True, exist_ok=True)
         config.save(run.config_path)
         return run
+
+    def lock(self) -> "RunDir":
+        """Hold the folder for this process (released when it exits, even by kill -9): two
+        trainers writing one history and checkpoint would corrupt both."""
+        import fcntl
+
+        if self.path.resolve() in _HELD:
+            return self
+        handle = open(self.path / ".lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise UserError(f"run folder {self.path} is in use by another gankit process; wait "
+                            "for it to finish or pick another --name") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        _HELD[self.path.resolve()] = handle
+        return self
+
+    def unlock(self) -> None:
+        handle = _HELD.pop(self.path.resolve(), None)
+        if handle is not None:
+            handle.close()
 
     @classmethod
     def open(cls, path: Path) -> "RunDir":
@@ -59,19 +88,54 @@ class RunDir:
     def config(self) -> Config:
         return Config.load(self.config_path)
 
+    def authoritative_config(self) -> Config:
+        """The config a resume must continue: the last checkpoint's. config.json is only a
+        readable copy; an edited one (a weaker privacy target, another seed) is refused."""
+        readable = self.config()
+        if not self.checkpoint_path("last").exists():
+            refuse_legacy(self.checkpoint_path("last").with_suffix(LEGACY_SUFFIX))
+            return readable
+        saved = Config.from_dict(self.load_checkpoint("last").get("config"))
+        differ = sorted(k for k, v in saved.flat().items() if readable.flat()[k] != v)
+        # An extension (--epochs, --rounds) is written to config.json before the next
+        # checkpoint; such options may differ, as they may on the command line.
+        extended = {k: readable.flat()[k] for k in differ if k in RESUMABLE_CHANGES}
+        differ = [k for k in differ if k not in RESUMABLE_CHANGES]
+        if differ:
+            raise UserError(f"{self.config_path} differs from the run's checkpoint in "
+                            f"{', '.join(differ)}; the checkpoint's config is the run's own. "
+                            "Restore config.json, or start a new run with the changed options")
+        return saved.updated(extended)
+
     # --- history -----------------------------------------------------------------------------
     def append_history(self, record: dict) -> None:
         with open(self.history_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def history(self) -> list[dict]:
+        """Every complete record. A crash in the middle of a write leaves a partial last
+        line: it is dropped (the checkpoint it would describe was never written); a broken
+        line anywhere else is a damaged file."""
         if not self.history_path.exists():
             return []
-        return [json.loads(line) for line in self.history_path.read_text().splitlines() if line]
+        lines = [line for line in self.history_path.read_text().splitlines() if line.strip()]
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    break
+                raise UserError(f"{self.history_path} line {i + 1} is not a JSON record; "
+                                "the history is damaged") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{self.history_path} line {i + 1} is not a record")
+            records.append(record)
+        return records
 
     def truncate_history(self, done: int, key: str = "epoch") -> None:
         """Drop records of epochs (or rounds) after the checkpoint (written just before a crash)."""
-        kept = [r for r in self.history() if r[key] <= done]
+        kept = [r for r in self.history() if isinstance(r.get(key), int) and r[key] <= done]
         self.history_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     # --- checkpoints -------------------------------------------------------------------------
@@ -89,6 +153,9 @@ class RunDir:
             raise UserError(f"no checkpoint {path}")
         return load_state(path, map_location)
 
+
+# Folders this process holds, with their open lock files (the lock lives as long as the file).
+_HELD: dict = {}
 
 CHECKPOINT_SUFFIX = ".safetensors"
 LEGACY_SUFFIX = ".pt"

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from toolkit.config import Config
+from toolkit.config import Config, privacy_facts
 from toolkit.errors import UserError
 from toolkit.latent import build_prior
 from toolkit.models import build_discriminator, build_generator
@@ -39,6 +39,13 @@ class LoadedGenerator:
     config: Config
     num_classes: int
     image_shape: tuple
+    # What the run protects, as its checkpoint records it; a generator still in training
+    # gets it from the same function that writes the record.
+    privacy: Optional[dict] = None
+
+    def __post_init__(self):
+        if self.privacy is None:
+            self.privacy = privacy_facts(self.config)
 
     @torch.no_grad()
     def sample(self, n: int, seed: int = 0, sigma: Optional[float] = None,
@@ -105,8 +112,10 @@ def load_generator(path, checkpoint: str = "last", ema: bool = True, device="cpu
         G.load_state_dict(ckpt["G"])
     prior = build_prior(config.latent, config.train.seed).to(device)
     prior.load_state_dict(ckpt["prior"])
+    # Checkpoints converted from gankit < 0.2 predate the record: derive it once here.
+    privacy = ckpt.get("privacy") or privacy_facts(config)
     return LoadedGenerator(G.eval(), prior.eval(), config, info["num_classes"],
-                           tuple(info["image_shape"]))
+                           tuple(info["image_shape"]), privacy)
 
 
 def export_generator(path, out: Path, checkpoint: str = "last", ema: bool = True) -> Path:
@@ -128,7 +137,7 @@ def export_generator(path, out: Path, checkpoint: str = "last", ema: bool = True
     config = gen.config.to_dict()
     # The seed drives the private run's sampling and noise: it is not released.
     config["train"]["seed"] = 0
-    return save_state({"released": True, "config": config, "data": info,
+    return save_state({"released": True, "config": config, "data": info, "privacy": gen.privacy,
                        "G": gen.G.state_dict(), "prior": gen.prior.state_dict(),
                        "privacy": privacy, "epoch": ckpt.get("state", {}).get("epoch")},
                       out / RELEASE_FILE)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from toolkit.config import Config, n_critic, validate
+from toolkit.config import Config, n_critic, privacy_facts, validate
 from toolkit.data import ImageData, ShuffledBatches
 from toolkit.errors import TrainingDiverged, UserError
 from toolkit.latent import build_prior
@@ -49,6 +49,7 @@ CHECKPOINT_FORMAT = 2  # 2: state files (toolkit/statefile.py); 1 was pickled
 def checkpoint_header(config: Config, data: ImageData, num_classes: int) -> dict:
     """What every checkpoint starts with, so that `load_generator` rebuilds its networks."""
     return {"format": CHECKPOINT_FORMAT, "config": config.to_dict(),
+            "privacy": privacy_facts(config),
             "data": {"image_shape": list(data.image_shape), "num_classes": num_classes,
                      "name": data.name}}
 
@@ -215,7 +216,12 @@ class Trainer:
 
     def resume(self) -> None:
         ckpt = self.run.load_checkpoint("last", map_location=self.device)
-        self.load_state_dict(ckpt)
+        try:
+            self.load_state_dict(ckpt)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+            # A state file runs no code, but it can still be damaged or made for another run.
+            raise UserError(f"{self.run.checkpoint_path('last')} does not fit this run "
+                            f"({type(err).__name__}: {str(err)[:200]})") from None
         self.run.truncate_history(self.state.epoch)
         log.info("resumed %s at epoch %d, batch %d (step %d)", self.run.path,
                  self.state.epoch, self.state.batch, self.state.step)
