@@ -64,7 +64,7 @@ def pair_gradient(D, objective, real, fake):
 # --- pairing, clipping, noise --------------------------------------------------------------------
 
 @pytest.mark.parametrize("grad_sample_mode,physical", [(m, 0) for m in GRAD_SAMPLE_MODES]
-                         + [("ew", 7), ("hooks", 7)])
+                         + [("ew", 7), ("hooks", 7), ("bk", 7)])
 def test_private_gradient_is_mean_of_clipped_pair_gradients(tmp_path, data, grad_sample_mode,
                                                             physical):
     """With the noise off, the gradient Adam receives is sum_i clip(grad(real_i + fake_i)) / B:

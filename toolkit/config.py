@@ -28,7 +28,8 @@ PRIORS = ("gaussian", "mixture")
 LR_DECAYS = ("none", "linear", "exponential")
 MODES = ("standard", "dp", "federated")  # dp: toolkit/privacy.py; federated: server/, clients/
 ACCOUNTANTS = ("rdp", "prv", "gdp")
-GRAD_SAMPLE_MODES = ("ew", "hooks", "functorch")
+# bk: toolkit/clipping.py (book-keeping); the others are Opacus' per-sample gradient modes.
+GRAD_SAMPLE_MODES = ("bk", "ew", "hooks", "functorch")
 DEVICES = ("cpu", "cuda", "auto")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean", "krum")
 PARTITIONS = ("iid", "dirichlet", "pathological")

@@ -53,6 +53,7 @@ from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from toolkit.clipping import BookKeepingClipper, BookKeepingOptimizer
 from toolkit.config import Config, dp_problems
 from toolkit.errors import ConfigError, UserError
 from toolkit.modes import DiscriminatorParts
@@ -202,27 +203,11 @@ class PrivateMode:
         # fixed-size batches when Poisson sampling is off.
         loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=b,
                             drop_last=not p.poisson_sampling)
-        with warnings.catch_warnings():
-            # "Secure RNG turned off": dp_problems explains secure mode; and the GDP
-            # accountant's "experimental" warning is repeated in our log below.
-            warnings.simplefilter("ignore")
-            self.engine = PrivacyEngine(accountant=p.accountant)
-        common = dict(module=parts.D, optimizer=parts.optimizer, data_loader=loader,
-                      max_grad_norm=p.max_grad_norm, poisson_sampling=p.poisson_sampling,
-                      grad_sample_mode=p.grad_sample_mode)
-        if p.target_epsilon:
-            try:
-                D, d_opt, _ = self.engine.make_private_with_epsilon(
-                    target_epsilon=p.target_epsilon, target_delta=self.delta,
-                    epochs=config.train.epochs, **common)
-            except ValueError as err:  # Opacus: "The privacy budget is too low."
-                raise ConfigError(
-                    f"dp: --target-epsilon {p.target_epsilon:g} cannot be met in "
-                    f"{config.train.epochs} epochs at sample rate {1 / len(loader):.4g} ({err}); "
-                    "use a larger budget, fewer epochs or a smaller batch size") from None
-        else:
-            D, d_opt, _ = self.engine.make_private(noise_multiplier=p.noise_multiplier, **common)
         self.sample_rate = sample_rate_of(n, b, p.poisson_sampling)  # = 1 / len(loader)
+        if p.grad_sample_mode == "bk":
+            D, d_opt = self._book_keeping(parts, config, loader)
+        else:
+            D, d_opt = self._opacus(parts, config, loader)
         steps = len(loader)
         batches = parts.batches
         if p.poisson_sampling:
@@ -232,9 +217,9 @@ class PrivateMode:
         self.optimizer = d_opt
         self._eps_cache: dict = {}
         log.info(
-            "dp: Opacus DP-SGD on D with the %s accountant; noise multiplier %.4g%s, max grad "
+            "dp: DP-SGD on D with the %s accountant; noise multiplier %.4g%s, max grad "
             "norm %g, sample rate %.4g (expected batch %g, %s), delta %.3g, per-sample "
-            "gradients by '%s'%s", p.accountant, d_opt.noise_multiplier,
+            "clipping by '%s'%s", p.accountant, d_opt.noise_multiplier,
             f" (for target epsilon {p.target_epsilon:g} in {config.train.epochs} epochs)"
             if p.target_epsilon else "", p.max_grad_norm, self.sample_rate,
             d_opt.expected_batch_size, "Poisson sampling" if p.poisson_sampling else
@@ -247,6 +232,60 @@ class PrivateMode:
                         "epsilon (prefer prv or rdp for a reported guarantee)")
         return DiscriminatorParts(D, d_opt, batches, functools.partial(self._d_step, parts.step))
 
+    def _budget_error(self, config: Config, err: Exception) -> ConfigError:
+        p = config.privacy
+        return ConfigError(
+            f"dp: --target-epsilon {p.target_epsilon:g} cannot be met in "
+            f"{config.train.epochs} epochs at sample rate {self.sample_rate:.4g} ({err}); "
+            "use a larger budget, fewer epochs or a smaller batch size")
+
+    def _book_keeping(self, parts: DiscriminatorParts, config: Config, loader):
+        """toolkit/clipping.py: the same clipping, noise and accounting as Opacus' modes,
+        without per-example gradients."""
+        p = config.privacy
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            accountant = create_accountant(p.accountant)
+        sigma = p.noise_multiplier
+        if p.target_epsilon:
+            try:
+                sigma = float(get_noise_multiplier(
+                    target_epsilon=p.target_epsilon, target_delta=self.delta,
+                    sample_rate=self.sample_rate, epochs=config.train.epochs,
+                    accountant=p.accountant))
+            except ValueError as err:
+                raise self._budget_error(config, err) from None
+        self._accountant = accountant
+        clipper = BookKeepingClipper(parts.D, p.max_grad_norm)
+        expected = int(len(loader.dataset) * self.sample_rate)
+        d_opt = BookKeepingOptimizer(parts.optimizer, clipper, sigma, p.max_grad_norm, expected,
+                                     accountant, self.sample_rate)
+        self._clipper = clipper
+        return parts.D, d_opt
+
+    def _opacus(self, parts: DiscriminatorParts, config: Config, loader):
+        p = config.privacy
+        with warnings.catch_warnings():
+            # "Secure RNG turned off": dp_problems explains secure mode; and the GDP
+            # accountant's "experimental" warning is repeated in our log below.
+            warnings.simplefilter("ignore")
+            self.engine = PrivacyEngine(accountant=p.accountant)
+        self._accountant = self.engine.accountant
+        self._clipper = None
+        common = dict(module=parts.D, optimizer=parts.optimizer, data_loader=loader,
+                      max_grad_norm=p.max_grad_norm, poisson_sampling=p.poisson_sampling,
+                      grad_sample_mode=p.grad_sample_mode)
+        if p.target_epsilon:
+            try:
+                D, d_opt, _ = self.engine.make_private_with_epsilon(
+                    target_epsilon=p.target_epsilon, target_delta=self.delta,
+                    epochs=config.train.epochs, **common)
+            except ValueError as err:  # Opacus: "The privacy budget is too low."
+                raise self._budget_error(config, err) from None
+        else:
+            D, d_opt, _ = self.engine.make_private(noise_multiplier=p.noise_multiplier, **common)
+        return D, d_opt
+
     # --- the private D step ----------------------------------------------------------------
     def _d_step(self, inner, ctx, D, d_opt, real, labels, measure=False) -> dict:
         """One logical D step: split into physical batches when asked (Opacus'
@@ -255,19 +294,30 @@ class PrivateMode:
         # Per-sample gradients only inside this step: G's pass through D (and anything else
         # between D steps) then costs what it costs without Opacus. ew has no hooks: G's step
         # goes through the plain network instead (Trainer passes unwrapped(D)).
-        if isinstance(D, GradSampleModule):
-            D.enable_hooks()
+        self._hooks(D, True)
         try:
             stats = self._private_step(inner, ctx, D, d_opt, real, labels, measure)
         finally:
-            if isinstance(D, GradSampleModule):
-                D.disable_hooks()
+            self._hooks(D, False)
         return {k: v for k, v in stats.items() if k in PRIVATE_D_STATS}
+
+    def _hooks(self, D, on: bool) -> None:
+        if self._clipper is not None:
+            self._clipper.active = on
+            self._clipper.clear_records()  # nothing from an aborted step carries over
+        elif isinstance(D, GradSampleModule):
+            D.enable_hooks() if on else D.disable_hooks()
 
     def _private_step(self, inner, ctx, D, d_opt, real, labels, measure) -> dict:
         n = real.shape[0]
         config = ctx.config
-        if n == 0:
+        if n == 0 and self._clipper is not None:
+            d_opt.step()  # nothing clipped: the noise alone, accounted like any step
+            stats = {"d_grad_norm": grad_norm(D)} if measure else {}
+            if ctx.objective.clip_weights:
+                clip_weights(D, config.objective.clip_value)
+            d_opt.zero_grad(set_to_none=True)
+        elif n == 0:
             stats = self._noise_only_step(D, d_opt, ctx.objective, config, measure)
         else:
             size = config.privacy.physical_batch_size or n
@@ -301,7 +351,7 @@ class PrivateMode:
     # --- accounting --------------------------------------------------------------------------
     @property
     def accountant(self):
-        return self.engine.accountant
+        return self._accountant
 
     def steps(self) -> int:
         return sum(entry[2] for entry in self.accountant.history)

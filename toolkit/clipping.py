@@ -1,0 +1,236 @@
+"""Per-example gradient clipping without per-example gradients ("book-keeping").
+
+DP-SGD needs each example's gradient norm and the sum of the clipped gradients. Opacus'
+hooks mode builds every example's full gradient (a batch x parameters tensor) and then
+reduces it. For a layer y = W a, example i's gradient is G_i^T A_i (its grad-outputs
+times its inputs, over positions), so both quantities come from what backpropagation has
+anyway (Bu et al. 2023, "Differentially private optimization on large model at small
+cost"):
+
+- the norm: ||G_i^T A_i||^2 either directly (a batched product per example), or as the
+  "ghost norm" sum_pq (A_i A_i^T)_pq (G_i G_i^T)_pq, cheaper when a layer has few output
+  positions and wide inputs (Li et al. 2022; the cheaper one is chosen per layer);
+- the clipped sum: sum_i c_i G_i^T A_i = (c G)^T A, one weight-gradient product of the
+  ordinary size (torch's own conv weight-gradient kernel).
+
+D's weights never get autograd gradients: during the D step they do not require grad, and
+the backward pass only carries gradients to layer inputs. Pairing: several forward passes
+in one step (the real batch, then the fakes) with the same number of rows count row i of
+every pass as one example, so the clipped unit is the pair (real i, fake i), as in the
+Opacus modes (toolkit/privacy.py).
+
+Supported layers: Linear, Conv2d and GroupNorm; `unsupported_layers` names any other layer
+that owns parameters, and the dp mode falls back to Opacus for such a D.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm)
+
+
+def unsupported_layers(module: nn.Module) -> list[str]:
+    return [f"{name or 'the module'} ({type(m).__name__})" for name, m in module.named_modules()
+            if any(True for _ in m.parameters(recurse=False)) and not isinstance(m, SUPPORTED)]
+
+
+class _Record:
+    """What one layer saw in one forward pass: its input and, after backward, its
+    output's gradient."""
+
+    __slots__ = ("input", "grad")
+
+    def __init__(self, x: Tensor):
+        self.input, self.grad = x, None
+
+
+class BookKeepingClipper:
+    def __init__(self, module: nn.Module, max_grad_norm: float):
+        problems = unsupported_layers(module)
+        if problems:
+            raise ValueError("book-keeping clipping supports Linear, Conv2d and GroupNorm; "
+                             f"found {', '.join(problems)}")
+        self.module, self.max_grad_norm = module, max_grad_norm
+        self.layers = [m for m in module.modules() if isinstance(m, SUPPORTED)
+                       and any(p.requires_grad for p in m.parameters(recurse=False))]
+        self.params = [p for m in self.layers for p in m.parameters(recurse=False)]
+        self.records: dict = {m: [] for m in self.layers}
+        self.active = False
+        for m in self.layers:
+            m.register_forward_hook(self._forward_hook)
+        for p in self.params:
+            p.requires_grad_(False)  # gradients reach layer inputs only; weights are ours
+        self.summed: Optional[list[Tensor]] = None
+        self.examples = 0  # examples clipped into `summed` since the last reset
+
+    # --- capture ---------------------------------------------------------------------------
+    def _forward_hook(self, layer, inputs, output):
+        if not self.active:
+            return None
+        record = _Record(inputs[0].detach())
+        self.records[layer].append(record)
+        if not output.requires_grad:  # the first layers: neither input nor weights need grad
+            output = output.detach().requires_grad_(True)
+
+        def keep(grad):
+            record.grad = grad.detach()
+        output.register_hook(keep)
+        return output
+
+    # --- clipping --------------------------------------------------------------------------
+    def clip_and_accumulate(self) -> None:
+        """Clip each example's gradient of the last backward pass to max_grad_norm and add
+        the clipped sum to `summed`. Gradients are first multiplied by the rows per pass:
+        the D loss is a mean over them, which Opacus' loss_reduction="mean" undoes the same
+        way."""
+        pieces = {m: self._pieces(m) for m in self.layers}
+        pieces = {m: p for m, p in pieces.items() if p is not None}
+        n = next((len(p[0][0]) for p in pieces.values()), 0)
+        if n:
+            norms_sq = sum(self._norms_sq(m, parts) for m, parts in pieces.items())
+            factor = (self.max_grad_norm / (norms_sq.sqrt() + 1e-6)).clamp(max=1.0)
+        sums = [self._clipped_sum(m, pieces[m], factor) if m in pieces and n else
+                [torch.zeros_like(p) for p in m.parameters(recurse=False)] for m in self.layers]
+        flat = [t for layer_sums in sums for t in layer_sums]
+        self.summed = flat if self.summed is None else [a + b for a, b in zip(self.summed, flat)]
+        self.examples += n
+        self.clear_records()
+
+    def _pieces(self, layer):
+        """[(inputs, grads) per pass], rows = examples, or None when the layer saw nothing."""
+        records = [r for r in self.records[layer] if r.grad is not None]
+        if not records:
+            return None
+        rows = {len(r.input) for r in records}
+        if len(rows) != 1:
+            raise ValueError(f"the passes of one D step have different sizes {sorted(rows)}")
+        return [(r.input, r.grad * len(r.input)) for r in records]
+
+    def _norms_sq(self, layer, parts) -> Tensor:
+        if isinstance(layer, nn.Linear):
+            a = torch.cat([x.reshape(len(x), -1, x.shape[-1]) for x, _ in parts], dim=1)
+            g = torch.cat([y.reshape(len(y), -1, y.shape[-1]) for _, y in parts], dim=1)
+            total = _product_norm_sq(a, g)
+            if layer.bias is not None:
+                total = total + g.sum(1).pow(2).sum(1)
+            return total
+        if isinstance(layer, nn.Conv2d):
+            a = torch.cat([_unfold(layer, x) for x, _ in parts], dim=2).transpose(1, 2)
+            g = torch.cat([y.flatten(2) for _, y in parts], dim=2).transpose(1, 2)
+            total = _product_norm_sq(a, g)
+            if layer.bias is not None:
+                total = total + g.sum(1).pow(2).sum(1)
+            return total
+        # GroupNorm: weight gradient sum_hw x_hat * g, bias gradient sum_hw g, per channel.
+        per_channel = lambda t: t.reshape(len(t), t.shape[1], -1).sum(2)  # noqa: E731
+        w = sum(per_channel(_group_norm_hat(layer, x) * y) for x, y in parts)
+        b = sum(per_channel(y) for _, y in parts)
+        return w.pow(2).sum(1) + b.pow(2).sum(1)
+
+    def _clipped_sum(self, layer, parts, factor: Tensor) -> list[Tensor]:
+        scaled = [(x, y * factor.view(-1, *([1] * (y.dim() - 1)))) for x, y in parts]
+        if isinstance(layer, nn.Linear):
+            weight = sum(y.reshape(-1, y.shape[-1]).t() @ x.reshape(-1, x.shape[-1]) for x, y in scaled)
+            out = [weight]
+            if layer.bias is not None:
+                out.append(sum(y.reshape(-1, y.shape[-1]).sum(0) for _, y in scaled))
+            return out
+        if isinstance(layer, nn.Conv2d):
+            weight = sum(torch.nn.grad.conv2d_weight(x, layer.weight.shape, y, layer.stride,
+                                                     layer.padding, layer.dilation, layer.groups)
+                         for x, y in scaled)
+            out = [weight]
+            if layer.bias is not None:
+                out.append(sum(y.sum((0, 2, 3)) for _, y in scaled))
+            return out
+        total = lambda t: t.reshape(len(t), t.shape[1], -1).sum((0, 2))  # noqa: E731
+        weight = sum(total(_group_norm_hat(layer, x) * y) for x, y in scaled)
+        bias = sum(total(y) for _, y in scaled)
+        return [weight, bias]
+
+    # --- state -----------------------------------------------------------------------------
+    def clear_records(self) -> None:
+        for records in self.records.values():
+            records.clear()
+
+    def reset(self) -> None:
+        self.clear_records()
+        self.summed, self.examples = None, 0
+
+
+def _unfold(layer: nn.Conv2d, x: Tensor) -> Tensor:
+    """Conv input patches (N, C_in * kh * kw, positions)."""
+    if layer.groups != 1:
+        raise ValueError("book-keeping clipping supports Conv2d with groups=1 only")
+    padding = layer.padding if isinstance(layer.padding, tuple) else None
+    if padding is None:
+        raise ValueError("book-keeping clipping needs a numeric Conv2d padding")
+    return F.unfold(x, layer.kernel_size, layer.dilation, padding, layer.stride)
+
+
+def _product_norm_sq(a: Tensor, g: Tensor) -> Tensor:
+    """||g_i^T a_i||_F^2 per example for a (N, T, D_in), g (N, T, D_out): directly, or by
+    the ghost norm sum_ts (a a^T)_ts (g g^T)_ts when T^2 (D_in + D_out) is cheaper than
+    T D_in D_out."""
+    t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
+    if t * t * (d_in + d_out) < t * d_in * d_out:
+        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+    return torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
+
+
+def _group_norm_hat(layer: nn.GroupNorm, x: Tensor) -> Tensor:
+    return F.group_norm(x, layer.num_groups, eps=layer.eps)
+
+
+class BookKeepingOptimizer:
+    """The private optimizer over a plain one (Opacus' DPOptimizer contract: `step` clips,
+    sums, noises, divides by the expected batch size and steps the wrapped optimizer;
+    `signal_skip_step` accumulates a physical chunk without stepping)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, clipper: BookKeepingClipper,
+                 noise_multiplier: float, max_grad_norm: float, expected_batch_size: float,
+                 accountant, sample_rate: float):
+        self.original_optimizer, self.clipper = optimizer, clipper
+        self.noise_multiplier, self.max_grad_norm = noise_multiplier, max_grad_norm
+        self.expected_batch_size = expected_batch_size
+        self.accountant, self.sample_rate = accountant, sample_rate
+        self.params = clipper.params
+        self._skip = False
+
+    @property
+    def param_groups(self):
+        return self.original_optimizer.param_groups
+
+    def state_dict(self) -> dict:
+        return self.original_optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.original_optimizer.load_state_dict(state)
+
+    def signal_skip_step(self, do_skip: bool = True) -> None:
+        self._skip = do_skip
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        # The D step clears gradients between its forward and backward passes, so what the
+        # hooks saw stays (step consumes it), and so does the clipped sum of skipped
+        # chunks until the step that noises it (Opacus' contract).
+        for p in self.params:
+            p.grad = None
+
+    def step(self, closure=None):
+        self.clipper.clip_and_accumulate()
+        if self._skip:
+            self._skip = False
+            return None
+        summed = self.clipper.summed
+        std = self.noise_multiplier * self.max_grad_norm
+        for p, s in zip(self.params, summed):
+            p.grad = (s + torch.normal(0.0, std, size=s.shape, device=s.device)) / self.expected_batch_size
+        self.clipper.reset()
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        return self.original_optimizer.step(closure)
