@@ -217,11 +217,9 @@ class ReplyGuard(Strategy):
                 o.dropped.append((node, problem))
                 log.warning("round %d: dropped the reply of node %d: %s", round_, node, problem)
                 continue
-            # Equal weights: every client trains the same --local-steps whatever its share of
-            # the data, and DP-FedAvg's noise assumes each of the m sampled updates weighs 1/m.
-            reply.content[self.metrics_key][self.weighted_by_key] = 1
             accepted.append(reply)
         o.accepted = len(accepted)
+        self.prepare_metrics(accepted)
         if o.failed:
             log.warning("round %d: %d client(s) failed: %s", round_, len(o.failed),
                         "; ".join(reason for _, reason in o.failed))
@@ -235,6 +233,20 @@ class ReplyGuard(Strategy):
         o.aggregated = arrays is not None
         o.metrics = dict(metrics) if metrics is not None else {}
         return (None if arrays is None else self.in_schema(arrays)), metrics
+
+    def prepare_metrics(self, accepted: list[Message]) -> None:
+        """Each accepted reply's metrics as the strategy gets them: equal weights, and only the
+        metrics every accepted reply has (Flower's strategies refuse replies whose metric keys
+        differ, e.g. a g_loss that one client's round did not produce)."""
+        if not accepted:
+            return
+        shared = set.intersection(*(set(r.content[self.metrics_key].keys()) for r in accepted))
+        for reply in accepted:
+            metrics = {k: v for k, v in reply.content[self.metrics_key].items() if k in shared}
+            # Equal weights: every client trains the same --local-steps whatever its share of
+            # the data, and DP-FedAvg's noise assumes each of the m sampled updates weighs 1/m.
+            metrics[self.weighted_by_key] = 1
+            reply.content[self.metrics_key] = MetricRecord(metrics)
 
     def problem_with(self, reply: Message, node: int, seen: set) -> Optional[str]:
         """Why this reply cannot be aggregated, or None."""

@@ -200,6 +200,18 @@ def test_every_reply_weighs_the_same_whatever_example_count_it_claims(tmp_path):
     assert guard.outcome.metrics["clients-replied"] == 3 and "num-examples" not in guard.outcome.metrics
 
 
+def test_honest_replies_with_different_optional_statistics_still_make_a_round(tmp_path):
+    config = config_of(tmp_path, clients=3)
+    guard = build_strategy(config, records(GLOBAL), SIZES[:3])
+    sent = start_round(guard, FakeGrid({1: 0, 2: 1, 3: 2}, 3))
+    metrics = [honest_metrics(config, sent[node], node - 1) for node in (1, 2, 3)]
+    metrics[1].pop("g_loss")  # this client's round had no G step
+    metrics[2]["d_loss"] = 4.0
+    aggregate = aggregate_of(guard, [reply(sent[n], honest_arrays(n - 1), m) for n, m in zip((1, 2, 3), metrics)])
+    assert np.array_equal(aggregate["w"], np.full(4, 2.0, np.float32))
+    assert guard.outcome.metrics == {"clients-replied": 3, "local-steps": 5.0, "d_loss": 2.0}
+
+
 def test_failed_replies_and_too_few_good_ones_keep_the_model_without_ending_the_run(tmp_path):
     from flwr.app import Error
 
