@@ -8,6 +8,11 @@ process, takes its partition (seeded, so every machine agrees on the split), tra
 `local_steps` discriminator steps with the toolkit's loop (toolkit/federated.py) and
 returns both networks with metrics (examples, losses).
 
+Sample-level DP: the server decides each client's noise multiplier and private steps and
+sends them in the train config with the partition it expects this node to hold ("client",
+learnt from this node's answer to a query message, `identify`); the client trains with
+exactly these and reports them back, and refuses a round meant for another partition.
+
 Client-level DP with clipping on the clients: when the server's config holds
 "clipping_norm", Flower's `fixedclipping_mod` clips this client's update before it leaves.
 """
@@ -53,14 +58,30 @@ def local_training(msg: Message, context: Context) -> Message:
                           f"the run has {config.federated.clients} clients")
     torch.set_num_threads(max(1, int(config.federated.client_cpus)))
     cfg = msg.content["config"]
+    noise, steps = None, None
+    if config.federated.sample_dp:
+        if int(cfg["client"]) != client:
+            raise ConfigError(f"the server sent this node a round for partition {cfg['client']}, but it "
+                              f"holds partition {client}")
+        noise, steps = float(cfg["noise-multiplier"]), int(cfg["dp-steps"])
     weights, metrics = local_round(config, load_client_data(config), msg.content["arrays"].to_torch_state_dict(),
                                    client, int(cfg["server-round"]),
-                                   proximal_mu=float(cfg.get("proximal-mu", 0.0)))
+                                   proximal_mu=float(cfg.get("proximal-mu", 0.0)),
+                                   noise_multiplier=noise, steps=steps)
     return Message(content=RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)}),
                    reply_to=msg)
 
 
 app = ClientApp()
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """Which partition this node holds (the server asks once per run under sample-level DP)."""
+    facts = {"partition-id": int(context.node_config["partition-id"])}
+    if "num-partitions" in context.node_config:
+        facts["num-partitions"] = int(context.node_config["num-partitions"])
+    return Message(RecordDict({"node": MetricRecord(facts)}), reply_to=msg)
 
 
 @app.train()

@@ -1,8 +1,8 @@
 """The Flower ServerApp: rounds of federated GAN training around one global model.
 
 `serve` is the whole server: it sends the global weights and the run's configuration to the
-sampled clients, aggregates their replies with the chosen strategy (server/strategy.py),
-and after every round evaluates the global G centrally on the reference split, writes a
+sampled clients, aggregates the replies its guard accepts with the chosen strategy
+(server/strategy.py), and after every round evaluates the global G centrally on the reference split, writes a
 sample grid, the round's history record and checkpoints (toolkit/federated.py). A resumed
 run starts from the last round's checkpoint and numbers rounds on from there.
 
@@ -25,11 +25,11 @@ from typing import Optional
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from server.strategy import (build_strategy, load_strategy_state, sampled_clients, strategy_state,
-                             weighted_metrics)
+from server.strategy import build_strategy, load_strategy_state, sampled_clients, strategy_state
 from toolkit.config import Config, validate
 from toolkit.data import ImageData, load_data
-from toolkit.federated import GlobalModel, describe_partitions, describe_sample_dp
+from toolkit.federated import (GlobalModel, client_partitions, describe_partitions, describe_sample_dp,
+                               sample_dp_plan)
 from toolkit.runs import RunDir
 
 log = logging.getLogger("toolkit")
@@ -61,38 +61,31 @@ def serve(grid: Grid, config: Config, run: RunDir, data: ImageData, resume: bool
     if resume:
         model.resume()
     describe_partitions(config, data, run)
-    if f.sample_dp:
-        describe_sample_dp(config, data)
+    plan = sample_dp_plan(config, data) if f.sample_dp else None
+    if plan is not None:
+        describe_sample_dp(config, plan)
     remaining = f.rounds - model.round
     if remaining <= 0:
         log.info("all %d rounds are done", f.rounds)
         return model
     offset = model.round
-    outcome: dict = {}
-    train_metrics: dict = {}
-
-    def collect(records, weight_key):
-        merged = weighted_metrics(records, weight_key)
-        train_metrics.clear()
-        train_metrics.update(dict(merged))
-        return merged
-
-    strategy = build_strategy(config, offset, outcome, train_metrics=collect)
+    strategy = build_strategy(config, ArrayRecord(model.weights),
+                              [len(indices) for indices in client_partitions(config, data)], offset, plan)
     load_strategy_state(strategy, model.server_state.get("strategy"))
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> Optional[MetricRecord]:
         if server_round == 0:
             return None  # Flower evaluates the initial weights first; the history has them as a run start
-        aggregated = outcome.get("aggregated", False)
+        outcome = strategy.outcome  # what the guard saw this round
         model.server_state["strategy"] = strategy_state(strategy)  # saved with the round's checkpoint
-        extra = {k: outcome[k] for k in ("failed", "rejected") if outcome.get(k)}
+        extra = {"failed": len(outcome.failed), "dropped": len(outcome.dropped)}
         extra.update(privacy_record(config, server_round + offset, data))
         if f.sample_dp:
-            extra.update(model.account_sample_dp(outcome.get("client_metrics", [])))
-        record = model.end_round(server_round + offset, arrays.to_torch_state_dict() if aggregated else None,
-                                 dict(train_metrics) if aggregated else {}, extra)
-        outcome.clear()
-        train_metrics.clear()
+            # Every node the server sent the round is charged, from the server's own record.
+            extra.update(model.account_sample_dp(list((outcome.sent or {}).values())))
+        record = model.end_round(server_round + offset,
+                                 arrays.to_torch_state_dict() if outcome.aggregated else None,
+                                 outcome.metrics if outcome.aggregated else {}, extra)
         return MetricRecord({k: float(v) for k, v in record.items()
                              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
 

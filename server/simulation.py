@@ -18,7 +18,7 @@ log = logging.getLogger("toolkit")
 
 def quiet_flower() -> None:
     # Flower's INFO lines and Ray's banner would bury the round log; errors still show, and
-    # our own log reports failed and rejected clients each round.
+    # our own log reports failed and dropped replies each round.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.common.logger import console_handler
 

@@ -1,29 +1,43 @@
-"""The server's aggregation: a Flower strategy chosen by --strategy, guarded.
+"""The server's aggregation: a Flower strategy chosen by --strategy, inside a reply guard.
 
     fedavg, fedprox, fedadam        (FedProx's proximal term is applied by the clients)
     fedmedian, trimmed-mean, krum   robust to a minority of bad clients
     --client-dp server|client       Flower's DP-FedAvg wrappers (fixed clipping) around
                                     fedavg/fedprox; the server reports epsilon
 
-Every strategy is wrapped by `guarded`, which
-- drops replies that failed (a client raised or vanished) and replies whose weights are not
-  finite (NaN or inf from a broken or malicious client): no strategy averages NaN;
-- keeps the previous global model when fewer than --min-clients good replies are left;
-- numbers rounds from where a resumed run left off, so clients see the true round (their
-  batch order is seeded by it).
+`ReplyGuard` wraps any Flower strategy (the way Flower's DP wrappers do) and is the trust
+boundary between the clients and the aggregation. A client reply reaches the strategy only
+when it
+- carries no error and comes from a node that was sent this round, once;
+- holds exactly the global model's arrays (same keys, shapes and dtypes, finite values) and
+  exactly the expected metrics (integers where integers belong, finite numbers elsewhere,
+  counts within what the server planned);
+- under sample-level DP, echoes what the server sent its node (partition, noise multiplier,
+  steps; see `SampleDPAssignments`).
+Any other reply is dropped, counted and logged; it never ends the round. Every accepted reply
+weighs the same (the server does not take a client's word for its example count). A round with
+fewer than --min-clients accepted replies keeps the previous global model. The guard numbers
+rounds from where a resumed run left off (clients seed their batch order by it) and keeps what
+each round did in `outcome` (a RoundOutcome).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord,
+                      RecordDict)
+from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategies
+from flwr.serverapp.strategy import Strategy
 
 from toolkit.config import Config
+from toolkit.federated import reply_metric_types
 
 log = logging.getLogger("toolkit")
 
@@ -34,59 +48,298 @@ def sampled_clients(config: Config) -> int:
     return max(1, int(f.clients * f.fraction_train))
 
 
-def finite(reply: Message) -> bool:
-    return all(np.isfinite(a).all() for a in reply.content["arrays"].to_numpy_ndarrays())
+def array_schema(arrays: ArrayRecord) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Each array's shape and dtype, in the record's order."""
+    schema = {}
+    for key, value in arrays.items():
+        array = value.numpy()
+        schema[key] = (array.shape, array.dtype)
+    return schema
 
 
-def guarded(strategy_cls: type, round_offset: int, min_replies: int, outcome: dict) -> type:
-    """strategy_cls with failed and non-finite replies dropped, a minimum of good replies,
-    rounds shifted by round_offset; `outcome` receives what each round did."""
-
-    class Guarded(strategy_cls):
-        def configure_train(self, server_round, arrays, config, grid):
-            return super().configure_train(server_round + round_offset, arrays, config, grid)
-
-        def aggregate_train(self, server_round, replies: Iterable[Message]):
-            replies = list(replies)
-            failed = [m for m in replies if m.has_error()]
-            answered = [m for m in replies if not m.has_error()]
-            good = [m for m in answered if finite(m)]
-            outcome.update(failed=len(failed), rejected=len(answered) - len(good), replied=len(good),
-                           client_metrics=[dict(next(iter(m.content.metric_records.values())))
-                                           for m in answered if m.content.metric_records])
-            if failed:
-                log.warning("round %d: %d client(s) failed: %s", server_round + round_offset, len(failed),
-                            "; ".join(m.error.reason.strip().splitlines()[-1][:200] for m in failed))
-            if len(good) < len(answered):
-                log.warning("round %d: rejected %d reply(ies) with non-finite weights",
-                            server_round + round_offset, len(answered) - len(good))
-            if len(good) < min_replies:
-                outcome["aggregated"] = False
-                log.warning("round %d: %d good replies, fewer than --min-clients %d: the global model "
-                            "stays as it was", server_round + round_offset, len(good), min_replies)
-                return None, None
-            arrays, metrics = super().aggregate_train(server_round + round_offset, good)
-            outcome["aggregated"] = arrays is not None
-            return arrays, metrics
-
-    Guarded.__name__ = f"Guarded{strategy_cls.__name__}"
-    return Guarded
+def last_line_of_error(reply: Message) -> str:
+    """A failed client's error in one line (a traceback's last line says what happened)."""
+    reason = reply.error.reason.strip()
+    return reason.splitlines()[-1][:200] if reason else "no reason given"
 
 
-PER_CLIENT_FACTS = ("client", "noise-multiplier", "sample-rate", "dp-steps", "delta")
+@dataclass
+class RoundOutcome:
+    """What one round did, as the guard saw it."""
+    round: int
+    # node id -> what it was asked beyond the shared config; None: this guard sent nothing
+    # this round (aggregate_train called on its own, as a test may)
+    sent: Optional[dict[int, dict]] = None
+    received: int = 0
+    failed: list[tuple[int, str]] = field(default_factory=list)  # (node, error): the client raised or vanished
+    dropped: list[tuple[int, str]] = field(default_factory=list)  # (node, reason): refused by the guard
+    accepted: int = 0
+    aggregated: bool = False
+    metrics: dict = field(default_factory=dict)  # the strategy's aggregated train metrics
 
 
-def weighted_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Example-weighted mean of the clients' numeric metrics (losses, epsilon: the max)."""
+class SampleDPAssignments:
+    """Sample-level DP: which partition each node trains, and what the server asks of it.
+
+    The server plans every partition's noise multiplier and steps (toolkit.federated.
+    sample_dp_plan) and sends each node its partition's entry in the train config; the
+    account is kept from these records, not from the replies. A node's partition is the one
+    thing the server asks of the node: once per run, before its first round (a query message
+    answered from the node's own `partition-id`), and fixed from then on. Two nodes claiming
+    one partition are both charged to it, which can only overstate that partition's epsilon.
+    """
+
+    QUERY_TIMEOUT_S = 600.0
+
+    def __init__(self, plan: list[dict]):
+        self.plan = plan
+        self.partition_of: dict[int, int] = {}  # node id -> partition, learnt this run
+
+    def learn_partitions(self, nodes: list[int], grid: Grid) -> None:
+        unknown = [n for n in nodes if n not in self.partition_of]
+        if not unknown:
+            return
+        queries = [Message(RecordDict({"config": ConfigRecord({"ask": "partition-id"})}), dst_node_id=n,
+                           message_type=MessageType.QUERY) for n in unknown]
+        for reply in grid.send_and_receive(queries, timeout=self.QUERY_TIMEOUT_S):
+            node = reply.metadata.src_node_id
+            partition, problem = self._claimed_partition(reply)
+            if partition is None:
+                log.warning("sample-level DP: node %d names no partition of 0..%d (%s); it is not sent "
+                            "a round until it does", node, len(self.plan) - 1, problem)
+                continue
+            if partition in self.partition_of.values():
+                log.warning("sample-level DP: node %d also claims partition %d; both nodes are "
+                            "charged to it", node, partition)
+            self.partition_of[node] = partition
+
+    def _claimed_partition(self, reply: Message) -> tuple[Optional[int], str]:
+        if reply.has_error():
+            return None, last_line_of_error(reply)
+        if not reply.has_content() or "node" not in reply.content.metric_records:
+            return None, "no answer"
+        facts = reply.content["node"]
+        partition, partitions = facts.get("partition-id"), facts.get("num-partitions")
+        if type(partition) is not int or not 0 <= partition < len(self.plan) or \
+                partitions not in (None, len(self.plan)):
+            return None, f"partition-id {partition!r} of num-partitions {partitions!r}"
+        return partition, ""
+
+    def assign(self, messages: list[Message], grid: Grid) -> list[tuple[Message, dict]]:
+        """Each message with its node's assignment added to its config; nodes without a
+        partition are left out of the round."""
+        self.learn_partitions([m.metadata.dst_node_id for m in messages], grid)
+        out = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            if node not in self.partition_of:
+                continue
+            assignment = dict(self.plan[self.partition_of[node]])
+            content = RecordDict(dict(message.content.items()))
+            # Each node gets its own config record: Flower's strategies share one between messages.
+            content["config"] = ConfigRecord({**message.content["config"], **assignment})
+            out.append((Message(content, dst_node_id=node, message_type=message.metadata.message_type),
+                        assignment))
+        return out
+
+
+class ReplyGuard(Strategy):
+    """Wraps a Flower strategy: only well-formed replies reach it, each with the same weight.
+
+    Parameters
+    ----------
+    strategy : the wrapped strategy (Flower's DP wrappers included: the guard goes outside
+        them, since they clip and noise whatever they are handed and skip a round with any
+        error reply).
+    global_arrays : the global model; every reply must match its keys, shapes and dtypes, and
+        every aggregate is cast back to its dtypes (a mean of integer counters is a float).
+    required_metrics, optional_metrics : metric name -> int or float.
+    metric_limits : metric name -> (lowest, highest) value accepted.
+    min_replies : fewest accepted replies that update the model.
+    round_offset : rounds done before this run started (resume).
+    assignments : sample-level DP's per-node assignments, or None.
+    """
+
+    def __init__(self, strategy: Strategy, global_arrays: ArrayRecord, required_metrics: dict[str, type],
+                 optional_metrics: Optional[dict[str, type]] = None,
+                 metric_limits: Optional[dict[str, tuple[float, float]]] = None, *, min_replies: int = 1,
+                 round_offset: int = 0, assignments: Optional[SampleDPAssignments] = None,
+                 arrays_key: str = "arrays", metrics_key: str = "metrics",
+                 weighted_by_key: str = "num-examples"):
+        super().__init__()
+        self.strategy = strategy
+        self.schema = array_schema(global_arrays)
+        self.required_metrics = dict(required_metrics)
+        self.optional_metrics = dict(optional_metrics or {})
+        self.metric_limits = dict(metric_limits or {})
+        self.min_replies = max(1, min_replies)
+        self.round_offset = round_offset
+        self.assignments = assignments
+        self.arrays_key, self.metrics_key, self.weighted_by_key = arrays_key, metrics_key, weighted_by_key
+        self.outcome = RoundOutcome(round_offset)
+
+    def __repr__(self) -> str:
+        return f"ReplyGuard({self.strategy!r})"
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+    # --- training ------------------------------------------------------------------------------
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        round_ = server_round + self.round_offset
+        messages = list(self.strategy.configure_train(round_, arrays, config, grid))
+        self.outcome = RoundOutcome(round_)
+        if self.assignments is None:
+            assigned = [(m, {}) for m in messages]
+        else:
+            assigned = self.assignments.assign(messages, grid)
+        self.outcome.sent = {m.metadata.dst_node_id: assignment for m, assignment in assigned}
+        return [m for m, _ in assigned]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+        o = self.outcome
+        round_ = server_round + self.round_offset
+        if o.round != round_:  # aggregate_train without configure_train (as a test may call it)
+            o = self.outcome = RoundOutcome(round_)
+        accepted, seen = [], set()
+        for reply in replies:
+            o.received += 1
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                o.failed.append((node, last_line_of_error(reply)))
+                continue
+            problem = self.problem_with(reply, node, seen)
+            seen.add(node)
+            if problem:
+                o.dropped.append((node, problem))
+                log.warning("round %d: dropped the reply of node %d: %s", round_, node, problem)
+                continue
+            accepted.append(reply)
+        o.accepted = len(accepted)
+        self.prepare_metrics(accepted)
+        if o.failed:
+            log.warning("round %d: %d client(s) failed: %s", round_, len(o.failed),
+                        "; ".join(reason for _, reason in o.failed))
+        if o.dropped:
+            log.warning("round %d: dropped %d of %d replies", round_, len(o.dropped), o.received)
+        if len(accepted) < self.min_replies:
+            log.warning("round %d: %d accepted replies, fewer than --min-clients %d: the global model "
+                        "stays as it was", round_, len(accepted), self.min_replies)
+            return None, None
+        arrays, metrics = self.strategy.aggregate_train(round_, accepted)
+        o.aggregated = arrays is not None
+        o.metrics = dict(metrics) if metrics is not None else {}
+        return (None if arrays is None else self.in_schema(arrays)), metrics
+
+    def prepare_metrics(self, accepted: list[Message]) -> None:
+        """Each accepted reply's metrics as the strategy gets them: equal weights, and only the
+        metrics every accepted reply has (Flower's strategies refuse replies whose metric keys
+        differ, e.g. a g_loss that one client's round did not produce)."""
+        if not accepted:
+            return
+        shared = set.intersection(*(set(r.content[self.metrics_key].keys()) for r in accepted))
+        for reply in accepted:
+            metrics = {k: v for k, v in reply.content[self.metrics_key].items() if k in shared}
+            # Equal weights: every client trains the same --local-steps whatever its share of
+            # the data, and DP-FedAvg's noise assumes each of the m sampled updates weighs 1/m.
+            metrics[self.weighted_by_key] = 1
+            reply.content[self.metrics_key] = MetricRecord(metrics)
+
+    def problem_with(self, reply: Message, node: int, seen: set) -> Optional[str]:
+        """Why this reply cannot be aggregated, or None."""
+        sent = self.outcome.sent
+        if sent is not None and node not in sent:
+            return "this node was not sent the round"
+        if sent is None and self.assignments is not None:
+            return "no record of what this node was sent"
+        if node in seen:
+            return "a second reply from this node"
+        if not reply.has_content():
+            return "no content"
+        content = reply.content
+        if set(content.keys()) != {self.arrays_key, self.metrics_key}:
+            return f"records {sorted(content.keys())}, expected {sorted([self.arrays_key, self.metrics_key])}"
+        if not isinstance(content[self.arrays_key], ArrayRecord) or \
+                not isinstance(content[self.metrics_key], MetricRecord):
+            return "records of the wrong kind"
+        return (self.problem_with_arrays(content[self.arrays_key])
+                or self.problem_with_metrics(content[self.metrics_key], (sent or {}).get(node, {})))
+
+    def problem_with_arrays(self, arrays: ArrayRecord) -> Optional[str]:
+        keys, expected = set(arrays.keys()), set(self.schema)
+        if keys != expected:
+            extra, missing = sorted(keys - expected), sorted(expected - keys)
+            return "arrays " + "; ".join(part for part in (f"not in the model: {extra[:5]}" if extra else "",
+                                                           f"missing: {missing[:5]}" if missing else "") if part)
+        for key, (shape, dtype) in self.schema.items():
+            try:
+                value = arrays[key].numpy()  # np.load without pickle (Flower's Array.numpy)
+            except Exception as err:  # whatever forged bytes make np.load raise
+                return f"array {key} cannot be read ({type(err).__name__}: {str(err)[:80]})"
+            if value.shape != shape:
+                return f"array {key} has shape {value.shape}, the model's is {shape}"
+            if value.dtype != dtype:
+                return f"array {key} has dtype {value.dtype}, the model's is {dtype}"
+            if not np.isfinite(value).all():
+                return f"array {key} is not finite"
+        return None
+
+    def problem_with_metrics(self, metrics: MetricRecord, sent: dict) -> Optional[str]:
+        keys = set(metrics.keys())
+        missing = sorted(set(self.required_metrics) - keys)
+        extra = sorted(keys - set(self.required_metrics) - set(self.optional_metrics))
+        if missing or extra:
+            return "metrics " + "; ".join(part for part in (f"missing: {missing}" if missing else "",
+                                                            f"unexpected: {extra[:5]}" if extra else "") if part)
+        for key, value in metrics.items():
+            kind = self.required_metrics.get(key) or self.optional_metrics[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    (kind is int and not isinstance(value, int)):
+                return f"metric {key} is {value!r}, not {'an integer' if kind is int else 'a number'}"
+            if not math.isfinite(value):
+                return f"metric {key} is not finite"
+            low, high = self.metric_limits.get(key, (-math.inf, math.inf))
+            if not low <= value <= high:
+                return f"metric {key} = {value!r} is outside [{low:g}, {high:g}]"
+        for key, value in sent.items():
+            if not math.isclose(metrics[key], value, rel_tol=1e-9, abs_tol=0.0):
+                return f"metric {key} = {metrics[key]!r}, but the server sent {value!r}"
+        return None
+
+    def in_schema(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The aggregate with the global model's dtypes (and key order), so every round sends
+        clients the same schema that their replies are checked against."""
+        out = {}
+        for key, (_, dtype) in self.schema.items():
+            value = arrays[key].numpy()
+            out[key] = Array(np.asarray(value.astype(dtype, copy=False)))
+        return ArrayRecord(out)
+
+    # --- evaluation: not used by this project, passed through ----------------------------------
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return self.strategy.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round, replies):
+        return self.strategy.aggregate_evaluate(server_round + self.round_offset, replies)
+
+
+# Per-client facts are not averaged: the sample-level privacy account is the server's own
+# (toolkit/federated.py: GlobalModel.account_sample_dp).
+PER_CLIENT_FACTS = ("client", "num-examples", "epsilon", "noise-multiplier", "sample-rate", "dp-steps",
+                    "delta")
+
+
+def mean_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """The mean of the accepted replies' training metrics (the guard weighs replies equally)."""
     metrics = [next(iter(r.metric_records.values())) for r in records]
-    weights = np.array([float(m[weight_key]) for m in metrics])
-    out = {"clients-replied": len(metrics), weight_key: int(weights.sum())}
-    # Per-client facts are not averaged: the sample-level privacy account uses each one
-    # (toolkit/federated.py: GlobalModel.account_sample_dp).
+    out = {"clients-replied": len(metrics)}
     keys = set.intersection(*(set(m.keys()) for m in metrics)) - {weight_key, *PER_CLIENT_FACTS}
     for key in sorted(keys):
-        values = np.array([float(m[key]) for m in metrics])
-        out[key] = float(values.max() if key == "epsilon" else (values * weights).sum() / weights.sum())
+        out[key] = float(np.mean([float(m[key]) for m in metrics]))
     return MetricRecord(out)
 
 
@@ -95,23 +348,34 @@ def weighted_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord
 SERVER_OPTIMIZER_STATE = ("m_t", "v_t")
 
 
+def innermost(strategy):
+    """The strategy inside the guard and the DP wrappers (they keep it as `.strategy`)."""
+    while isinstance(getattr(strategy, "strategy", None), Strategy):
+        strategy = strategy.strategy
+    return strategy
+
+
 def strategy_state(strategy) -> dict:
     """The strategy's state between rounds (as tensors, for the checkpoint)."""
-    return {name: {k: torch.from_numpy(np.array(v)) for k, v in getattr(strategy, name).items()}
-            for name in SERVER_OPTIMIZER_STATE if getattr(strategy, name, None)}
+    inner = innermost(strategy)
+    return {name: {k: torch.from_numpy(np.array(v)) for k, v in getattr(inner, name).items()}
+            for name in SERVER_OPTIMIZER_STATE if getattr(inner, name, None)}
 
 
 def load_strategy_state(strategy, state: dict) -> None:
+    inner = innermost(strategy)
     for name, arrays in (state or {}).items():
-        setattr(strategy, name, {k: v.numpy() for k, v in arrays.items()})
+        setattr(inner, name, {k: v.numpy() for k, v in arrays.items()})
 
 
-def build_strategy(config: Config, round_offset: int, outcome: dict,
-                   train_metrics: Callable = weighted_metrics):
+def build_strategy(config: Config, global_arrays: ArrayRecord, partition_sizes: list[int],
+                   round_offset: int = 0, sample_dp_plan: Optional[list[dict]] = None) -> ReplyGuard:
+    """The configured strategy inside the guard. `partition_sizes`: the planned partitions
+    (a client's example count must be one the server could have planned)."""
     f = config.federated
     sampled = sampled_clients(config)
     common = dict(fraction_train=f.fraction_train, fraction_evaluate=0.0, min_train_nodes=sampled,
-                  min_evaluate_nodes=0, min_available_nodes=f.clients, train_metrics_aggr_fn=train_metrics)
+                  min_evaluate_nodes=0, min_available_nodes=f.clients, train_metrics_aggr_fn=mean_metrics)
     base = {"fedavg": (flwr_strategies.FedAvg, {}),
             "fedprox": (flwr_strategies.FedProx, {"proximal_mu": f.proximal_mu}),
             "fedadam": (flwr_strategies.FedAdam, {"eta": f.server_lr}),
@@ -119,12 +383,17 @@ def build_strategy(config: Config, round_offset: int, outcome: dict,
             "trimmed-mean": (flwr_strategies.FedTrimmedAvg, {"beta": f.trim_fraction}),
             "krum": (flwr_strategies.Krum, {"num_malicious_nodes": f.krum_malicious})}
     cls, extra = base[f.strategy]
-    min_replies = max(1, f.min_clients)
-    if f.client_dp == "none":
-        return guarded(cls, round_offset, min_replies, outcome)(**common, **extra)
-    wrapper = {"server": flwr_strategies.DifferentialPrivacyServerSideFixedClipping,
-               "client": flwr_strategies.DifferentialPrivacyClientSideFixedClipping}[f.client_dp]
-    # The DP wrapper clips and noises the replies it is handed, so the guard goes outside it.
-    return guarded(wrapper, round_offset, min_replies, outcome)(
-        cls(**common, **extra), noise_multiplier=f.client_dp_noise, clipping_norm=f.client_dp_clip,
-        num_sampled_clients=sampled)
+    strategy = cls(**common, **extra)
+    if f.client_dp != "none":
+        wrapper = {"server": flwr_strategies.DifferentialPrivacyServerSideFixedClipping,
+                   "client": flwr_strategies.DifferentialPrivacyClientSideFixedClipping}[f.client_dp]
+        strategy = wrapper(strategy, noise_multiplier=f.client_dp_noise, clipping_norm=f.client_dp_clip,
+                           num_sampled_clients=sampled)
+    required, optional = reply_metric_types(config)
+    limits = {"num-examples": (1, max(partition_sizes)), "client": (0, f.clients - 1),
+              "local-steps": (f.local_steps, f.local_steps)}
+    if f.sample_dp and sample_dp_plan is None:
+        raise ValueError("sample-level DP needs the server's plan (toolkit.federated.sample_dp_plan)")
+    return ReplyGuard(strategy, global_arrays, required, optional, limits, min_replies=f.min_clients,
+                      round_offset=round_offset,
+                      assignments=SampleDPAssignments(sample_dp_plan) if f.sample_dp else None)

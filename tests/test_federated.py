@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import synthetic_data, tiny_config
-from toolkit.federated import GlobalModel, client_config, client_partitions, local_round, pack, unpack
+from toolkit.federated import (GlobalModel, client_config, client_partitions, local_round, pack,
+                               sample_dp_plan, unpack)
 from toolkit.runs import RunDir
 from toolkit.sampling import load_generator
 from toolkit.trainer import Trainer
@@ -86,13 +87,18 @@ def test_sample_level_dp_plans_each_clients_noise_and_the_server_accounts_like_o
                         local_steps=5, batch_size=16, partition="dirichlet", dirichlet_alpha=0.5)
     parts = client_partitions(config, data)
     assert len(parts[0]) != len(parts[1])  # unequal shares: unequal sample rates and noise
+    plan = sample_dp_plan(config, data)  # what the server sends each client and accounts from
     run = RunDir.create(config)
     model = GlobalModel(config, data, run)
     replies = {}
     for rnd, clients in ((1, (0, 1)), (2, (0,)), (3, (0,))):  # client 1 misses rounds 2 and 3
         for c in clients:
-            _, replies[c, rnd] = local_round(config, data, model.weights, client=c, server_round=rnd)
-        record = model.end_round(rnd, None, {}, model.account_sample_dp([replies[c, rnd] for c in clients]))
+            _, replies[c, rnd] = local_round(config, data, model.weights, client=c, server_round=rnd,
+                                             noise_multiplier=plan[c]["noise-multiplier"],
+                                             steps=plan[c]["dp-steps"])
+            # The client did what it was sent (Opacus' own noise and step count).
+            assert {k: replies[c, rnd][k] for k in plan[c]} == plan[c]
+        record = model.end_round(rnd, None, {}, model.account_sample_dp([plan[c] for c in clients]))
 
     def opacus_epsilon(m, steps):  # Opacus' own accountant, stepped one private step at a time
         acc = PRVAccountant()
@@ -101,17 +107,17 @@ def test_sample_level_dp_plans_each_clients_noise_and_the_server_accounts_like_o
         return acc.get_epsilon(m["delta"])
 
     for c in (0, 1):
-        m = replies[c, 1]
         n = len(parts[c])
-        assert m["sample-rate"] == pytest.approx(1 / np.ceil(n / 16)) and m["dp-steps"] == 5
+        assert plan[c]["sample-rate"] == pytest.approx(1 / np.ceil(n / 16)) and plan[c]["dp-steps"] == 5
+        assert plan[c]["num-examples"] == n
     # Client 0 trained all 3 planned rounds: it ends at (just below) the target.
-    assert opacus_epsilon(replies[0, 3], 15) == pytest.approx(replies[0, 3]["epsilon"], rel=1e-6)
+    assert opacus_epsilon(plan[0], 15) == pytest.approx(replies[0, 3]["epsilon"], rel=1e-6)
     assert 3.9 < replies[0, 3]["epsilon"] <= 4.0
-    # Client 1 spent 5 steps only; the server counts what it did, not the worst case.
+    # Client 1 was sent 5 steps only; the server counts what it sent, not the worst case.
     eps = record["epsilon_per_client"]
-    assert eps["1"] == pytest.approx(opacus_epsilon(replies[1, 1], 5), abs=1e-4) and eps["1"] < 0.8 * eps["0"]
+    assert eps["1"] == pytest.approx(opacus_epsilon(plan[1], 5), abs=1e-4) and eps["1"] < 0.8 * eps["0"]
     assert record["epsilon"] == pytest.approx(eps["0"], abs=1e-4)
-    assert replies[0, 1]["noise-multiplier"] != replies[1, 1]["noise-multiplier"]
+    assert plan[0]["noise-multiplier"] != plan[1]["noise-multiplier"]
     # The account survives a resume.
     again = GlobalModel(config, data, run)
     again.resume()
@@ -141,9 +147,10 @@ def npz_config(tmp_path, **overrides):
 
 
 def test_client_app_returns_both_networks_and_clips_its_update_when_asked(tmp_path):
-    from flwr.app import Context, RecordDict
+    from flwr.app import ArrayRecord, Context, RecordDict
 
     from clients.app import app
+    from server.strategy import build_strategy
     from toolkit.data import load_data
 
     config = npz_config(tmp_path)
@@ -158,62 +165,64 @@ def test_client_app_returns_both_networks_and_clips_its_update_when_asked(tmp_pa
     clipped = app(flower_message(start, {**sent, "clipping_norm": 0.01}), context)
     update = clipped.content["arrays"].to_torch_state_dict()
     assert distance(update, start) <= 0.01 + 1e-5
+    # The server's guard takes both replies as they are: the model's arrays, the expected metrics.
+    sizes = [len(p) for p in client_partitions(config, load_data(config.data))]
+    guard = build_strategy(config, ArrayRecord(start), sizes)
+    assert guard.problem_with(reply, 7, set()) is None and guard.problem_with(clipped, 7, set()) is None
 
 
-def test_guard_drops_failed_and_nan_replies_and_robust_aggregation_survives_a_poisoned_client(tmp_path):
-    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+def test_guard_drops_nan_replies_and_robust_aggregation_survives_a_poisoned_client(tmp_path):
+    from test_hostile_replies import FakeGrid, honest_metrics, records, reply, start_round
 
     from server.strategy import build_strategy
 
-    honest = [{"w": torch.full((4,), float(i))} for i in (1, 2, 3)]
-
-    def replies(poison):
-        out = []
-        for weights in honest + [poison]:
-            request = flower_message({"w": torch.zeros(4)}, {})
-            out.append(Message(RecordDict({"arrays": ArrayRecord(weights),
-                                           "metrics": MetricRecord({"num-examples": 10})}), reply_to=request))
-        return out
+    honest = [{"w": np.full(4, float(i), np.float32)} for i in (1, 2, 3)]
 
     def aggregate(strategy, poison):
-        outcome = {}
-        arrays, _ = build_strategy(tiny_config(tmp_path, clients=4, strategy=strategy), 0, outcome) \
-            .aggregate_train(1, replies(poison))
-        return arrays.to_torch_state_dict()["w"], outcome
+        config = tiny_config(tmp_path, mode="federated", clients=4, strategy=strategy)
+        guard = build_strategy(config, records({"w": np.zeros(4, np.float32)}), [10] * 4)
+        sent = start_round(guard, FakeGrid({1: 0, 2: 1, 3: 2, 4: 3}, 4))
+        replies = [reply(sent[i + 1], w, honest_metrics(config, sent[i + 1], i, examples=10))
+                   for i, w in enumerate(honest + [poison])]
+        arrays, _ = guard.aggregate_train(1, replies)
+        return arrays.to_numpy_ndarrays()[0], guard.outcome
 
-    w, outcome = aggregate("fedavg", {"w": torch.full((4,), float("nan"))})
-    assert outcome["rejected"] == 1 and torch.allclose(w, torch.full((4,), 2.0))  # NaN reply dropped
-    w, _ = aggregate("fedavg", {"w": torch.full((4,), 1e6)})
-    assert w.abs().max() > 1e5  # a plain mean is ruined by one huge reply...
+    w, outcome = aggregate("fedavg", {"w": np.full(4, np.nan, np.float32)})
+    assert len(outcome.dropped) == 1 and np.array_equal(w, np.full(4, 2.0))  # NaN reply dropped
+    w, _ = aggregate("fedavg", {"w": np.full(4, 1e6, np.float32)})
+    assert np.abs(w).max() > 1e5  # a well-formed but huge reply passes the guard: a plain mean is ruined...
     for robust in ("trimmed-mean", "fedmedian", "krum"):
-        w, _ = aggregate(robust, {"w": torch.full((4,), 1e6)})
-        assert w.abs().max() <= 3.0, robust  # ...a robust aggregate is not
+        w, _ = aggregate(robust, {"w": np.full(4, 1e6, np.float32)})
+        assert np.abs(w).max() <= 3.0, robust  # ...a robust aggregate is not
 
 
 def test_fedadam_resumes_with_its_server_moments(tmp_path):
-    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    from test_hostile_replies import FakeGrid, honest_metrics, records, reply
+
+    from flwr.app import ConfigRecord
 
     from server.strategy import build_strategy, load_strategy_state, strategy_state
 
-    def replies(values):
-        return [Message(RecordDict({"arrays": ArrayRecord({"w": torch.tensor(v)}),
-                                    "metrics": MetricRecord({"num-examples": 10})}),
-                        reply_to=flower_message({"w": torch.zeros(3)}, {})) for v in values]
+    config = tiny_config(tmp_path, mode="federated", clients=2, strategy="fedadam", server_lr=0.1)
+    grid = FakeGrid({1: 0, 2: 1}, 2)
 
-    config = tiny_config(tmp_path, clients=2, strategy="fedadam", server_lr=0.1)
-    first = build_strategy(config, 0, {})
-    first.current_arrays = {"w": np.zeros(3, dtype=np.float32)}  # what configure_train records
-    after_1 = first.aggregate_train(1, replies([[1.0, 2, 3], [3.0, 2, 1]]))[0].to_numpy_ndarrays()[0]
+    def round_of(strategy, server_round, global_w, values):
+        sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(
+            server_round, records({"w": global_w}), ConfigRecord({}), grid)}
+        replies = [reply(sent[node], {"w": np.array(v, np.float32)},
+                         honest_metrics(config, sent[node], node - 1, examples=10)) for node, v in zip((1, 2), values)]
+        return strategy.aggregate_train(server_round, replies)[0].to_numpy_ndarrays()[0]
+
+    start = np.zeros(3, np.float32)
+    first = build_strategy(config, records({"w": start}), [10, 10])
+    after_1 = round_of(first, 1, start, [[1.0, 2, 3], [3.0, 2, 1]])
     saved = strategy_state(first)
-    first.current_arrays = {"w": after_1}
-    round_2 = replies([[0.5, -1, 2], [1.5, 0, 2]])
-    expected = first.aggregate_train(2, round_2)[0].to_numpy_ndarrays()[0]
+    expected = round_of(first, 2, after_1, [[0.5, -1, 2], [1.5, 0, 2]])
 
     def resumed(state):  # a resumed run: rounds offset by 1, the saved state loaded
-        strategy = build_strategy(config, 1, {})
+        strategy = build_strategy(config, records({"w": start}), [10, 10], round_offset=1)
         load_strategy_state(strategy, state)
-        strategy.current_arrays = {"w": after_1}
-        return strategy.aggregate_train(1, replies([[0.5, -1, 2], [1.5, 0, 2]]))[0].to_numpy_ndarrays()[0]
+        return round_of(strategy, 1, after_1, [[0.5, -1, 2], [1.5, 0, 2]])
 
     assert np.array_equal(resumed(saved), expected)
     assert not np.allclose(resumed({}), expected)  # restarting the moments changes the step
@@ -222,11 +231,12 @@ def test_fedadam_resumes_with_its_server_moments(tmp_path):
 def test_simulated_rounds_survive_a_failing_client_and_resume_from_the_last_round(tmp_path):
     from flwr.clientapp import ClientApp
 
-    from clients.app import local_training
+    from clients.app import identify, local_training
     from server.simulation import simulate
     from toolkit.data import load_data
 
     flaky = ClientApp()
+    flaky.query()(identify)  # names its partition, as the project's client does
 
     @flaky.train()
     def train(msg, context):
@@ -241,13 +251,14 @@ def test_simulated_rounds_survive_a_failing_client_and_resume_from_the_last_roun
     simulate(config, data, run, client_app=flaky)
     first = run.history()
     assert len(first) == 1 and first[0]["aggregated"] and first[0]["failed"] == 1
-    assert first[0]["clients-replied"] == 2
+    assert first[0]["clients-replied"] == 2 and first[0]["dropped"] == 0
     longer = config.updated({"rounds": 2})
     model = simulate(longer, data, run, resume=True)
     assert [r["round"] for r in run.history()] == [1, 2] and model.round == 2
     assert (run.path / "partition.json").exists()
-    # Client 0 failed in round 1: it has spent one round of private steps, the others two.
-    assert set(first[0]["epsilon_per_client"]) == {"1", "2"}
+    # Client 0 failed in round 1 but was sent it: the server charges it like the others (it cannot
+    # tell how far the client got). Equal partitions, equal plans: equal accounts, kept across the resume.
+    assert set(first[0]["epsilon_per_client"]) == {"0", "1", "2"}
     eps = run.history()[1]["epsilon_per_client"]
-    assert eps["0"] < eps["1"] and eps["1"] == pytest.approx(eps["2"], rel=0.05)
+    assert eps["0"] == eps["1"] == eps["2"] > first[0]["epsilon_per_client"]["0"]
     assert run.history()[1]["epsilon"] == pytest.approx(max(eps.values()), abs=1e-4)

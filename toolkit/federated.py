@@ -6,7 +6,9 @@ This module never imports flwr, so everything here is testable without it:
   "g.", "d." and "p." (one Flower ArrayRecord);
 - a client's local round (`local_round`): the standard training loop (Trainer.train_steps)
   on the client's partition, starting from the global weights, with FedProx's proximal term
-  when asked;
+  when asked, and the metrics its reply carries (`reply_metric_types`: what the server accepts);
+- sample-level DP's plan (`sample_dp_plan`): what the server asks of each partition's client
+  every round (noise multiplier, steps) and accounts it for;
 - the server's global model (`GlobalModel`): per-round history, sample grid, central
   evaluation on the reference split, checkpoints that `gankit generate`/`evaluate` read, and
   resume from the last round.
@@ -84,29 +86,50 @@ def describe_partitions(config: Config, data: ImageData, run: Optional[RunDir]) 
     return hist
 
 
-def describe_sample_dp(config: Config, data: ImageData) -> None:
-    """Sample-level DP: log each client's planned noise (and fail before round 1 when a
-    client's budget cannot be met)."""
+def sample_dp_plan(config: Config, data: ImageData) -> list[dict]:
+    """Sample-level DP: per partition, what the server asks of its client each round (the noise
+    multiplier planned for all its rounds and the private steps) and what the server accounts
+    from: the facts of one round of DP-SGD on that partition. The keys are those of the client's
+    reply metrics, so the server can check that a reply did what it was sent."""
+    from toolkit.privacy import resolve_delta, sample_rate_of
+
     f, p = config.federated, config.privacy
-    noise = [client_noise_multiplier(config, len(idx)) for idx in client_partitions(config, data)]
+    plan = []
+    for client, indices in enumerate(client_partitions(config, data)):
+        n = len(indices)
+        plan.append({"client": client, "num-examples": n,
+                     "noise-multiplier": float(client_noise_multiplier(config, n)),
+                     "sample-rate": sample_rate_of(n, config.train.batch_size, p.poisson_sampling),
+                     "dp-steps": f.local_steps, "delta": resolve_delta(p.delta, n)})
+    return plan
+
+
+def describe_sample_dp(config: Config, plan: list[dict]) -> None:
+    """Sample-level DP: log each client's planned noise (computing the plan fails before
+    round 1 when a client's budget cannot be met)."""
+    f, p = config.federated, config.privacy
     log.info("sample-level DP: every client's D trains with Opacus, %d private steps per client "
              "over %d rounds, noise multiplier %s%s, max grad norm %g", f.rounds * f.local_steps,
-             f.rounds, ", ".join(f"{n:.3g}" for n in noise),
+             f.rounds, ", ".join(f"{c['noise-multiplier']:.3g}" for c in plan),
              f" (per client, for target epsilon {p.target_epsilon:g})" if p.target_epsilon else "",
              p.max_grad_norm)
 
 
 # --- a client's round -------------------------------------------------------------------------
 
-def client_config(config: Config, client: int, server_round: int, examples: int) -> Config:
+def client_config(config: Config, client: int, server_round: int, examples: int,
+                  noise_multiplier: Optional[float] = None) -> Config:
     """The local run of one client in one round: the standard loop with its own batch order,
-    or the dp mode (sample-level DP) at the noise planned for all its rounds."""
+    or the dp mode (sample-level DP) at the noise the server sent (by default, the noise
+    planned for all its rounds)."""
     local = {"tensorboard": False, "progress": False, "eval_every": 0,
              "seed": config.train.seed + 7919 * server_round + client}
     if not config.federated.sample_dp:
         return config.updated({"mode": "standard", **local})
-    return config.updated({"mode": "dp", "target_epsilon": 0.0,
-                           "noise_multiplier": client_noise_multiplier(config, examples), **local})
+    if noise_multiplier is None:
+        noise_multiplier = client_noise_multiplier(config, examples)
+    return config.updated({"mode": "dp", "target_epsilon": 0.0, "noise_multiplier": noise_multiplier,
+                           **local})
 
 
 def client_noise_multiplier(config: Config, examples: int) -> float:
@@ -148,20 +171,38 @@ def add_proximal_term(optimizer: torch.optim.Optimizer, anchor: list[Tensor], mu
     inner.register_step_pre_hook(pull)
 
 
+# What a client's reply carries besides its weights, name -> type (int: an integer; float: any
+# finite number). The server refuses a reply with other metrics (server/strategy.py).
+REPLY_METRICS = {"num-examples": int, "client": int, "local-steps": int}
+# The round's mean training statistics, when the round produced them (no G step, no g_loss;
+# the dp mode drops the ones that read the real batch).
+LOSS_METRICS = {"d_loss": float, "g_loss": float, "d_acc_real": float, "d_acc_fake": float}
+SAMPLE_DP_METRICS = {"epsilon": float, "noise-multiplier": float, "sample-rate": float,
+                     "dp-steps": int, "delta": float}
+
+
+def reply_metric_types(config: Config) -> tuple[dict[str, type], dict[str, type]]:
+    """(required, optional) metrics of a client's reply in this run."""
+    required = dict(REPLY_METRICS, **(SAMPLE_DP_METRICS if config.federated.sample_dp else {}))
+    return required, dict(LOSS_METRICS)
+
+
 def local_round(config: Config, data: ImageData, weights: dict[str, Tensor], client: int,
-                server_round: int, proximal_mu: float = 0.0) -> tuple[dict[str, Tensor], dict]:
-    """Train from the global weights on this client's data; (new weights, metrics)."""
+                server_round: int, proximal_mu: float = 0.0, noise_multiplier: Optional[float] = None,
+                steps: Optional[int] = None) -> tuple[dict[str, Tensor], dict]:
+    """Train from the global weights on this client's data; (new weights, metrics).
+    Sample-level DP: the server sends the noise multiplier and the steps (see sample_dp_plan)."""
     local = client_data(data, client_partitions(config, data)[client])
-    trainer = Trainer(client_config(config, client, server_round, len(local.train_x)), local, None)
+    steps = config.federated.local_steps if steps is None else steps
+    trainer = Trainer(client_config(config, client, server_round, len(local.train_x), noise_multiplier),
+                      local, None)
     unpack(weights, trainer.G, trainer.D, trainer.prior)
     if proximal_mu:
         for opt, net in ((trainer.g_opt, trainer.G), (trainer.d_opt, unwrapped(trainer.D))):
             add_proximal_term(opt, [p.detach().clone() for p in net.parameters()], proximal_mu)
-    stats = trainer.train_steps(config.federated.local_steps)
-    metrics = {"num-examples": len(local.train_x), "client": client,
-               "local-steps": config.federated.local_steps,
-               **{k: float(v) for k, v in stats.items() if k in ("d_loss", "g_loss", "d_acc_real",
-                                                                  "d_acc_fake")}}
+    stats = trainer.train_steps(steps)
+    metrics = {"num-examples": len(local.train_x), "client": client, "local-steps": steps,
+               **{k: float(v) for k, v in stats.items() if k in LOSS_METRICS}}
     if config.federated.sample_dp:
         # What Opacus' optimizer and accountant actually did this round.
         metrics.update(client_epsilon_bound(config, len(local.train_x), trainer.d_opt.noise_multiplier,
@@ -233,18 +274,20 @@ class GlobalModel:
                          if k in ("d_loss", "g_loss", "precision", "recall", "fid", "epsilon")
                          and isinstance(v, float))
         log.info("round %d/%d %s%s", server_round, self.config.federated.rounds, shown,
-                 "" if weights is not None else " (no update: too few clients replied)")
+                 "" if weights is not None else " (no update: too few accepted replies)")
         return record
 
-    def account_sample_dp(self, client_metrics: list[dict]) -> dict:
-        """Sample-level DP: add each answering client's private steps to its own history (kept
+    def account_sample_dp(self, sent: list[dict]) -> dict:
+        """Sample-level DP: add the private steps of each client the server sent this round
+        (its entries of sample_dp_plan, never a reply's claims) to that client's history (kept
         in server_state, so a resumed run keeps counting) and report every client's epsilon;
-        the run's epsilon is the largest. Rejected replies count too: the server saw them."""
+        the run's epsilon is the largest. A client is charged for every round it was sent,
+        whether it replied, failed or was dropped: the server cannot tell how far it got."""
         from toolkit.privacy import epsilon_of
 
         p = self.config.privacy
         clients = self.server_state.setdefault("sample_dp", {})
-        for m in client_metrics:
+        for m in sent:
             entry = clients.setdefault(str(int(m["client"])), {"history": [], "delta": float(m["delta"])})
             step = [float(m["noise-multiplier"]), float(m["sample-rate"]), int(m["dp-steps"])]
             history = entry["history"]

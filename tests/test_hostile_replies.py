@@ -1,0 +1,352 @@
+"""Hostile client replies: the server's guard (server/strategy.py: ReplyGuard) drops every
+malformed or forged reply with a count and a reason, aggregates the honest ones exactly as if
+the others had not replied, and keeps the sample-level privacy account from what the server
+sent. The guard is called directly with Flower messages: no Ray, seconds in all."""
+
+from typing import Optional
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from conftest import synthetic_data, tiny_config  # noqa: E402
+from server.strategy import build_strategy  # noqa: E402
+from toolkit.federated import GlobalModel, sample_dp_plan  # noqa: E402
+from toolkit.privacy import epsilon_of  # noqa: E402
+from toolkit.runs import RunDir  # noqa: E402
+
+# Outside a running federation a Message needs a task identity.
+TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+# A small global model with what the real one has: float tensors and an integer scalar
+# (BatchNorm's num_batches_tracked).
+GLOBAL = {"w": np.zeros(4, np.float32), "b": np.zeros((2, 3), np.float32), "count": np.array(0, np.int64)}
+SIZES = [40, 50, 60, 70]  # the partitions the server planned
+
+
+def records(arrays: dict) -> ArrayRecord:
+    return ArrayRecord({k: v if isinstance(v, Array) else Array(np.asarray(v)) for k, v in arrays.items()})
+
+
+def npy_bytes(value: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, value, allow_pickle=True)  # what a hostile client may send; the server never unpickles
+    return buffer.getvalue()
+
+
+GARBAGE = Array(dtype="<f4", shape=(4,), stype="numpy.ndarray", data=b"not an array")
+PICKLED = Array(dtype="|O", shape=(4,), stype="numpy.ndarray",
+                data=npy_bytes(np.array([{}, {}, {}, {}], dtype=object)))
+
+
+class FakeGrid:
+    """What the strategies ask of Flower's Grid: the connected nodes and, under sample-level
+    DP, their answers to the partition query (None: the node answers with an error)."""
+
+    def __init__(self, partition_of_node: dict[int, Optional[int]], partitions: int):
+        self.partition_of_node, self.partitions = partition_of_node, partitions
+        self.queried: list[int] = []
+
+    def get_node_ids(self):
+        return list(self.partition_of_node)
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Error
+
+        replies = []
+        for m in messages:
+            assert m.metadata.message_type == MessageType.QUERY
+            node = m.metadata.dst_node_id
+            self.queried.append(node)
+            partition = self.partition_of_node[node]
+            if partition is None:
+                replies.append(Message(Error(code=0, reason="node offline"), reply_to=m))
+            else:
+                facts = {"partition-id": partition, "num-partitions": self.partitions}
+                replies.append(Message(RecordDict({"node": MetricRecord(facts)}), reply_to=m))
+        return replies
+
+
+def config_of(tmp_path, **overrides):
+    return tiny_config(tmp_path, **{"mode": "federated", "clients": 4, "local_steps": 5, **overrides})
+
+
+def start_round(guard, grid, server_round=1) -> dict[int, Message]:
+    """configure_train as Strategy.start calls it: the messages sent, by node."""
+    sent = guard.configure_train(server_round, records(GLOBAL), ConfigRecord({"config-json": "{}"}), grid)
+    return {m.metadata.dst_node_id: m for m in sent}
+
+
+def honest_arrays(i: int) -> dict:
+    return {"w": np.full(4, i + 1.0, np.float32), "b": np.full((2, 3), -(i + 1.0), np.float32),
+            "count": np.array(10 + i, np.int64)}
+
+
+def honest_metrics(config, message: Message, client: int, examples: Optional[int] = None) -> dict:
+    sent = message.content["config"]
+    metrics = {"num-examples": SIZES[client] if examples is None else examples, "client": client,
+               "local-steps": config.federated.local_steps, "d_loss": 1.0, "g_loss": 0.5}
+    for key in ("client", "num-examples", "noise-multiplier", "sample-rate", "dp-steps", "delta"):
+        if key in sent:  # sample-level DP: the client did what it was sent
+            metrics[key] = sent[key]
+    if "noise-multiplier" in sent:
+        metrics.pop("d_loss")  # the dp mode drops the losses that read the real batch
+        metrics["epsilon"] = 1.0
+    return metrics
+
+
+def reply(message: Message, arrays: dict, metrics: dict, **extra_records) -> Message:
+    return Message(RecordDict({"arrays": records(arrays), "metrics": MetricRecord(metrics), **extra_records}),
+                   reply_to=message)
+
+
+def aggregate_of(guard, replies) -> dict:
+    arrays, _ = guard.aggregate_train(1, replies)
+    assert arrays is not None
+    return {k: v.numpy() for k, v in arrays.items()}
+
+
+def assert_same(a: dict, b: dict):
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+
+
+# Each hostile reply: (what it does to an honest reply, words of the reason it is dropped for).
+HOSTILE = {
+    "extra key": (lambda a, m: ({**a, "z": np.zeros(1, np.float32)}, m), "not in the model"),
+    "missing key": (lambda a, m: ({k: v for k, v in a.items() if k != "b"}, m), "missing"),
+    "wrong shape": (lambda a, m: ({**a, "w": np.full(5, 1e6, np.float32)}, m), "shape"),
+    "wrong dtype": (lambda a, m: ({**a, "w": np.full(4, 1e6, np.float64)}, m), "dtype"),
+    "scalar for a tensor": (lambda a, m: ({**a, "b": np.array(1e6, np.float32)}, m), "shape"),
+    "garbage bytes": (lambda a, m: ({**a, "w": GARBAGE}, m), "cannot be read"),
+    "a pickled object array": (lambda a, m: ({**a, "w": PICKLED}, m), "cannot be read"),
+    "NaN": (lambda a, m: ({**a, "w": np.array([0, np.nan, 0, 0], np.float32)}, m), "not finite"),
+    "infinite": (lambda a, m: ({**a, "b": np.full((2, 3), np.inf, np.float32)}, m), "not finite"),
+    "num-examples 1e9": (lambda a, m: ({**a, "w": np.full(4, 1e6, np.float32)}, {**m, "num-examples": 10 ** 9}),
+                         "outside"),
+    "num-examples 1e9 as a float": (lambda a, m: (a, {**m, "num-examples": 1e9}), "not an integer"),
+    "negative num-examples": (lambda a, m: (a, {**m, "num-examples": -5}), "outside"),
+    "missing metric": (lambda a, m: (a, {k: v for k, v in m.items() if k != "client"}), "missing"),
+    "unexpected metric": (lambda a, m: (a, {**m, "weight": 1e9}), "unexpected"),
+    "metric of the wrong type": (lambda a, m: (a, {**m, "g_loss": [0.5, 0.5]}), "not a number"),
+    "NaN metric": (lambda a, m: (a, {**m, "d_loss": float("nan")}), "not finite"),
+    "client id out of range": (lambda a, m: (a, {**m, "client": 99}), "outside"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_hostile_reply_is_dropped_and_the_honest_replies_make_the_round(tmp_path, case):
+    config = config_of(tmp_path)
+    make_hostile, reason = HOSTILE[case]
+
+    def round_of(hostile: bool):
+        guard = build_strategy(config, records(GLOBAL), SIZES)
+        sent = start_round(guard, FakeGrid({101: 0, 102: 1, 103: 2, 104: 3}, 4))
+        replies = [reply(sent[101 + i], honest_arrays(i), honest_metrics(config, sent[101 + i], i))
+                   for i in range(3)]
+        if hostile:  # node 104 sends 1e6 where it can, so that taking it in would show
+            arrays, metrics = make_hostile({k: np.full_like(v, 10 ** 6) for k, v in GLOBAL.items()},
+                                           honest_metrics(config, sent[104], 3))
+            replies.insert(1, reply(sent[104], arrays, metrics))
+        return guard, aggregate_of(guard, replies)
+
+    guard, aggregate = round_of(hostile=True)
+    o = guard.outcome
+    assert (o.received, o.accepted, len(o.dropped), o.failed, o.aggregated) == (4, 3, 1, [], True)
+    node, why = o.dropped[0]
+    assert node == 104 and reason in why, why
+    _, honest_only = round_of(hostile=False)
+    assert_same(aggregate, honest_only)
+    # Equal weights over the honest three, in the global model's dtypes (the mean count 11 is an int).
+    assert_same(aggregate, {"w": np.full(4, 2.0, np.float32), "b": np.full((2, 3), -2.0, np.float32),
+                            "count": np.array(11, np.int64)})
+
+
+def test_structural_forgeries_are_dropped_too(tmp_path):
+    config = config_of(tmp_path)
+    guard = build_strategy(config, records(GLOBAL), SIZES)
+    grid = FakeGrid({101: 0, 102: 1, 103: 2, 104: 3}, 4)
+    sent = start_round(guard, grid)
+    honest = [reply(sent[101 + i], honest_arrays(i), honest_metrics(config, sent[101 + i], i)) for i in range(2)]
+    extra_record = reply(sent[103], honest_arrays(2), honest_metrics(config, sent[103], 2),
+                         notes=ConfigRecord({"x": 1}))
+    # A second reply from a node that already answered, and one from a node no message went to.
+    twice = reply(sent[101], honest_arrays(3), honest_metrics(config, sent[101], 0))
+    elsewhere = Message(RecordDict(), dst_node_id=999, message_type=MessageType.TRAIN)
+    stranger = reply(elsewhere, honest_arrays(3), honest_metrics(config, sent[104], 3))
+    aggregate = aggregate_of(guard, honest + [extra_record, twice, stranger])
+    reasons = dict(guard.outcome.dropped)
+    assert sorted(reasons) == [101, 103, 999]
+    assert "records" in reasons[103] and "second reply" in reasons[101] and "not sent" in reasons[999]
+    assert guard.outcome.accepted == 2 and np.array_equal(aggregate["w"], np.full(4, 1.5, np.float32))
+
+
+def test_every_reply_weighs_the_same_whatever_example_count_it_claims(tmp_path):
+    config = config_of(tmp_path, clients=3)
+    guard = build_strategy(config, records(GLOBAL), SIZES[:3])
+    sent = start_round(guard, FakeGrid({1: 0, 2: 1, 3: 2}, 3))
+    # Plausible but unequal claims (1, 40, 60 examples): the mean is still the plain mean.
+    replies = [reply(sent[node], honest_arrays(i), {**honest_metrics(config, sent[node], i), "num-examples": n})
+               for i, (node, n) in enumerate(((1, 1), (2, 40), (3, 60)))]
+    aggregate = aggregate_of(guard, replies)
+    assert np.array_equal(aggregate["w"], np.full(4, 2.0, np.float32))
+    assert guard.outcome.metrics["clients-replied"] == 3 and "num-examples" not in guard.outcome.metrics
+
+
+def test_honest_replies_with_different_optional_statistics_still_make_a_round(tmp_path):
+    config = config_of(tmp_path, clients=3)
+    guard = build_strategy(config, records(GLOBAL), SIZES[:3])
+    sent = start_round(guard, FakeGrid({1: 0, 2: 1, 3: 2}, 3))
+    metrics = [honest_metrics(config, sent[node], node - 1) for node in (1, 2, 3)]
+    metrics[1].pop("g_loss")  # this client's round had no G step
+    metrics[2]["d_loss"] = 4.0
+    aggregate = aggregate_of(guard, [reply(sent[n], honest_arrays(n - 1), m) for n, m in zip((1, 2, 3), metrics)])
+    assert np.array_equal(aggregate["w"], np.full(4, 2.0, np.float32))
+    assert guard.outcome.metrics == {"clients-replied": 3, "local-steps": 5.0, "d_loss": 2.0}
+
+
+def test_failed_replies_and_too_few_good_ones_keep_the_model_without_ending_the_run(tmp_path):
+    from flwr.app import Error
+
+    config = config_of(tmp_path, clients=3, min_clients=2)
+    guard = build_strategy(config, records(GLOBAL), SIZES[:3])
+    sent = start_round(guard, FakeGrid({1: 0, 2: 1, 3: 2}, 3))
+    replies = [reply(sent[1], honest_arrays(0), honest_metrics(config, sent[1], 0)),
+               Message(Error(code=1, reason="Traceback ...\nRuntimeError: lost its connection"), reply_to=sent[2]),
+               reply(sent[3], {**honest_arrays(2), "w": np.full(4, np.inf, np.float32)},
+                     honest_metrics(config, sent[3], 2))]
+    assert guard.aggregate_train(1, replies) == (None, None)
+    o = guard.outcome
+    assert o.failed == [(2, "RuntimeError: lost its connection")] and len(o.dropped) == 1
+    assert (o.accepted, o.aggregated) == (1, False)
+
+
+STRATEGIES = [dict(strategy=s) for s in ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean", "krum")] + \
+             [dict(strategy="fedavg", client_dp="server"), dict(strategy="fedavg", client_dp="client")]
+
+
+@pytest.mark.parametrize("options", STRATEGIES, ids=lambda o: "+".join(map(str, o.values())))
+def test_every_strategy_survives_a_round_of_all_hostile_kinds_at_once(tmp_path, options):
+    hostile = sorted(HOSTILE)
+    n = 3 + len(hostile)
+    config = config_of(tmp_path, clients=n, **options)
+    nodes = {100 + i: i for i in range(n)}
+    sizes = [40] * n
+
+    def round_of(with_hostile: bool):
+        guard = build_strategy(config, records(GLOBAL), sizes)
+        sent = start_round(guard, FakeGrid(nodes, n))
+        replies = [reply(sent[100 + i], honest_arrays(i), honest_metrics(config, sent[100 + i], i, 40))
+                   for i in range(3)]
+        for i, case in enumerate(hostile if with_hostile else [], start=3):
+            arrays, metrics = HOSTILE[case][0]({k: np.full_like(v, 10 ** 6) for k, v in GLOBAL.items()},
+                                               honest_metrics(config, sent[100 + i], i, 40))
+            replies.append(reply(sent[100 + i], arrays, metrics))
+        np.random.seed(0)  # the DP wrappers' noise
+        return guard, aggregate_of(guard, replies)
+
+    guard, aggregate = round_of(True)
+    assert len(guard.outcome.dropped) == len(hostile) and guard.outcome.accepted == 3
+    assert_same(aggregate, round_of(False)[1])
+    assert all(np.isfinite(v).all() and np.abs(v).max() < 1e5 for v in aggregate.values())
+
+
+# --- sample-level DP: the server's account is its own -----------------------------------------
+
+def sample_dp_setup(tmp_path, nodes: dict[int, Optional[int]], **overrides):
+    config = config_of(tmp_path, name="sdp", sample_dp=True, noise_multiplier=1.1, batch_size=16,
+                       partition="dirichlet", dirichlet_alpha=0.5, **overrides)
+    data = synthetic_data(n=256)
+    plan = sample_dp_plan(config, data)
+    guard = build_strategy(config, records(GLOBAL), [c["num-examples"] for c in plan], sample_dp_plan=plan)
+    return config, data, plan, guard, FakeGrid(nodes, config.federated.clients)
+
+
+def one_round_epsilon(config, entry, rounds=1) -> float:
+    p = config.privacy
+    return epsilon_of([(entry["noise-multiplier"], entry["sample-rate"], entry["dp-steps"] * rounds)],
+                      entry["delta"], p.accountant, p.poisson_sampling)
+
+
+def test_sample_level_dp_the_server_sends_each_node_its_plan_and_drops_forged_claims(tmp_path):
+    nodes = {11: 0, 12: 1, 13: 2, 14: 3}
+    config, data, plan, guard, grid = sample_dp_setup(tmp_path, nodes)
+    assert len({c["sample-rate"] for c in plan}) > 1  # unequal partitions: unequal sample rates
+    sent = start_round(guard, grid)
+    for node, message in sent.items():  # what the client is told to do
+        cfg = message.content["config"]
+        assert {k: cfg[k] for k in plan[0]} == plan[nodes[node]] and cfg["config-json"] == "{}"
+        assert guard.outcome.sent[node] == plan[nodes[node]]
+    replies = [reply(sent[node], honest_arrays(nodes[node]), honest_metrics(config, sent[node], nodes[node]))
+               for node in (11, 12)]
+    # Node 13 (partition 2) claims to be client 1; node 14 (partition 3) claims noise 1000.
+    replies.append(reply(sent[13], honest_arrays(2), {**honest_metrics(config, sent[13], 2), "client": 1}))
+    replies.append(reply(sent[14], honest_arrays(3), {**honest_metrics(config, sent[14], 3),
+                                                      "noise-multiplier": 1000.0}))
+    aggregate = aggregate_of(guard, replies)
+    reasons = dict(guard.outcome.dropped)
+    assert sorted(reasons) == [13, 14]
+    assert "client" in reasons[13] and "noise-multiplier" in reasons[14] and "server sent" in reasons[14]
+    assert np.array_equal(aggregate["w"], np.full(4, 1.5, np.float32))  # nodes 11 and 12 only
+
+    run = RunDir.create(config)
+    model = GlobalModel(config, data, run)
+    record = model.end_round(1, None, {}, model.account_sample_dp(list(guard.outcome.sent.values())))
+    eps = record["epsilon_per_client"]
+    # Every partition sent the round is charged once, at its planned noise: the forged client id
+    # did not charge partition 1 twice (nor spare partition 2), the forged noise spared nobody.
+    assert set(eps) == {"0", "1", "2", "3"}
+    for c in range(4):
+        assert eps[str(c)] == pytest.approx(one_round_epsilon(config, plan[c]), abs=1e-4)
+    assert record["epsilon"] == pytest.approx(max(eps.values()), abs=1e-4)
+    # The account lives in the checkpoint: a resumed run continues it.
+    again = GlobalModel(config, data, run)
+    again.resume()
+    assert again.account_sample_dp([])["epsilon_per_client"] == eps
+
+
+def test_sample_level_dp_nodes_are_asked_their_partition_once_and_unplaceable_nodes_get_no_round(tmp_path):
+    # Node 5 answers the query with an error, node 6 with a partition that does not exist;
+    # node 7 claims node 3's partition.
+    nodes = {3: 0, 4: 1, 5: None, 6: 9, 7: 0}
+    config, data, plan, guard, grid = sample_dp_setup(tmp_path, nodes, clients=5)
+    sent = start_round(guard, grid)
+    assert sorted(sent) == [3, 4, 7] and sorted(grid.queried) == [3, 4, 5, 6, 7]
+    assert sent[7].content["config"]["client"] == 0
+    model = GlobalModel(config, data, RunDir(tmp_path))
+    eps = model.account_sample_dp(list(guard.outcome.sent.values()))["epsilon_per_client"]
+    # Two nodes on partition 0: it is charged for both, which overstates, never understates.
+    assert set(eps) == {"0", "1"}
+    assert eps["0"] == pytest.approx(one_round_epsilon(config, plan[0], rounds=2), abs=1e-4)
+    start_round(guard, grid, server_round=2)
+    # Known nodes are not asked again; the two that gave no usable answer are.
+    assert sorted(grid.queried) == [3, 4, 5, 5, 6, 6, 7]
+
+
+def test_sample_level_dp_the_client_trains_what_it_was_sent_and_refuses_another_partitions_round(tmp_path):
+    import json
+
+    from flwr.app import Context
+
+    from clients.app import app, local_training
+    from toolkit.errors import ConfigError
+
+    config, _, plan, _, _ = sample_dp_setup(tmp_path, {})
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 4},
+                      state=RecordDict(), run_config={})
+    query = Message(RecordDict({"config": ConfigRecord({"ask": "partition-id"})}), dst_node_id=7,
+                    message_type=MessageType.QUERY)
+    answer = app(query, context)
+    assert dict(answer.content["node"]) == {"partition-id": 1, "num-partitions": 4}
+    train = Message(RecordDict({"arrays": records(GLOBAL), "config": ConfigRecord(
+        {"config-json": json.dumps(config.to_dict()), "server-round": 1, **plan[0]})}),
+        dst_node_id=7, message_type=MessageType.TRAIN)
+    with pytest.raises(ConfigError, match="partition 0"):
+        local_training(train, context)
