@@ -101,7 +101,8 @@ def test_tls_superlink_admits_only_registered_supernodes(tmp_path):
     try:
         start("superlink", "flower-superlink", "--ssl-ca-certfile", str(certs / "ca.crt"),
               "--ssl-certfile", str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key"),
-              "--enable-supernode-auth", "--port", str(link), "--disable-runtime-dependency-installation")
+              "--enable-supernode-auth", "--database", str(home / "superlink.db"), "--port", str(link),
+              "--disable-runtime-dependency-installation")
         # The operator registers the two announced SuperNodes' public keys (retried until the
         # SuperLink listens); the first success also shows the CLI trusts the TLS certificate.
         registered = []
