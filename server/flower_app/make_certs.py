@@ -105,7 +105,7 @@ def make_certs(folder: Path, hosts: list[str], nodes: list[str]) -> list[Path]:
     for node in nodes:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", node) or node in ("ca", "server"):
             raise ValueError(f"bad node name {node!r}: letters, digits, '_', '.', '-'; not 'ca' or 'server'")
-    hosts = list(dict.fromkeys([*ALWAYS_HOSTS, *hosts]))
+    hosts = list(dict.fromkeys([*hosts, *ALWAYS_HOSTS]))  # the first named host is the CN
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     written: list[Path] = []
     ignore = folder / ".gitignore"
