@@ -239,3 +239,33 @@ def test_cli_trains_in_dp_mode(tmp_path, capsys):
     assert "d_loss" not in records[-1]
     code = cli.main(["train", "--mode", "dp", "--d-norm", "batch", "--out-dir", str(tmp_path)])
     assert code == 2 and "mixes samples" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("physical", [0, 7])
+def test_public_fake_gradients_are_exact_and_only_real_examples_are_clipped(tmp_path, data,
+                                                                           physical):
+    """--fake-gradients public: sum_i clip(grad real_i) / B + the exact mean gradient over
+    the fakes (they read no private data); physical chunks add up to the same step."""
+    config = dp_config(tmp_path, grad_sample_mode="bk", fake_gradients="public",
+                       physical_batch_size=physical, max_grad_norm=0.05, loss="hinge", epochs=1)
+    trainer = Trainer(config, data, RunDir.create(config))
+    trainer.d_opt.noise_multiplier = 0.0
+    D0 = build_discriminator(config.model, data.image_shape, 0)
+    D0.load_state_dict(unwrapped(trainer.D).state_dict())
+    capture = CaptureSteps(trainer)
+    real, _ = next(trainer.batches.epoch(0))
+    trainer.d_step(trainer.ctx, trainer.D, trainer.d_opt, real, None, False)
+    fakes = torch.cat(capture.fakes)
+    obj = trainer.objective
+    expected = [torch.zeros_like(p) for p in D0.parameters()]
+    for r in real:
+        g = torch.autograd.grad(obj.d_real(D0(r[None])).sum(), list(D0.parameters()))
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in g]))
+        factor = min(1.0, 0.05 / (float(norm) + 1e-6))
+        for e, t in zip(expected, g):
+            e += factor * t / trainer.d_opt.expected_batch_size
+    fake_grad = torch.autograd.grad(obj.d_fake(D0(fakes)).mean(), list(D0.parameters()))
+    for got, want, exact in zip(capture.grads[0], expected, fake_grad):
+        assert torch.allclose(got, want + exact, rtol=1e-4, atol=1e-7)
+    # The fakes' part is not clipped: it is larger than any clipped contribution could be.
+    assert max(float(t.abs().max()) for t in fake_grad) > 0.05 / trainer.d_opt.expected_batch_size

@@ -25,6 +25,7 @@ that owns parameters, and the dp mode falls back to Opacus for such a D.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -40,7 +41,7 @@ def unsupported_layers(module: nn.Module) -> list[str]:
 
 
 class _Record:
-    """What one layer saw in one forward pass: its input and, after backward, its
+    """What one layer saw in one private forward pass: its input and, after backward, its
     output's gradient."""
 
     __slots__ = ("input", "grad")
@@ -61,17 +62,29 @@ class BookKeepingClipper:
         self.params = [p for m in self.layers for p in m.parameters(recurse=False)]
         self.records: dict = {m: [] for m in self.layers}
         self.active = False
+        self.in_public_pass = False
         for m in self.layers:
             m.register_forward_hook(self._forward_hook)
         for p in self.params:
             p.requires_grad_(False)  # gradients reach layer inputs only; weights are ours
-        self.summed: Optional[list[Tensor]] = None
+        self.summed: Optional[list[Tensor]] = None   # clipped sum of the private passes
+        self.public: Optional[list[Tensor]] = None   # exact gradient of the public passes
         self.examples = 0  # examples clipped into `summed` since the last reset
+        self.public_rows = 0  # rows of the public passes in `public`
+        self._pass_rows = 0   # rows of the public passes of the current chunk
 
     # --- capture ---------------------------------------------------------------------------
     def _forward_hook(self, layer, inputs, output):
         if not self.active:
             return None
+        if self.in_public_pass:
+            # Autograd computes this pass's weight gradients itself (see public_pass).
+            if layer is self.layers[0]:
+                self._pass_rows += len(inputs[0])
+            return None
+        if layer.weight.requires_grad:
+            # Autograd would add this private pass's unclipped gradient to the weights.
+            raise RuntimeError("a private pass through D after a public one in the same step")
         record = _Record(inputs[0].detach())
         self.records[layer].append(record)
         if not output.requires_grad:  # the first layers: neither input nor weights need grad
@@ -81,6 +94,22 @@ class BookKeepingClipper:
             record.grad = grad.detach()
         output.register_hook(keep)
         return output
+
+    @contextmanager
+    def public_pass(self):
+        """Forward passes in here read no private data (G's fakes): their gradient is added
+        exactly, outside the clipping and noise. It is a function of D and G alone, which
+        are already post-processing of the private steps, so it costs no privacy."""
+        self.in_public_pass = True
+        # Autograd adds this pass's exact gradient to p.grad. The weights must keep requiring
+        # grad until the backward pass has run (autograd skips weights that no longer do),
+        # so clip_and_accumulate switches them off again.
+        for p in self.params:
+            p.requires_grad_(True)
+        try:
+            yield
+        finally:
+            self.in_public_pass = False
 
     # --- clipping --------------------------------------------------------------------------
     def clip_and_accumulate(self) -> None:
@@ -98,6 +127,17 @@ class BookKeepingClipper:
                 [torch.zeros_like(p) for p in m.parameters(recurse=False)] for m in self.layers]
         flat = [t for layer_sums in sums for t in layer_sums]
         self.summed = flat if self.summed is None else [a + b for a, b in zip(self.summed, flat)]
+        # The public passes' gradient is in p.grad (a mean over their rows): weighted by the
+        # rows, so that physical chunks add up to the mean over all of them.
+        rows = self._pass_rows
+        public = [p.grad * rows if p.grad is not None and rows else torch.zeros_like(p)
+                  for p in self.params]
+        self.public = public if self.public is None else [a + b for a, b in zip(self.public, public)]
+        self.public_rows += rows
+        self._pass_rows = 0
+        for p in self.params:
+            p.grad = None
+            p.requires_grad_(False)
         self.examples += n
         self.clear_records()
 
@@ -113,15 +153,15 @@ class BookKeepingClipper:
 
     def _norms_sq(self, layer, parts) -> Tensor:
         if isinstance(layer, nn.Linear):
-            a = torch.cat([x.reshape(len(x), -1, x.shape[-1]) for x, _ in parts], dim=1)
-            g = torch.cat([y.reshape(len(y), -1, y.shape[-1]) for _, y in parts], dim=1)
+            a = _join([x.reshape(len(x), -1, x.shape[-1]) for x, _ in parts], dim=1)
+            g = _join([y.reshape(len(y), -1, y.shape[-1]) for _, y in parts], dim=1)
             total = _product_norm_sq(a, g)
             if layer.bias is not None:
                 total = total + g.sum(1).pow(2).sum(1)
             return total
         if isinstance(layer, nn.Conv2d):
-            a = torch.cat([_unfold(layer, x) for x, _ in parts], dim=2).transpose(1, 2)
-            g = torch.cat([y.flatten(2) for _, y in parts], dim=2).transpose(1, 2)
+            a = _join([_unfold(layer, x) for x, _ in parts], dim=2).transpose(1, 2)
+            g = _join([y.flatten(2) for _, y in parts], dim=2).transpose(1, 2)
             total = _product_norm_sq(a, g)
             if layer.bias is not None:
                 total = total + g.sum(1).pow(2).sum(1)
@@ -157,10 +197,16 @@ class BookKeepingClipper:
     def clear_records(self) -> None:
         for records in self.records.values():
             records.clear()
+        self._pass_rows = 0
 
     def reset(self) -> None:
         self.clear_records()
-        self.summed, self.examples = None, 0
+        self.summed, self.public, self.examples, self.public_rows = None, None, 0, 0
+
+
+def _join(parts: list[Tensor], dim: int) -> Tensor:
+    """The passes of a pair side by side (no copy for a single pass)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def _unfold(layer: nn.Conv2d, x: Tensor) -> Tensor:
@@ -227,10 +273,12 @@ class BookKeepingOptimizer:
         if self._skip:
             self._skip = False
             return None
-        summed = self.clipper.summed
+        summed, public = self.clipper.summed, self.clipper.public
+        rows = max(self.clipper.public_rows, 1)
         std = self.noise_multiplier * self.max_grad_norm
-        for p, s in zip(self.params, summed):
-            p.grad = (s + torch.normal(0.0, std, size=s.shape, device=s.device)) / self.expected_batch_size
+        for p, s, exact in zip(self.params, summed, public):
+            noised = s + torch.normal(0.0, std, size=s.shape, device=s.device)
+            p.grad = noised / self.expected_batch_size + exact / rows
         self.clipper.reset()
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         return self.original_optimizer.step(closure)

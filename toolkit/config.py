@@ -35,6 +35,7 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean", "krum
 PARTITIONS = ("iid", "dirichlet", "pathological")
 CLIENT_DP = ("none", "server", "client")
 D_STEPS_SCHEDULES = ("fixed", "adaptive")  # toolkit/schedule.py
+FAKE_GRADIENTS = ("paired", "public")
 
 
 def option(default: Any, help: str, **metadata: Any):
@@ -186,9 +187,14 @@ class PrivacyConfig:
                                           "accountants assume)")
     physical_batch_size: int = option(
         0, "dp: split each logical batch into chunks of this size to bound memory (0 = no split)")
-    # hooks: the fastest correct mode here (benchmarks/dp_step.py; all three are correct).
-    grad_sample_mode: str = option("hooks", "dp: Opacus per-sample gradient mode: "
-                                            + " | ".join(GRAD_SAMPLE_MODES))
+    # hooks: the fastest correct mode here (benchmarks/dp_step.py; all are correct).
+    grad_sample_mode: str = option("hooks", "dp: per-example clipping: bk (book-keeping, "
+                                            "toolkit/clipping.py) or an Opacus per-sample "
+                                            "gradient mode: " + " | ".join(GRAD_SAMPLE_MODES))
+    fake_gradients: str = option(
+        "paired", "dp: D's gradient on G's fakes: paired (clipped together with its real "
+                  "partner, as Opacus' modes do) | public (added exactly, outside the clipping "
+                  "and noise: fakes read no private data; needs --grad-sample-mode bk)")
     secure_mode: bool = option(False, "dp: Opacus' cryptographically secure noise and sampling "
                                       "(needs torchcsprng; refused, see the dp mode's notes)")
 
@@ -404,6 +410,10 @@ def validate(config: Config, num_classes: Optional[int] = None) -> None:
     p = config.privacy
     choice(p.accountant, ACCOUNTANTS, "accountant")
     choice(p.grad_sample_mode, GRAD_SAMPLE_MODES, "grad sample mode")
+    choice(p.fake_gradients, FAKE_GRADIENTS, "fake-gradients")
+    if p.fake_gradients == "public" and p.grad_sample_mode != "bk":
+        problems.append("--fake-gradients public needs --grad-sample-mode bk (Opacus' modes clip "
+                        "every pass through D)")
     for value, what in [(p.target_epsilon, "target-epsilon"), (p.delta, "delta"),
                         (p.physical_batch_size, "physical-batch-size")]:
         positive(value, what, strict=False)

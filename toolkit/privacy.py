@@ -37,6 +37,7 @@ released model private, and pick an unguessable --seed for a release.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
 import math
@@ -295,6 +296,8 @@ class PrivateMode:
         # between D steps) then costs what it costs without Opacus. ew has no hooks: G's step
         # goes through the plain network instead (Trainer passes unwrapped(D)).
         self._hooks(D, True)
+        if self._clipper is not None and self.config.privacy.fake_gradients == "public":
+            ctx = dataclasses.replace(ctx, public_pass=self._clipper.public_pass)
         try:
             stats = self._private_step(inner, ctx, D, d_opt, real, labels, measure)
         finally:

@@ -7,8 +7,9 @@ wrapped (private) discriminator and its own D step without the loop knowing.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,9 @@ class StepContext:
     config: Config
     num_classes: int   # 0 when the model is unconditional
     device: torch.device
+    # D's passes over G's fakes run inside this: the dp mode may add their gradient exactly,
+    # outside the clipping and noise (they read no private data).
+    public_pass: Callable[[], ContextManager] = nullcontext
 
     def fake_labels(self, n: int) -> Optional[Tensor]:
         return sample_labels(n, self.num_classes, device=self.device) if self.num_classes else None
@@ -47,7 +51,9 @@ def discriminator_step(ctx: StepContext, D: nn.Module, d_opt: torch.optim.Optimi
     fake_labels = ctx.fake_labels(n) if labels is not None else None
     with torch.no_grad():
         fake = ctx.G(ctx.prior.sample(n, device=real.device), fake_labels)
-    v_real, v_fake = D(real, labels), D(fake, fake_labels)
+    v_real = D(real, labels)
+    with ctx.public_pass():
+        v_fake = D(fake, fake_labels)
     real_target = fake_target = None
     if objective.uses_targets:
         low, high = ((1 - o.label_smoothing,) * 2 if o.label_smoothing
