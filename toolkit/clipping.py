@@ -242,11 +242,21 @@ class BookKeepingOptimizer:
                  noise_multiplier: float, max_grad_norm: float, expected_batch_size: float,
                  accountant, sample_rate: float):
         self.original_optimizer, self.clipper = optimizer, clipper
-        self.noise_multiplier, self.max_grad_norm = noise_multiplier, max_grad_norm
+        self.noise_multiplier = noise_multiplier
+        clipper.max_grad_norm = max_grad_norm
         self.expected_batch_size = expected_batch_size
         self.accountant, self.sample_rate = accountant, sample_rate
         self.params = clipper.params
         self._skip = False
+
+    @property
+    def max_grad_norm(self) -> float:
+        """One clipping norm for the clipper and the noise (as in Opacus' DPOptimizer)."""
+        return self.clipper.max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float) -> None:
+        self.clipper.max_grad_norm = value
 
     @property
     def param_groups(self):
