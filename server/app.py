@@ -54,8 +54,14 @@ def privacy_record(config: Config, rounds_done: int, data: ImageData) -> dict:
             "client_dp_clip": f.client_dp_clip}
 
 
+class RoundsStopped(Exception):
+    """Raised at a round's end, after its checkpoint, when a stop was asked for (Ctrl-C)."""
+
+
 def serve(grid: Grid, config: Config, run: RunDir, data: ImageData, resume: bool = False,
-          classifier=None) -> GlobalModel:
+          classifier=None, stop=None) -> GlobalModel:
+    """Run the remaining rounds. `stop` (a threading.Event) ends the run at the next round's
+    end, after that round's checkpoint, by raising RoundsStopped."""
     f = config.federated
     model = GlobalModel(config, data, run, classifier)
     if resume:
@@ -86,6 +92,8 @@ def serve(grid: Grid, config: Config, run: RunDir, data: ImageData, resume: bool
         record = model.end_round(server_round + offset,
                                  arrays.to_torch_state_dict() if outcome.aggregated else None,
                                  outcome.metrics if outcome.aggregated else {}, extra)
+        if stop is not None and stop.is_set():
+            raise RoundsStopped(server_round + offset)
         return MetricRecord({k: float(v) for k, v in record.items()
                              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from typing import Optional
 
 from toolkit.config import Config
@@ -26,6 +28,31 @@ def quiet_flower() -> None:
     logging.getLogger("flwr").propagate = False  # not again through a root handler (scripts)
 
 
+class Interrupted(Exception):
+    """The simulation stopped at a round's end on Ctrl-C; its checkpoint is saved."""
+
+
+def catch_sigint(stop: threading.Event):
+    """First Ctrl-C: finish the current round, save and stop (as standard training does).
+    Second: end the process at once; Ray's workers go with it (a plain KeyboardInterrupt
+    would leave the server thread waiting for replies that never come)."""
+    def handler(signum, frame):
+        if stop.is_set():
+            log.warning("second Ctrl-C: aborting")
+            try:
+                import ray
+                ray.shutdown()
+            finally:
+                os._exit(130)
+        stop.set()
+        log.warning("Ctrl-C: stopping after this round and saving its checkpoint (press again "
+                    "to abort)")
+    try:
+        return signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread
+        return None
+
+
 def simulate(config: Config, data: ImageData, run: RunDir, resume: bool = False, classifier=None,
              client_app=None) -> GlobalModel:
     """Run (or continue) the configured rounds; returns the global model after them.
@@ -36,26 +63,39 @@ def simulate(config: Config, data: ImageData, run: RunDir, resume: bool = False,
     from flwr.simulation import run_simulation
 
     from clients.app import app as project_client_app
-    from server.app import serve
+    from server.app import RoundsStopped, serve
 
     f = config.federated
     outcome: dict = {}
     server_app = ServerApp()
+    stop = threading.Event()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            outcome["model"] = serve(grid, config, run, data, resume=resume, classifier=classifier)
+            outcome["model"] = serve(grid, config, run, data, resume=resume, classifier=classifier,
+                                     stop=stop)
         except BaseException as err:  # the server runs in a thread: carry its error out
             outcome["error"] = err
             raise
 
     cpus = os.cpu_count() or 1
-    run_simulation(server_app=server_app, client_app=client_app or project_client_app,
-                   num_supernodes=f.clients,
-                   backend_config={"client_resources": {"num_cpus": min(f.client_cpus, cpus), "num_gpus": 0.0},
-                                   "init_args": {"logging_level": "ERROR", "log_to_driver": False,
-                                                 "include_dashboard": False, "num_cpus": cpus}})
+    previous = catch_sigint(stop)
+    try:
+        run_simulation(server_app=server_app, client_app=client_app or project_client_app,
+                       num_supernodes=f.clients,
+                       backend_config={"client_resources": {"num_cpus": min(f.client_cpus, cpus), "num_gpus": 0.0},
+                                       "init_args": {"logging_level": "ERROR", "log_to_driver": False,
+                                                     "include_dashboard": False, "num_cpus": cpus}})
+    except RoundsStopped:
+        pass  # outcome["error"] says which round
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if isinstance(outcome.get("error"), RoundsStopped):
+        log.info("interrupted after round %s; checkpoint saved. Continue with: gankit train "
+                 "--resume %s", outcome["error"].args[0], run.path)
+        raise Interrupted(run.path)
     if "error" in outcome:
         raise outcome["error"]
     model: Optional[GlobalModel] = outcome.get("model")

@@ -262,3 +262,39 @@ def test_simulated_rounds_survive_a_failing_client_and_resume_from_the_last_roun
     eps = run.history()[1]["epsilon_per_client"]
     assert eps["0"] == eps["1"] == eps["2"] > first[0]["epsilon_per_client"]["0"]
     assert run.history()[1]["epsilon"] == pytest.approx(max(eps.values()), abs=1e-4)
+
+
+def test_ctrl_c_in_a_simulation_stops_after_the_round_saves_and_exits(tmp_path):
+    """The first Ctrl-C ends the run at the round's end with its checkpoint (exit 130), as in
+    standard training; it used to print "aborted" and hang on the server thread."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "fed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    argv = [sys.executable, "-m", "toolkit.cli", "train", "--mode", "federated", "--clients", "2",
+            "--rounds", "50", "--local-steps", "2", "--g-width", "8", "--d-width", "8",
+            "--latent-dim", "8", "--batch-size", "16", "--eval-every", "0", "--no-progress",
+            "--no-tensorboard", "--dataset", "mnist-5k", "--limit", "256", "--out-dir",
+            str(tmp_path), "--name", "fed"]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run / "history.jsonl").exists():
+            time.sleep(0.5)
+        assert (run / "history.jsonl").exists(), "no round finished"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert "--resume" in err
+    rounds = [json.loads(line)["round"] for line in (run / "history.jsonl").read_text().splitlines()]
+    assert rounds and rounds[-1] < 50
+    from toolkit.statefile import load_state
+    assert load_state(run / "checkpoints" / "last.safetensors")["round"] == rounds[-1]

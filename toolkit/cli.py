@@ -127,8 +127,14 @@ def federated_command(config, data, resume_dir) -> int:
         run = RunDir.create(config)
     log_to_file(run.log_path)
     log.info("run folder: %s", run.path)
-    simulate(config, data, run, resume=resume_dir is not None and run.checkpoint_path("last").exists(),
-             classifier=training_classifier(config, data))
+    from server.simulation import Interrupted
+
+    try:
+        simulate(config, data, run,
+                 resume=resume_dir is not None and run.checkpoint_path("last").exists(),
+                 classifier=training_classifier(config, data))
+    except Interrupted:
+        return EXIT_INTERRUPTED
     log.info("finished: samples in %s, history in %s, checkpoints in %s", run.samples,
              run.history_path, run.checkpoints)
     return 0
