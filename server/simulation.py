@@ -14,6 +14,7 @@ from toolkit.data import ImageData
 from toolkit.errors import UserError
 from toolkit.federated import GlobalModel
 from toolkit.runs import RunDir
+from server.watchdog import start_for_this_process
 
 log = logging.getLogger("toolkit")
 
@@ -81,6 +82,7 @@ def simulate(config: Config, data: ImageData, run: RunDir, resume: bool = False,
 
     cpus = os.cpu_count() or 1
     previous = catch_sigint(stop)
+    watchdog = start_for_this_process()  # ends Ray's agents should this process be killed
     try:
         run_simulation(server_app=server_app, client_app=client_app or project_client_app,
                        num_supernodes=f.clients,
@@ -92,6 +94,8 @@ def simulate(config: Config, data: ImageData, run: RunDir, resume: bool = False,
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+        if watchdog is not None:
+            watchdog.terminate()
     if isinstance(outcome.get("error"), RoundsStopped):
         log.info("interrupted after round %s; checkpoint saved. Continue with: gankit train "
                  "--resume %s", outcome["error"].args[0], run.path)

@@ -298,3 +298,37 @@ def test_ctrl_c_in_a_simulation_stops_after_the_round_saves_and_exits(tmp_path):
     assert rounds and rounds[-1] < 50
     from toolkit.statefile import load_state
     assert load_state(run / "checkpoints" / "last.safetensors")["round"] == rounds[-1]
+
+
+def test_the_watchdog_ends_a_killed_processs_children(tmp_path):
+    """kill -9 of a simulation left Ray's agents running; the watchdog beside the driver
+    kills the descendants it last saw once the driver is gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from server.watchdog import PROC, alive
+
+    if not PROC.is_dir():
+        pytest.skip("the watchdog reads /proc (Linux)")
+    pid_file = tmp_path / "child.pid"
+    driver = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        "from server.watchdog import start_for_this_process\n"
+        "start_for_this_process()\n"
+        f"child = subprocess.Popen(['sleep', '120'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(120)\n")], cwd=os.getcwd(), start_new_session=True)
+    deadline = time.time() + 20
+    while time.time() < deadline and not pid_file.exists():
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    time.sleep(1.5)  # the watchdog's first look at the driver's children
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and alive(child):
+        time.sleep(0.2)
+    assert not alive(child) or open(f"/proc/{child}/stat").read().split()[2] == "Z"
