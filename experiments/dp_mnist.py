@@ -22,8 +22,8 @@ checkpoint is chosen on the real test split) is then evaluated:
 epsilon is reported under RDP (what the papers report) beside PRV, both from the run's own
 accountant history. Outputs in --out (default runs/<config name>; committed results change
 only when --out names them): table.csv, table.md, metrics_vs_epsilon.png,
-samples/<row>.png, generators/<row>/generator.safetensors for the rows in
-`release`, runs/<row>/.
+samples/<row>.png, generators/<name>/generator.safetensors for the rows in
+`release` (row -> name), runs/<row>/.
 """
 
 import argparse
@@ -157,11 +157,13 @@ def main() -> int:
     (out / "samples").mkdir(parents=True, exist_ok=True)
     ev = dict(spec["evaluation"])
     ev.update({k: parse_value(v) for k, v in (s.split("=", 1) for s in args.eval_set)})
-    base = {**preset(spec["preset"]), **spec["base"], "device": args.device} if spec.get("preset") \
-        else {**spec["base"], "device": args.device}
+    base = {**spec["base"], "device": args.device}
     if args.data_root:
         base["data_root"] = args.data_root
-    configs = row_configs(spec, base, args.rows, args.set, out / "runs")
+    # A row's preset goes under the base options and the row's own: {preset, base, row}.
+    rows = {name: ({**preset(o["preset"]), **base, **{k: v for k, v in o.items() if k != "preset"}}
+                   if "preset" in o else o) for name, o in spec["rows"].items()}
+    configs = row_configs({**spec, "rows": rows}, base, args.rows, args.set, out / "runs")
     data = load_data(next(iter(configs.values())).data)
     log.info("data: %s", data.description)
     if len(data.train_x) != 60000:
@@ -198,8 +200,8 @@ def main() -> int:
             row["dp_sgd_baseline_accuracy"] = baselines[key]["accuracy"]
         table.append(row)
         grids[name] = (images, labels)
-        if name in spec.get("release", []):
-            export_generator(run.path, out / "generators" / name)
+        if name in spec.get("release", {}):  # row -> folder name under generators/
+            export_generator(run.path, out / "generators" / spec["release"][name])
         log.info("[%s] epsilon=%.3g (prv %.3g) downstream=%.4f fid=%.3g baseline=%s", name,
                  row["epsilon"], row["epsilon_prv"], row["downstream_accuracy"], row["fid"],
                  row.get("dp_sgd_baseline_accuracy"))

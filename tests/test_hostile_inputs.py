@@ -241,3 +241,17 @@ def test_image_size_resizes_a_folder_of_mixed_sizes(tmp_path):
             Image.fromarray(np.full((size, size), 100, np.uint8)).save(tmp_path / c / f"{i}.png")
     data = load_data(DataConfig(dataset=f"folder:{tmp_path}", image_size=32))
     assert data.image_shape == (1, 32, 32) and len(data.train_x) + len(data.ref_x) == 20
+
+
+def test_a_swapped_shipped_classifier_with_a_recomputed_sidecar_is_refused(tmp_path, monkeypatch):
+    from toolkit.errors import UserError
+    from toolkit.metrics import classifier as metric
+
+    shipped = metric.DEFAULT_CHECKPOINT
+    assert metric.file_sha256(shipped) == metric.SHIPPED_SHA256  # the code knows the real file
+    swapped = tmp_path / shipped.name
+    swapped.write_bytes(shipped.read_bytes() + b"\0")
+    metric.sidecar_path(swapped).write_text(f"{metric.file_sha256(swapped)}  {swapped.name}\n")
+    monkeypatch.setattr(metric, "DEFAULT_CHECKPOINT", swapped)
+    with pytest.raises(UserError, match="does not match"):
+        metric.read_checkpoint()

@@ -275,14 +275,18 @@ class Discriminator(nn.Module):
         projection = self.conditioning == "projection"
         self.head = OutputHead(features, self.num_classes if projection else 0)
 
-    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def checked_input(self, x: torch.Tensor, y: Optional[torch.Tensor]):
+        """(x with instance noise, y as class indices or None), or a ValueError saying what
+        is wrong with them."""
         if tuple(x.shape[1:]) != self.image_shape:
             expected = ", ".join(map(str, self.image_shape))
             raise ValueError(f"discriminator expects images of shape (N, {expected}), "
                              f"got {tuple(x.shape)}")
         y = check_labels(y, x.shape[0], self.num_classes, "discriminator")
-        if self.noise is not None:
-            x = self.noise(x)
+        return (self.noise(x) if self.noise is not None else x), y
+
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x, y = self.checked_input(x, y)
         if self.conditioning == "concat":
             labels = one_hot(y, self.num_classes, x)
             if self.label_input == "planes":

@@ -79,13 +79,7 @@ class CDCGANDiscriminator(Discriminator):
         )
 
     def forward(self, x: torch.Tensor, y=None) -> torch.Tensor:
-        if tuple(x.shape[1:]) != self.image_shape:
-            expected = ", ".join(map(str, self.image_shape))
-            raise ValueError(f"discriminator expects images of shape (N, {expected}), "
-                             f"got {tuple(x.shape)}")
-        y = check_labels(y, x.shape[0], self.num_classes, "discriminator")
-        if self.noise is not None:
-            x = self.noise(x)
+        x, y = self.checked_input(x, y)
         planes = one_hot(y, self.num_classes, x)[:, :, None, None].expand(-1, -1, *IMAGE_SIZE)
         h = torch.cat([F.leaky_relu(self.from_x(x), 0.2), F.leaky_relu(self.from_y(planes), 0.2)],
                       dim=1)
