@@ -79,7 +79,7 @@ def labelled_samples(gen, n: int, seed: int) -> tuple:
     return gen.sample(n, seed=seed, labels=labels, progress=True)
 
 
-def evaluate_row(name, run_path: Path, data, classifier, ref, ev: dict, seed: int) -> tuple:
+def evaluate_row(name, run_path: Path, data, classifier, ref, ev: dict, seed: int) -> dict:
     run = RunDir(run_path)
     gen = load_generator(run_path, "last")
     train_x, train_y = labelled_samples(gen, ev["train_samples"], seed + 1)
@@ -96,7 +96,7 @@ def evaluate_row(name, run_path: Path, data, classifier, ref, ev: dict, seed: in
            "downstream_val_curve": json.dumps([round(a, 4) for a in downstream["downstream_val_curve"]]),
            "d_steps_per_g_step": last.get("d_steps_per_g_step"), "g_steps": last.get("g_steps"),
            "seed": gen.config.train.seed}
-    return row, train_x[:100], train_y[:100]
+    return row
 
 
 def plot_metrics(path: Path, table: list[dict]) -> None:
@@ -174,30 +174,43 @@ def main() -> int:
                    else f"cpu ({torch.get_num_threads()} threads)")
 
     started = time.perf_counter()
-    table, grids, baselines = [], {}, {}
+    table, grids = [], {}
     for name, config in configs.items():
         run = RunDir(out / "runs" / name)
         if args.evaluate_only:
-            if not run.checkpoint_path("last").exists():
-                log.info("[%s] not trained yet; skipped", name)
+            state = (run.load_checkpoint("last")["state"] if run.checkpoint_path("last").exists()
+                     else {"epoch": 0})
+            if state["epoch"] < config.train.epochs:
+                log.info("[%s] not trained to its %d epochs yet; skipped", name, config.train.epochs)
                 continue
-            train_time = run.load_checkpoint("last")["state"]["train_time"]
+            train_time = state["train_time"]
         else:
             train_time = train_row(name, config, data, out / "runs")
-        row, images, labels = evaluate_row(name, run.path, data, classifier, ref, ev,
-                                           config.train.seed)
-        row["train_time_s"] = round(train_time, 1)
-        row["device"] = device_name
-        if math.isfinite(row["epsilon"]) and not args.no_baseline:
-            key = round(row["epsilon"], 2)
-            if key not in baselines:
+        # An evaluation is kept beside its run (keyed by the settings and the checkpoint), so
+        # rows evaluated in parallel processes are tabled together later without redoing them.
+        cache = run.path / "paper_evaluation.json"
+        key = {"evaluation": ev, "baseline": not args.no_baseline,
+               "checkpoint_epoch": run.load_checkpoint("last")["state"]["epoch"]}
+        cached = json.loads(cache.read_text()) if cache.is_file() else {}
+        if cached.get("key") == key:
+            row = cached["row"]
+            log.info("[%s] evaluation reused from %s", name, cache)
+        else:
+            row = evaluate_row(name, run.path, data, classifier, ref, ev, config.train.seed)
+            if math.isfinite(row["epsilon"]) and not args.no_baseline:
                 from toolkit.privacy import dp_sgd_classifier_accuracy
 
-                baselines[key] = dp_sgd_classifier_accuracy(
+                baseline = dp_sgd_classifier_accuracy(
                     data.train_x, data.train_y, data.ref_x, data.ref_y,
                     target_epsilon=row["epsilon"], delta=row["delta"],
                     epochs=ev["baseline_epochs"], accountant="rdp", seed=config.train.seed)
-            row["dp_sgd_baseline_accuracy"] = baselines[key]["accuracy"]
+                row["dp_sgd_baseline_accuracy"] = baseline["accuracy"]
+                row["dp_sgd_baseline_epsilon"] = baseline["epsilon"]
+            row["train_time_s"] = round(train_time, 1)
+            row["device"] = device_name
+            cache.write_text(json.dumps({"key": key, "row": row}, indent=1))
+        gen = load_generator(run.path, "last")
+        images, labels = labelled_samples(gen, 100, config.train.seed + 1)
         table.append(row)
         grids[name] = (images, labels)
         if name in spec.get("release", {}):  # row -> folder name under generators/

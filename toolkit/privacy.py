@@ -472,35 +472,38 @@ def dp_sgd_classifier_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor,
     (target_epsilon, delta): what a user who needs only a classifier would do instead of
     releasing a generator. SGD with momentum 0.9 and a small clip (Tramer & Boneh 2021's
     MNIST setting: batch 512, lr 0.5, clip 0.1), Poisson sampling, noise derived from the
-    budget for all `epochs`."""
+    budget for all `epochs`, the same book-keeping clipping as the dp mode's `bk`."""
     import torch.nn.functional as F
 
     device = torch.device(device)
+    n = len(train_x)
+    q = sample_rate_of(n, batch_size, poisson=True)
+    steps_per_epoch = math.ceil(n / batch_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sigma = float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                           sample_rate=q, epochs=epochs, accountant=accountant))
+        account = create_accountant(accountant)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        model = DPSGDClassifier(tuple(train_x.shape[1:]), int(max(train_y.max(), test_y.max())) + 1)
-        model = model.to(device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-        loader = DataLoader(TensorDataset(train_x, train_y), batch_size=batch_size,
-                            generator=torch.Generator().manual_seed(seed))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            engine = PrivacyEngine(accountant=accountant)
-            model, optimizer, loader = engine.make_private_with_epsilon(
-                module=model, optimizer=optimizer, data_loader=loader, epochs=epochs,
-                target_epsilon=target_epsilon, target_delta=delta, max_grad_norm=max_grad_norm)
-            for _ in range(epochs):
-                for x, y in loader:
-                    if len(x) == 0:
-                        continue  # an empty Poisson batch: Opacus' loader yields it rarely
-                    loss = F.cross_entropy(model(x.to(device)), y.to(device))
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-            epsilon = float(engine.accountant.get_epsilon(delta))
+        model = DPSGDClassifier(tuple(train_x.shape[1:]),
+                                int(max(train_y.max(), test_y.max())) + 1).to(device)
+        clipper = BookKeepingClipper(model, max_grad_norm)
+        optimizer = BookKeepingOptimizer(torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9),
+                                         clipper, sigma, max_grad_norm, int(n * q), account, q)
+        batches = PoissonBatches(train_x.to(device), train_y.to(device), q, steps_per_epoch, seed)
+        clipper.active = True
+        for epoch in range(epochs):
+            for x, y in batches.epoch(epoch):
+                optimizer.zero_grad()
+                if len(x):
+                    F.cross_entropy(model(x), y).backward()
+                optimizer.step()  # an empty batch is a noise-only step, accounted as any
+        clipper.active = False
+        epsilon = float(account.get_epsilon(delta))
         model.eval()
         with torch.no_grad():
             predicted = torch.cat([model(test_x[i:i + 2000].to(device)).argmax(1).cpu()
                                    for i in range(0, len(test_x), 2000)])
     return {"accuracy": float((predicted == test_y.cpu()).float().mean()), "epsilon": epsilon,
-            "noise_multiplier": float(optimizer.noise_multiplier), "epochs": epochs}
+            "noise_multiplier": sigma, "epochs": epochs}
