@@ -13,7 +13,7 @@ when it
   exactly the expected metrics (integers where integers belong, finite numbers elsewhere,
   counts within what the server planned);
 - under sample-level DP, echoes what the server sent its node (partition, noise multiplier,
-  steps; see `SampleDPAssignments`).
+  steps; see `PartitionAssignments`).
 Any other reply is dropped, counted and logged; it never ends the round. Every accepted reply
 weighs the same (the server does not take a client's word for its example count). A round with
 fewer than --min-clients accepted replies keeps the previous global model. The guard numbers
@@ -78,15 +78,17 @@ class RoundOutcome:
     metrics: dict = field(default_factory=dict)  # the strategy's aggregated train metrics
 
 
-class SampleDPAssignments:
-    """Sample-level DP: which partition each node trains, and what the server asks of it.
+class PartitionAssignments:
+    """Which partition each node trains, and (sample-level DP) what the server asks of it.
 
-    The server plans every partition's noise multiplier and steps (toolkit.federated.
-    sample_dp_plan) and sends each node its partition's entry in the train config; the
-    account is kept from these records, not from the replies. A node's partition is the one
-    thing the server asks of the node: once per run, before its first round (a query message
-    answered from the node's own `partition-id`), and fixed from then on. Two nodes claiming
-    one partition are both charged to it, which can only overstate that partition's epsilon.
+    A node's partition is the one thing the server asks of the node: once per run, before
+    its first round (a query message answered from the node's own `partition-id`), and
+    fixed from then on. A second node claiming a partition that another node holds is not
+    sent rounds (one partition's data must not count twice), with a log line. Under
+    sample-level DP the server plans every partition's noise multiplier and steps
+    (toolkit.federated.sample_dp_plan) and sends each node its partition's entry in the
+    train config; the account is kept from these records, not from the replies. Without it
+    the plan entries are empty.
     """
 
     QUERY_TIMEOUT_S = 600.0
@@ -94,23 +96,32 @@ class SampleDPAssignments:
     def __init__(self, plan: list[dict]):
         self.plan = plan
         self.partition_of: dict[int, int] = {}  # node id -> partition, learnt this run
+        self.duplicates: set[int] = set()       # nodes that claimed a held partition
+        # Sample-level DP: each node is sent its plan, and every reply must echo it.
+        self.carries_plan = any(plan)
 
     def learn_partitions(self, nodes: list[int], grid: Grid) -> None:
-        unknown = [n for n in nodes if n not in self.partition_of]
+        unknown = [n for n in nodes if n not in self.partition_of and n not in self.duplicates]
         if not unknown:
             return
         queries = [Message(RecordDict({"config": ConfigRecord({"ask": "partition-id"})}), dst_node_id=n,
                            message_type=MessageType.QUERY) for n in unknown]
-        for reply in grid.send_and_receive(queries, timeout=self.QUERY_TIMEOUT_S):
+        replies = grid.send_and_receive(queries, timeout=self.QUERY_TIMEOUT_S)
+        # In node order, so that which of two claimants keeps a partition does not depend
+        # on who answered first.
+        for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):
             node = reply.metadata.src_node_id
             partition, problem = self._claimed_partition(reply)
             if partition is None:
-                log.warning("sample-level DP: node %d names no partition of 0..%d (%s); it is not sent "
+                log.warning("node %d names no partition of 0..%d (%s); it is not sent "
                             "a round until it does", node, len(self.plan) - 1, problem)
                 continue
-            if partition in self.partition_of.values():
-                log.warning("sample-level DP: node %d also claims partition %d; both nodes are "
-                            "charged to it", node, partition)
+            holder = next((n for n, p in self.partition_of.items() if p == partition), None)
+            if holder is not None:
+                log.warning("node %d also claims partition %d, which node %d holds; it is not "
+                            "sent rounds", node, partition, holder)
+                self.duplicates.add(node)
+                continue
             self.partition_of[node] = partition
 
     def _claimed_partition(self, reply: Message) -> tuple[Optional[int], str]:
@@ -163,7 +174,7 @@ class ReplyGuard(Strategy):
     def __init__(self, strategy: Strategy, global_arrays: ArrayRecord, required_metrics: dict[str, type],
                  optional_metrics: Optional[dict[str, type]] = None,
                  metric_limits: Optional[dict[str, tuple[float, float]]] = None, *, min_replies: int = 1,
-                 round_offset: int = 0, assignments: Optional[SampleDPAssignments] = None,
+                 round_offset: int = 0, assignments: Optional[PartitionAssignments] = None,
                  arrays_key: str = "arrays", metrics_key: str = "metrics",
                  weighted_by_key: str = "num-examples"):
         super().__init__()
@@ -253,7 +264,7 @@ class ReplyGuard(Strategy):
         sent = self.outcome.sent
         if sent is not None and node not in sent:
             return "this node was not sent the round"
-        if sent is None and self.assignments is not None:
+        if sent is None and self.assignments is not None and self.assignments.carries_plan:
             return "no record of what this node was sent"
         if node in seen:
             return "a second reply from this node"
@@ -396,4 +407,5 @@ def build_strategy(config: Config, global_arrays: ArrayRecord, partition_sizes: 
         raise ValueError("sample-level DP needs the server's plan (toolkit.federated.sample_dp_plan)")
     return ReplyGuard(strategy, global_arrays, required, optional, limits, min_replies=f.min_clients,
                       round_offset=round_offset,
-                      assignments=SampleDPAssignments(sample_dp_plan) if f.sample_dp else None)
+                      assignments=PartitionAssignments(sample_dp_plan if f.sample_dp
+                                                       else [{} for _ in range(f.clients)]))
