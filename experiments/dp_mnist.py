@@ -49,7 +49,7 @@ from toolkit.sampling import export_generator, load_generator  # noqa: E402
 
 log = logging.getLogger("toolkit")
 
-TABLE_COLUMNS = ["row", "epsilon", "epsilon_prv", "delta", "downstream_accuracy",
+TABLE_COLUMNS = ["row", "epochs_done", "epsilon", "epsilon_prv", "delta", "downstream_accuracy",
                  "dp_sgd_baseline_accuracy", "fid", "precision", "recall", "density", "coverage",
                  "downstream_epoch", "noise_multiplier", "dp_steps", "d_steps_per_g_step",
                  "g_steps", "seed", "train_time_s", "device"]
@@ -115,9 +115,14 @@ def plot_metrics(path: Path, table: list[dict]) -> None:
         by_target = {t: [r for r in private if abs(r["epsilon"] - t) / t < 0.1] for t in targets}
         ax.scatter([r["epsilon"] for r in private], [r[metric] for r in private], s=14, color="C0",
                    alpha=0.6, label="runs (seeds)")
-        means = [(t, sum(r[metric] for r in rs) / len(rs)) for t, rs in by_target.items() if rs]
+        for r in private:
+            ax.annotate(r["row"], (r["epsilon"], r[metric]), fontsize=6, alpha=0.8,
+                        xytext=(3, 3), textcoords="offset points")
+        # The mean over the seeds of each epsilon, at their mean epsilon.
+        means = sorted((sum(r["epsilon"] for r in rs) / len(rs), sum(r[metric] for r in rs) / len(rs))
+                       for rs in by_target.values() if rs)
         if means:
-            ax.plot(*zip(*means), "-", color="C0", label="mean")
+            ax.plot(*zip(*means), "-", color="C0", label="mean over seeds")
         if metric == "downstream_accuracy":
             base = sorted((r["epsilon"], r["dp_sgd_baseline_accuracy"]) for r in private
                           if r.get("dp_sgd_baseline_accuracy") is not None)
@@ -149,6 +154,10 @@ def main() -> int:
     parser.add_argument("--no-baseline", action="store_true", help="skip the DP-SGD baseline")
     parser.add_argument("--evaluate-only", action="store_true",
                         help="evaluate finished rows; never train")
+    parser.add_argument("--partial", action="store_true",
+                        help="with --evaluate-only: also evaluate unfinished rows at their last "
+                             "checkpoint (epsilon is what they spent so far; epochs_done says "
+                             "where they stopped)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -180,7 +189,7 @@ def main() -> int:
         if args.evaluate_only:
             state = (run.load_checkpoint("last")["state"] if run.checkpoint_path("last").exists()
                      else {"epoch": 0})
-            if state["epoch"] < config.train.epochs:
+            if state["epoch"] < config.train.epochs and not (args.partial and state["epoch"]):
                 log.info("[%s] not trained to its %d epochs yet; skipped", name, config.train.epochs)
                 continue
             train_time = state["train_time"]
@@ -209,6 +218,7 @@ def main() -> int:
             row["train_time_s"] = round(train_time, 1)
             row["device"] = device_name
             cache.write_text(json.dumps({"key": key, "row": row}, indent=1))
+        row["epochs_done"] = f"{key['checkpoint_epoch']}/{config.train.epochs}"
         gen = load_generator(run.path, "last")
         images, labels = labelled_samples(gen, 100, config.train.seed + 1)
         table.append(row)
