@@ -77,7 +77,7 @@ app = ClientApp()
 
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
-    """Which partition this node holds (the server asks once per run under sample-level DP)."""
+    """Which partition this node holds (the server asks once per run, before its first round)."""
     facts = {"partition-id": int(context.node_config["partition-id"])}
     if "num-partitions" in context.node_config:
         facts["num-partitions"] = int(context.node_config["num-partitions"])

@@ -72,3 +72,22 @@ def test_dp_sgd_baseline_spends_its_budget_and_learns():
     small = dp_sgd_classifier_accuracy(train_x, train_y, test_x, test_y, target_epsilon=0.5,
                                        delta=1e-4, epochs=4, batch_size=128, lr=0.5)
     assert small["noise_multiplier"] > result["noise_multiplier"]
+
+
+def test_an_exported_generator_holds_g_alone_with_what_the_run_protects_and_spent(tmp_path, data):
+    from toolkit.sampling import export_generator, load_generator
+    from toolkit.statefile import load_state
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer, _ = train(tiny_config(tmp_path, mode="dp", noise_multiplier=1.0, seed=5,
+                                       conditional=True, ema_decay=0.9, epochs=1), data)
+    path = export_generator(trainer.run.path, tmp_path / "released")
+    state = load_state(path)
+    assert not {"D", "d_opt", "g_opt", "rng", "ema", "mode"} & set(state)
+    assert state["config"]["train"]["seed"] == 0  # the run's noise seed stays private
+    last = trainer.run.history()[-1]
+    assert state["spent"]["epsilon"] == last["epsilon"] and state["privacy"]["private"] is True
+    released, original = load_generator(tmp_path / "released"), load_generator(trainer.run.path)
+    assert released.privacy == original.privacy
+    assert torch.equal(released.sample(8, seed=3)[0], original.sample(8, seed=3)[0])  # the EMA G

@@ -255,3 +255,23 @@ def test_a_swapped_shipped_classifier_with_a_recomputed_sidecar_is_refused(tmp_p
     monkeypatch.setattr(metric, "DEFAULT_CHECKPOINT", swapped)
     with pytest.raises(UserError, match="does not match"):
         metric.read_checkpoint()
+
+
+def test_conversion_reads_an_old_checkpoint_and_still_runs_no_code(capsys, run, tmp_path):
+    """`gankit convert --trust-pickle` uses torch's restricted unpickler: an old checkpoint
+    (tensors, numpy RNG state, plain values) converts and resumes; a payload is refused."""
+    from toolkit.statefile import load_state
+
+    state = load_state(run / "checkpoints" / "last.safetensors")
+    (run / "checkpoints" / "last.safetensors").unlink()
+    torch.save({**state, "format": 1}, run / "checkpoints" / "last.pt")  # an older gankit's file
+    assert cli.main(["convert", str(run), "--trust-pickle"]) == 0
+    converted = load_state(run / "checkpoints" / "last.safetensors")
+    assert converted["rng"]["numpy"][1].dtype == np.uint32
+    assert np.array_equal(converted["rng"]["numpy"][1], state["rng"]["numpy"][1])
+    assert all(torch.equal(converted["G"][k], state["G"][k]) for k in state["G"])
+    assert cli.main(["train", "--resume", str(run), "--epochs", "2"]) == 0
+    marker = tmp_path / "pwned"
+    plant_pickle(tmp_path / "model.pt", marker)
+    refused(capsys, "convert", tmp_path / "model.pt", "--trust-pickle", message="could not be read")
+    assert not marker.exists()

@@ -382,11 +382,14 @@ def export_command(args: argparse.Namespace) -> int:
 class ConvertOptions:
     path: str = option("", "a pickled .pt checkpoint of an older gankit, or a run folder",
                        args=["path"])
-    trust_pickle: bool = option(False, "required: unpickling runs whatever code the file holds; "
-                                       "convert only files you made yourself")
+    trust_pickle: bool = option(False, "required: the file is unpickled (with torch's restricted "
+                                       "unpickler: tensors, numpy arrays and plain values only; "
+                                       "anything else is refused); convert only files you made "
+                                       "yourself")
 
 
 def convert_command(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
 
     from toolkit.statefile import save_state
@@ -397,13 +400,22 @@ def convert_command(args: argparse.Namespace) -> int:
     if not files or not all(f.is_file() and f.suffix == ".pt" for f in files):
         raise UserError(f"no .pt checkpoint at {path}")
     if not opts.trust_pickle:
-        raise UserError("converting unpickles the file, which can run any code it holds; "
-                        "add --trust-pickle if you made it yourself")
+        raise UserError("converting unpickles the file (restricted to tensors, arrays and plain "
+                        "values); add --trust-pickle if you made it yourself")
+    # What an older gankit checkpoint holds beyond tensors and plain values: numpy's RNG state
+    # (an array of uint32). Arrays are rebuilt from their bytes; nothing else may be called.
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy 2
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct
+    allowed = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     for f in files:
         try:
-            state = torch.load(f, map_location="cpu", weights_only=False)
-        except Exception as err:  # noqa: BLE001 - whatever a broken pickle raises
-            raise UserError(f"{f} could not be read ({err})") from None
+            with torch.serialization.safe_globals(allowed):
+                state = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - whatever a broken or refused pickle raises
+            raise UserError(f"{f} could not be read as an older gankit checkpoint "
+                            f"({str(err).splitlines()[0][:200]})") from None
         if not isinstance(state, dict) or "config" not in state:
             raise UserError(f"{f} is not a gankit checkpoint")
         state["format"] = 2  # the layout is unchanged; only the file format differs

@@ -20,7 +20,7 @@ every pass as one example, so the clipped unit is the pair (real i, fake i), as 
 Opacus modes (toolkit/privacy.py).
 
 Supported layers: Linear, Conv2d and GroupNorm; `unsupported_layers` names any other layer
-that owns parameters, and the dp mode falls back to Opacus for such a D.
+that owns parameters, and the dp mode refuses `bk` for such a D (use an Opacus mode).
 """
 
 from __future__ import annotations
@@ -69,7 +69,6 @@ class BookKeepingClipper:
             p.requires_grad_(False)  # gradients reach layer inputs only; weights are ours
         self.summed: Optional[list[Tensor]] = None   # clipped sum of the private passes
         self.public: Optional[list[Tensor]] = None   # exact gradient of the public passes
-        self.examples = 0  # examples clipped into `summed` since the last reset
         self.public_rows = 0  # rows of the public passes in `public`
         self._pass_rows = 0   # rows of the public passes of the current chunk
 
@@ -138,7 +137,6 @@ class BookKeepingClipper:
         for p in self.params:
             p.grad = None
             p.requires_grad_(False)
-        self.examples += n
         self.clear_records()
 
     def _pieces(self, layer):
@@ -201,7 +199,7 @@ class BookKeepingClipper:
 
     def reset(self) -> None:
         self.clear_records()
-        self.summed, self.public, self.examples, self.public_rows = None, None, 0, 0
+        self.summed, self.public, self.public_rows = None, None, 0
 
 
 def _join(parts: list[Tensor], dim: int) -> Tensor:

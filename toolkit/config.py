@@ -327,21 +327,17 @@ class Config:
 def type_problems(name: str, value: Any, kind: type) -> list[str]:
     """A JSON value against its option's type: no "1" for an int, no 1.5 epochs, no
     "false" that Python would read as true, no null learning rate."""
-    flag = "--" + name.replace("_", "-")
-    if kind is bool:
-        ok = isinstance(value, bool)
-    elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif kind is str:
-        ok = isinstance(value, str)
-    else:
+    # bool is a subclass of int in Python, so true/false are refused where a number belongs.
+    accepted = {bool: ((bool,), "true or false"), int: ((int,), "a whole number"),
+                float: ((int, float), "a number"), str: ((str,), "a string")}
+    if kind not in accepted:
         return []
-    if ok:
+    types, what = accepted[kind]
+    if isinstance(value, types) and (kind is bool or not isinstance(value, bool)):
         return []
-    shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
-    return [f"{flag} must be {'a whole number' if kind is int else 'true or false' if kind is bool else 'a number' if kind is float else 'a string'}, got {shown}"]
+    shown = (json.dumps(value) if isinstance(value, (str, int, float, bool, type(None)))
+             else type(value).__name__)
+    return [f"--{name.replace('_', '-')} must be {what}, got {shown}"]
 
 
 def federated_problems(f: FederatedConfig) -> list[str]:

@@ -54,7 +54,7 @@ from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from toolkit.clipping import BookKeepingClipper, BookKeepingOptimizer
+from toolkit.clipping import BookKeepingClipper, BookKeepingOptimizer, unsupported_layers
 from toolkit.config import Config, dp_problems
 from toolkit.errors import ConfigError, UserError
 from toolkit.modes import DiscriminatorParts
@@ -193,6 +193,10 @@ class PrivateMode:
                                 category=UserWarning)
         p = config.privacy
         problems = dp_problems(config) + module_problems(parts.D)
+        if p.grad_sample_mode == "bk":
+            problems += [f"dp: --grad-sample-mode bk clips Linear, Conv2d and GroupNorm layers; this "
+                         f"discriminator also has {layer}: use --grad-sample-mode hooks"
+                         for layer in unsupported_layers(parts.D)]
         if problems:
             raise ConfigError(problems)
         self.config = config
@@ -314,13 +318,7 @@ class PrivateMode:
     def _private_step(self, inner, ctx, D, d_opt, real, labels, measure) -> dict:
         n = real.shape[0]
         config = ctx.config
-        if n == 0 and self._clipper is not None:
-            d_opt.step()  # nothing clipped: the noise alone, accounted like any step
-            stats = {"d_grad_norm": grad_norm(D)} if measure else {}
-            if ctx.objective.clip_weights:
-                clip_weights(D, config.objective.clip_value)
-            d_opt.zero_grad(set_to_none=True)
-        elif n == 0:
+        if n == 0:
             stats = self._noise_only_step(D, d_opt, ctx.objective, config, measure)
         else:
             size = config.privacy.physical_batch_size or n
@@ -338,12 +336,13 @@ class PrivateMode:
                 d_opt.zero_grad(set_to_none=True)
         return stats
 
-    @staticmethod
-    def _noise_only_step(D, d_opt, objective, config, measure: bool) -> dict:
-        # Opacus clips zero-length per-sample gradients to a zero sum and adds the noise, as
-        # its DPDataLoader would for an empty Poisson batch.
-        for p in d_opt.params:
-            p.grad_sample = torch.zeros((0,) + p.shape, device=p.device, dtype=p.dtype)
+    def _noise_only_step(self, D, d_opt, objective, config, measure: bool) -> dict:
+        # Nothing to clip: the noise alone, accounted like any step, as Opacus' DPDataLoader
+        # does for an empty Poisson batch (its optimizer clips zero-length per-sample
+        # gradients to a zero sum; the book-keeping clipper has seen no pass and sums zero).
+        if self._clipper is None:
+            for p in d_opt.params:
+                p.grad_sample = torch.zeros((0,) + p.shape, device=p.device, dtype=p.dtype)
         d_opt.step()
         stats = {"d_grad_norm": grad_norm(D)} if measure else {}
         if objective.clip_weights:

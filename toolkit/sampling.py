@@ -100,11 +100,17 @@ def load_discriminator(path, checkpoint: str = "last", device="cpu") -> nn.Modul
 
 
 def load_generator(path, checkpoint: str = "last", ema: bool = True, device="cpu") -> LoadedGenerator:
-    """Rebuild G and its prior from a run folder or checkpoint file, in eval mode."""
+    """Rebuild G and its prior from a run folder, checkpoint file or released generator, in
+    eval mode."""
     ckpt, config, info = read_checkpoint(path, checkpoint, device)
+    return generator_from(ckpt, config, info, ema, device)
+
+
+def generator_from(ckpt: dict, config: Config, info: dict, ema: bool = True,
+                   device="cpu") -> LoadedGenerator:
     G = build_generator(config.model, config.latent.latent_dim, tuple(info["image_shape"]),
                         info["num_classes"]).to(device)
-    if ema and ckpt.get("ema") and not ckpt.get("released"):
+    if ema and ckpt.get("ema"):  # a released generator is already the EMA one, if any
         # AveragedModel keeps the averaged network under "module." next to a counter.
         G.load_state_dict({k[len("module."):]: v for k, v in ckpt["ema"].items()
                            if k.startswith("module.")})
@@ -119,27 +125,28 @@ def load_generator(path, checkpoint: str = "last", ema: bool = True, device="cpu
 
 
 def export_generator(path, out: Path, checkpoint: str = "last", ema: bool = True) -> Path:
-    """Write the generator alone (weights, prior, the config that rebuilds it, and the run's
-    privacy facts) to `out/generator.safetensors`: what a private run may release, since G
-    is post-processing of the private D. No discriminator, optimizer or RNG state (these
-    are not covered by the release, or would help an attacker)."""
+    """Write the generator alone (weights, prior, the config that rebuilds it, what the run
+    protects and the epsilon it spent) to `out/generator.safetensors`: what a private run
+    may release, since G is post-processing of the private D. No discriminator, optimizer
+    or RNG state (these are not covered by the release, or would help an attacker)."""
     from toolkit.runs import RunDir
     from toolkit.statefile import save_state
 
-    gen = load_generator(path, checkpoint, ema=ema)
-    ckpt, _, info = read_checkpoint(path, checkpoint)
+    ckpt, config, info = read_checkpoint(path, checkpoint)
+    gen = generator_from(ckpt, config, info, ema=ema)
     history = RunDir(Path(path)).history() if Path(path).is_dir() else []
     last = history[-1] if history else {}
-    privacy = {k: last[k] for k in ("epsilon", "epsilon_rdp", "epsilon_prv", "delta",
-                                    "accountant", "noise_multiplier", "dp_steps") if k in last}
+    spent = {k: last[k] for k in ("epsilon", "epsilon_rdp", "epsilon_prv", "delta",
+                                  "accountant", "noise_multiplier", "dp_steps") if k in last}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = gen.config.to_dict()
+    released = gen.config.to_dict()
     # The seed drives the private run's sampling and noise: it is not released.
-    config["train"]["seed"] = 0
-    return save_state({"released": True, "config": config, "data": info, "privacy": gen.privacy,
-                       "G": gen.G.state_dict(), "prior": gen.prior.state_dict(),
-                       "privacy": privacy, "epoch": ckpt.get("state", {}).get("epoch")},
+    released["train"]["seed"] = 0
+    return save_state({"released": True, "config": released, "data": info,
+                       "privacy": gen.privacy, "spent": spent, "G": gen.G.state_dict(),
+                       "prior": gen.prior.state_dict(),
+                       "epoch": ckpt.get("state", {}).get("epoch")},
                       out / RELEASE_FILE)
 
 
