@@ -100,9 +100,13 @@ def serve(grid: Grid, config: Config, run: RunDir, data: ImageData, resume: bool
     log.info("federated: %d clients (%d per round), %d rounds of %d local steps, %s%s", f.clients,
              sampled_clients(config), remaining, f.local_steps, f.strategy,
              f", client-level DP ({f.client_dp}-side clipping)" if f.client_dp != "none" else "")
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(model.weights), num_rounds=remaining,
-                   train_config=ConfigRecord({"config-json": json.dumps(client_facing_config(config).to_dict())}),
-                   evaluate_fn=end_of_round)
+    model.start_clock()
+    try:
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(model.weights), num_rounds=remaining,
+                       train_config=ConfigRecord({"config-json": json.dumps(client_facing_config(config).to_dict())}),
+                       evaluate_fn=end_of_round)
+    finally:
+        model.recorder.close()
     return model
 
 

@@ -11,6 +11,7 @@ from toolkit.federated import (GlobalModel, client_config, client_partitions, lo
                                sample_dp_plan, unpack)
 from toolkit.runs import RunDir
 from toolkit.sampling import load_generator
+from toolkit.statefile import load_state
 from toolkit.trainer import Trainer
 
 
@@ -54,18 +55,27 @@ def test_a_client_trains_on_its_own_partition_and_fedprox_pulls_towards_the_glob
 
 def test_the_global_model_checkpoints_rounds_that_generate_reads_and_resume_continues(tmp_path):
     data = synthetic_data()
-    config = fed_config(tmp_path, name="fed")
+    config = fed_config(tmp_path, name="fed", tensorboard=True)
     run = RunDir.create(config)
     model = GlobalModel(config, data, run)
     trained, _ = local_round(config, data, model.weights, client=0, server_round=1)
     model.end_round(1, trained, {"d_loss": 1.0})
     model.end_round(2, None, {})  # a round with too few replies keeps the model
-    assert [r["round"] for r in run.history()] == [1, 2]
-    assert [r["aggregated"] for r in run.history()] == [True, False]
+    history = run.history()
+    assert [r["round"] for r in history] == [1, 2]
+    assert [r["aggregated"] for r in history] == [True, False]
+    # Every round has its time; the run's time adds them up.
+    assert history[1]["train_time_s"] == pytest.approx(history[0]["round_time_s"] + history[1]["round_time_s"], abs=2e-3)
     assert (run.samples / "round_002.png").exists()
+    # The same grid as standard training's: a column per class, 8 rows, fixed latents.
+    from PIL import Image
+    assert Image.open(run.samples / "round_002.png").size == Image.open(run.samples / "round_001.png").size
+    assert "weights" not in load_state(run.checkpoint_path("last"))  # the networks are saved once
+    assert list((run.path / "tb").glob("events.out.tfevents.*"))  # TensorBoard, as in standard runs
     again = GlobalModel(config, data, run)
     again.resume()
     assert again.round == 2 and distance(again.weights, trained) == 0
+    assert again.train_time == pytest.approx(history[1]["train_time_s"], abs=2e-3)
     gen = load_generator(run.path)  # what `gankit generate/evaluate` use
     assert distance({k: v for k, v in gen.G.state_dict().items()},
                     {k[2:]: v for k, v in trained.items() if k.startswith("g.")}) == 0

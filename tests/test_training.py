@@ -98,17 +98,28 @@ def test_run_folder_holds_config_history_samples_checkpoints(tmp_path, data):
         16, 10, seed=config.train.seed).means)
 
 
-def test_best_checkpoint_follows_best_metric(tmp_path, data):
-    values = iter([3.0, 1.0, 2.0])
+@pytest.mark.parametrize("metric, best_epoch", [("fid", 2), ("precision", 3)])
+def test_best_checkpoint_follows_best_metric_in_its_direction(tmp_path, data, metric, best_epoch):
+    values = iter([0.3, 0.1, 0.5])
 
     class FakeMetric(Callback):
         def on_epoch_end(self, trainer, record):
-            record["fid"] = next(values)
+            record[metric] = next(values)
 
-    config = tiny_config(tmp_path, epochs=3)
+    config = tiny_config(tmp_path, epochs=3, best_metric=metric)
     trainer, _ = train(config, data, callbacks=[FakeMetric()])
     best = trainer.run.load_checkpoint("best")
-    assert best["state"]["epoch"] == 2 and best["state"]["best"] == 1.0
+    # Lowest FID (epoch 2), highest precision (epoch 3); the last checkpoint knows the best too.
+    assert best["state"]["epoch"] == best_epoch and best["state"]["best"] == [0.3, 0.1, 0.5][best_epoch - 1]
+    assert trainer.run.load_checkpoint("last")["state"]["best"] == best["state"]["best"]
+
+
+def test_an_unknown_best_metric_is_refused(tmp_path, data):
+    from toolkit.config import validate
+    from toolkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown best metric 'g_loss'"):
+        validate(tiny_config(tmp_path, best_metric="g_loss"))
 
 
 def test_ema_ramps_its_decay_so_the_initial_weights_are_forgotten():

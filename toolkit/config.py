@@ -36,6 +36,9 @@ PARTITIONS = ("iid", "dirichlet", "pathological")
 CLIENT_DP = ("none", "server", "client")
 D_STEPS_SCHEDULES = ("fixed", "adaptive")  # toolkit/schedule.py
 FAKE_GRADIENTS = ("paired", "public")
+# The metrics --best-metric can follow, each with the direction that is better.
+BEST_METRICS = {"fid": "min", "precision": "max", "recall": "max", "density": "max",
+                "coverage": "max"}
 
 
 def option(default: Any, help: str, **metadata: Any):
@@ -238,7 +241,9 @@ class EvalConfig:
         "", "metric classifier checkpoint (default: the shipped MNIST classifier, used when the "
             "data is 1x28x28 with 10 classes)")
     prdc_k: int = option(3, "k of the k-NN balls for precision, recall, density and coverage")
-    best_metric: str = option("fid", "history metric that selects the best checkpoint")
+    best_metric: str = option(
+        "fid", "metric that selects the best checkpoint: fid (lowest) | precision | recall | "
+               "density | coverage (highest)")
 
 
 GROUPS = {
@@ -405,6 +410,7 @@ def validate(config: Config, num_classes: Optional[int] = None) -> None:
     choice(t.device, DEVICES, "device")
     p = config.privacy
     choice(p.accountant, ACCOUNTANTS, "accountant")
+    choice(e.best_metric, tuple(BEST_METRICS), "best metric")
     choice(p.grad_sample_mode, GRAD_SAMPLE_MODES, "grad sample mode")
     choice(p.fake_gradients, FAKE_GRADIENTS, "fake-gradients")
     if p.fake_gradients == "public" and p.grad_sample_mode != "bk":

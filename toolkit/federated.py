@@ -17,7 +17,7 @@ This module never imports flwr, so everything here is testable without it:
 from __future__ import annotations
 
 import logging
-import math
+import time
 from typing import Optional
 
 import torch
@@ -28,6 +28,7 @@ from toolkit.data import ImageData
 from toolkit.latent import build_prior
 from toolkit.models import build_discriminator, build_generator
 from toolkit.partition import class_histogram, histogram_table, partition, save_histogram
+from toolkit.recorder import Recorder, sample_grid
 from toolkit.runs import RunDir
 from toolkit.trainer import Trainer, checkpoint_header, seed_everything, unwrapped
 
@@ -227,9 +228,12 @@ class GlobalModel:
         self.prior = build_prior(config.latent, config.train.seed)
         self.round = 0
         self.best: Optional[float] = None
+        self.train_time = 0.0  # seconds of rounds done, over every session of this run
         self.server_state: dict = {}  # e.g. the client-level privacy accountant's history
         self.classifier = classifier
         self._reference = None
+        self.recorder = Recorder(run, config, "round", config.federated.rounds)
+        self._tick = time.perf_counter()
 
     @property
     def weights(self) -> dict[str, Tensor]:
@@ -243,8 +247,10 @@ class GlobalModel:
 
     def resume(self) -> None:
         ckpt = self.run.load_checkpoint("last")
-        unpack(ckpt["weights"], self.G, self.D, self.prior)
+        for net, key in ((self.G, "G"), (self.D, "D"), (self.prior, "prior")):
+            net.load_state_dict(ckpt[key])
         self.round, self.best = ckpt["round"], ckpt.get("best")
+        self.train_time = float(ckpt.get("train_time", 0.0))
         self.server_state = ckpt.get("server_state", {})
         self.run.truncate_history(self.round, key="round")
         log.info("resumed %s after round %d", self.run.path, self.round)
@@ -256,26 +262,33 @@ class GlobalModel:
         if weights is not None:
             unpack(weights, self.G, self.D, self.prior)
         self.round = server_round
+        # A round's time is the server's wall clock from the previous round's end (or the
+        # start), so it holds the clients' training and the transfers.
+        now = time.perf_counter()
+        round_time, self._tick = now - self._tick, now
+        self.train_time += round_time
         record = {"round": server_round, "aggregated": weights is not None, **train_metrics,
-                  **(extra or {})}
+                  **(extra or {}), "round_time_s": round(round_time, 3),
+                  "train_time_s": round(self.train_time, 3)}
         e = self.config.eval
         last = server_round == self.config.federated.rounds
         if self.classifier is not None and e.eval_every and (server_round % e.eval_every == 0 or last):
             record.update(self.evaluate())
-        if server_round % self.config.train.sample_every == 0 or last:
-            self.write_samples(self.run.samples / f"round_{server_round:03d}.png")
-        self.run.append_history(record)
-        self.save("last")
-        value = record.get(e.best_metric)
-        if value is not None and math.isfinite(value) and (self.best is None or value < self.best):
-            self.best = value
-            self.save("best")
-        shown = " ".join(f"{k}={v:.4g}" for k, v in record.items()
-                         if k in ("d_loss", "g_loss", "precision", "recall", "fid", "epsilon")
-                         and isinstance(v, float))
-        log.info("round %d/%d %s%s", server_round, self.config.federated.rounds, shown,
-                 "" if weights is not None else " (no update: too few accepted replies)")
+        grid = (sample_grid(self.G, self.prior, self.num_classes, self.config.train.seed + 1,
+                            torch.device("cpu")) if self.recorder.grid_due(server_round) else None)
+
+        def save(name: str, best: Optional[float]) -> None:
+            self.best = best
+            self.save(name)
+
+        self.recorder.end(record, self.best, save, grid,
+                          "" if weights is not None else " (no update: too few accepted replies)")
+        self._tick = time.perf_counter()  # evaluation and checkpoints are not the next round's
         return record
+
+    def start_clock(self) -> None:
+        """The first round's time counts from here (after the partitions and the plan)."""
+        self._tick = time.perf_counter()
 
     def account_sample_dp(self, sent: list[dict]) -> dict:
         """Sample-level DP: add the private steps of each client the server sent this round
@@ -313,21 +326,11 @@ class GlobalModel:
             self._reference = Reference.of(self.classifier, self.data.ref_x, self.data.ref_y)
         return generator_metrics(self.generator, self.classifier, self._reference, self.config)
 
-    @torch.no_grad()
-    def write_samples(self, path) -> None:
-        from torchvision.utils import save_image
-
-        n = 10 * max(1, self.num_classes or 8)
-        labels = (torch.arange(self.num_classes).repeat(n // self.num_classes)
-                  if self.num_classes else None)
-        images, _ = self.generator.sample(n, seed=self.config.train.seed + 1, labels=labels)
-        save_image(images, path, nrow=self.num_classes or 8, normalize=True, value_range=(-1, 1))
-
     def save(self, name: str) -> None:
         """A checkpoint that `gankit generate` and `gankit evaluate` read like any other."""
         self.run.save_checkpoint({
             **checkpoint_header(self.config, self.data, self.num_classes),
-            "round": self.round, "best": self.best, "weights": self.weights,
+            "round": self.round, "best": self.best, "train_time": self.train_time,
             "server_state": self.server_state,
             "G": self.G.state_dict(), "D": self.D.state_dict(), "prior": self.prior.state_dict(),
             "ema": None,

@@ -15,7 +15,6 @@ mode state, RNG states and the position inside the epoch, so it continues bit-ex
 from __future__ import annotations
 
 import logging
-import math
 import random
 import signal
 import time
@@ -35,6 +34,7 @@ from toolkit.latent import build_prior
 from toolkit.models import build_discriminator, build_generator
 from toolkit.modes import DiscriminatorParts, build_mode
 from toolkit.objectives import get_objective
+from toolkit.recorder import Recorder, sample_grid
 from toolkit.runs import RunDir
 from toolkit.schedule import DStepSchedule
 from toolkit.steps import StepContext, discriminator_step, generator_step
@@ -147,12 +147,8 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.state = TrainState()
         self.stop_requested = False
-        self._writer = None
-        if self.num_classes:  # one column per class
-            self.grid_size, self.grid_nrow = self.num_classes * 8, self.num_classes
-            self.grid_labels = (torch.arange(self.grid_size) % self.num_classes).to(self.device)
-        else:
-            self.grid_size, self.grid_nrow, self.grid_labels = 64, 8, None
+        # A federated client's local trainer has no run folder and records nothing.
+        self.recorder = Recorder(run, config, "epoch", t.epochs) if run is not None else None
 
     def _scheduler(self, opt):
         o = self.config.optim
@@ -251,8 +247,8 @@ class Trainer:
         finally:
             if previous_handler is not None:
                 signal.signal(signal.SIGINT, previous_handler)
-            if self._writer is not None:
-                self._writer.close()
+            if self.recorder is not None:
+                self.recorder.close()
 
     def _run_epoch(self) -> bool:
         """One epoch from the saved position. False when stopped by Ctrl-C."""
@@ -331,26 +327,16 @@ class Trainer:
                   "lr_g": self.g_opt.param_groups[0]["lr"], "lr_d": self.d_opt.param_groups[0]["lr"],
                   "d_steps_per_g_step": self.schedule.rate,
                   "train_time_s": round(s.train_time, 3), **self.mode.epoch_metrics()}
-        if s.epoch % t.sample_every == 0 or s.epoch == t.epochs:
-            self.write_samples(self.run.samples / f"epoch_{s.epoch:03d}.png")
+        grid = self.sample_grid() if self.recorder.grid_due(s.epoch) else None
         for cb in self.callbacks:
             cb.on_epoch_end(self, record)
         s.batch, s.sums, s.counts = 0, {}, {}
-        improved = self._update_best(record)
-        self.run.append_history(record)
-        self._log_epoch(record)
-        self.save("last")
-        if improved:
-            self.save("best")
 
-    def _update_best(self, record: dict) -> bool:
-        value = record.get(self.config.eval.best_metric)
-        if value is None or not math.isfinite(value):
-            return False
-        if self.state.best is None or value < self.state.best:
-            self.state.best = value
-            return True
-        return False
+        def save(name: str, best: Optional[float]) -> None:
+            s.best = best  # in the checkpoint, so that a resumed run compares with it
+            self.save(name)
+
+        self.recorder.end(record, s.best, save, grid)
 
     def _anneal_instance_noise(self) -> None:
         noise = getattr(unwrapped(self.D), "noise", None)
@@ -370,46 +356,15 @@ class Trainer:
                     f"{self.state.step}; {kept}. Try lower learning rates or another loss.")
 
     # --- output -------------------------------------------------------------------------------
-    @torch.no_grad()
-    def write_samples(self, path) -> None:
-        from torchvision.utils import save_image
-
-        # The same latents every time, from a generator of their own so that the training
-        # random stream is untouched; a learnable prior's current means are used.
-        grid_rng = torch.Generator(device=self.device).manual_seed(self.config.train.seed + 1)
-        z = self.prior.sample(self.grid_size, generator=grid_rng, device=self.device)
-        G = self.sampling_generator
-        was_training = G.training
-        G.eval()
-        images = G(z, self.grid_labels)
-        G.train(was_training)
-        save_image(images, path, nrow=self.grid_nrow, normalize=True, value_range=(-1, 1))
-
-    @property
-    def writer(self):
-        if self._writer is None and self.config.train.tensorboard and self.run is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(self.run.tensorboard))
-        return self._writer
+    def sample_grid(self) -> tuple[Tensor, int]:
+        return sample_grid(self.sampling_generator, self.prior, self.num_classes,
+                           self.config.train.seed + 1, self.device)
 
     def _log_step(self, stats: dict) -> None:
-        if self.writer is None:
-            return
-        for k, v in stats.items():
-            self.writer.add_scalar(f"step/{k}", float(v), self.state.step)
-
-    def _log_epoch(self, record: dict) -> None:
-        if self.writer is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "epoch":
-                    self.writer.add_scalar(f"epoch/{k}", v, record["epoch"])
-            self.writer.flush()
-        shown = " ".join(f"{k}={v:.4g}" for k, v in record.items()
-                         if k in ("d_loss", "g_loss", "d_acc_real", "d_acc_fake", "precision", "recall", "fid",
-                                  "epsilon"))
-        log.info("epoch %d/%d %s (%.1fs)", record["epoch"], self.config.train.epochs, shown,
-                 record["train_time_s"])
+        writer = self.recorder.writer if self.recorder is not None else None
+        if writer is not None:
+            for k, v in stats.items():
+                writer.add_scalar(f"step/{k}", float(v), self.state.step)
 
     def _catch_sigint(self):
         """First Ctrl-C: stop after the current step and save. Second: abort at once."""
