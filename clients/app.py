@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
@@ -64,13 +64,40 @@ def local_training(msg: Message, context: Context) -> Message:
             raise ConfigError(f"the server sent this node a round for partition {cfg['client']}, but it "
                               f"holds partition {client}")
         noise, steps = float(cfg["noise-multiplier"]), int(cfg["dp-steps"])
+    carry = kept_state(context) if config.federated.client_optimizer == "keep" else None
     weights, metrics = local_round(config, load_client_data(config), msg.content["arrays"].to_torch_state_dict(),
                                    client, int(cfg["server-round"]),
                                    proximal_mu=float(cfg.get("proximal-mu", 0.0)),
-                                   noise_multiplier=noise, steps=steps)
+                                   noise_multiplier=noise, steps=steps, carry=carry)
+    if carry is not None:
+        keep_state(context, carry)
     return Message(content=RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)}),
                    reply_to=msg)
 
+
+def kept_state(context: Context) -> dict:
+    """What this node kept from its previous round of the run (its optimizers' states), or
+    nothing. Flower keeps `context.state` per node and run, in simulation and deployment."""
+    if KEPT_JSON not in context.state:
+        return {}
+    from toolkit.statefile import StateFileError, from_parts
+
+    try:
+        return from_parts(str(context.state[KEPT_JSON][KEPT_JSON]),
+                          context.state[KEPT_TENSORS].to_torch_state_dict(), "the kept client state")
+    except StateFileError:
+        return {}
+
+
+def keep_state(context: Context, carry: dict) -> None:
+    from toolkit.statefile import to_parts
+
+    text, tensors = to_parts(carry)
+    context.state[KEPT_JSON] = ConfigRecord({KEPT_JSON: text})
+    context.state[KEPT_TENSORS] = ArrayRecord(tensors)
+
+
+KEPT_JSON, KEPT_TENSORS = "kept-state", "kept-tensors"
 
 app = ClientApp()
 

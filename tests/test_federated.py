@@ -181,6 +181,32 @@ def test_client_app_returns_both_networks_and_clips_its_update_when_asked(tmp_pa
     assert guard.problem_with(reply, 7, set()) is None and guard.problem_with(clipped, 7, set()) is None
 
 
+def test_a_client_keeps_its_adam_moments_between_rounds_when_asked(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from clients.app import app, kept_state
+    from toolkit.data import load_data
+
+    config = npz_config(tmp_path, client_optimizer="keep")
+    data = load_data(config.data)
+    start = GlobalModel(config, data, RunDir(tmp_path)).weights
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 2},
+                      state=RecordDict(), run_config={})
+    sent = {"config-json": json.dumps(config.to_dict())}
+    app(flower_message(start, {**sent, "server-round": 1}), context)
+    kept = kept_state(context)  # in the node's Flower state, without pickle
+    assert {int(v["step"]) for v in kept["d_opt"]["state"].values()} == {config.federated.local_steps}
+    second = app(flower_message(start, {**sent, "server-round": 2}), context)
+    # Bit-exactly what the carried state gives without Flower in between, and not a fresh Adam.
+    carry = {}
+    local_round(config, data, start, client=1, server_round=1, carry=carry)
+    expected, _ = local_round(config, data, start, client=1, server_round=2, carry=carry)
+    fresh, _ = local_round(config.updated({"client_optimizer": "reset"}), data, start, client=1, server_round=2)
+    got = second.content["arrays"].to_torch_state_dict()
+    assert distance(got, expected) == 0 and distance(got, fresh) > 0
+    assert int(next(iter(kept_state(context)["d_opt"]["state"].values()))["step"]) == 2 * config.federated.local_steps
+
+
 def test_guard_drops_nan_replies_and_robust_aggregation_survives_a_poisoned_client(tmp_path):
     from test_hostile_replies import FakeGrid, honest_metrics, records, reply, start_round
 

@@ -190,18 +190,36 @@ def reply_metric_types(config: Config) -> tuple[dict[str, type], dict[str, type]
 
 def local_round(config: Config, data: ImageData, weights: dict[str, Tensor], client: int,
                 server_round: int, proximal_mu: float = 0.0, noise_multiplier: Optional[float] = None,
-                steps: Optional[int] = None) -> tuple[dict[str, Tensor], dict]:
+                steps: Optional[int] = None, carry: Optional[dict] = None) -> tuple[dict[str, Tensor], dict]:
     """Train from the global weights on this client's data; (new weights, metrics).
-    Sample-level DP: the server sends the noise multiplier and the steps (see sample_dp_plan)."""
+    Sample-level DP: the server sends the noise multiplier and the steps (see sample_dp_plan).
+
+    `carry` (with --client-optimizer keep) is what this client keeps between its rounds: the
+    optimizers' states of its previous round are read from it and this round's written back.
+    A fresh Adam every round starts with zero moments, so its first steps are about lr in
+    every coordinate whatever the gradient's scale."""
     local = client_data(data, client_partitions(config, data)[client])
     steps = config.federated.local_steps if steps is None else steps
     trainer = Trainer(client_config(config, client, server_round, len(local.train_x), noise_multiplier),
                       local, None)
     unpack(weights, trainer.G, trainer.D, trainer.prior)
+    keep = carry is not None and config.federated.client_optimizer == "keep"
+    if keep and "g_opt" in carry:
+        try:
+            trainer.g_opt.load_state_dict(carry["g_opt"])
+            trainer.d_opt.load_state_dict(carry["d_opt"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+            log.warning("client %d: its kept optimizer state does not fit (%s); starting fresh",
+                        client, type(err).__name__)
+            trainer = Trainer(trainer.config, local, None)
+            unpack(weights, trainer.G, trainer.D, trainer.prior)
     if proximal_mu:
         for opt, net in ((trainer.g_opt, trainer.G), (trainer.d_opt, unwrapped(trainer.D))):
             add_proximal_term(opt, [p.detach().clone() for p in net.parameters()], proximal_mu)
     stats = trainer.train_steps(steps)
+    if keep:
+        carry.clear()
+        carry.update({"g_opt": trainer.g_opt.state_dict(), "d_opt": trainer.d_opt.state_dict()})
     metrics = {"num-examples": len(local.train_x), "client": client, "local-steps": steps,
                **{k: float(v) for k, v in stats.items() if k in LOSS_METRICS}}
     if config.federated.sample_dp:

@@ -101,6 +101,24 @@ def _decode(value: Any, tensors: dict, where: str) -> Any:
     raise StateFileError(f"{where}: unexpected value of type {type(value).__name__}")
 
 
+def to_parts(state: dict) -> tuple[str, dict]:
+    """(JSON text, tensors): a state as what a message can carry without pickle (a Flower
+    ConfigRecord string and ArrayRecord), read back by `from_parts`."""
+    tensors: dict = {}
+    return json.dumps(_encode(state, tensors)), tensors
+
+
+def from_parts(text: str, tensors: dict, where: str) -> dict:
+    try:
+        skeleton = json.loads(text)
+    except (TypeError, json.JSONDecodeError):
+        raise StateFileError(f"{where}: not a JSON state") from None
+    state = _decode(skeleton, tensors, where)
+    if not isinstance(state, dict):
+        raise StateFileError(f"{where}: not a state dictionary")
+    return state
+
+
 def save_state(state: dict, path: Path) -> Path:
     """Write `state` to `path` atomically (a crash mid-write leaves the old file whole)."""
     from safetensors.torch import save_file
