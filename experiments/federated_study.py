@@ -42,8 +42,9 @@ from toolkit.sampling import load_generator  # noqa: E402
 
 log = logging.getLogger("toolkit")
 
-TABLE_COLUMNS = ["row", "partition", "alpha", "client_dp", "client_dp_noise", "epsilon", "precision",
-                 "recall", "density", "coverage", "fid", "downstream_accuracy", "train_time_s"]
+TABLE_COLUMNS = ["row", "partition", "alpha", "clients", "client_dp", "client_dp_noise", "client_optimizer",
+                 "epsilon", "precision", "recall", "density", "coverage", "fid", "downstream_accuracy",
+                 "rounds", "local_steps", "total_d_steps", "train_time_s"]
 
 
 def train_federated_row(name: str, config: Config, data, classifier, runs_dir: Path, times: dict) -> None:
@@ -71,6 +72,41 @@ def train_federated_row(name: str, config: Config, data, classifier, runs_dir: P
     times[name] = round(times.get(name, 0.0) + time.perf_counter() - started, 1)
 
 
+def train_centralized_row(name: str, config: Config, data, classifier, runs_dir: Path, times: dict) -> None:
+    """The centralized baseline of a federation: the same model, data, seed and initial
+    weights, trained by the standard loop on all the data for exactly the federation's total
+    steps (clients x local steps a round, D and G alike), and recorded every "round" of that
+    many steps by the same global model (evaluation, grid, history), so that its FID curve
+    lies on the federated rounds' axis. A short row: an interrupted one starts again."""
+    from toolkit.federated import GlobalModel, LOSS_METRICS, pack, unpack
+    from toolkit.trainer import Trainer
+
+    f = config.federated
+    run = RunDir(runs_dir / name)
+    if run.checkpoint_path("last").exists():
+        ckpt = run.load_checkpoint("last")
+        if ckpt["config"] == config.to_dict() and ckpt["round"] >= f.rounds:
+            log.info("[%s] reusing the finished run in %s", name, run.path)
+            return
+    if run.path.exists():
+        shutil.rmtree(run.path)
+    run = RunDir.create(config)
+    model = GlobalModel(config, data, run, classifier)
+    local = config.updated({"mode": "standard", "tensorboard": False, "progress": False, "eval_every": 0})
+    trainer = Trainer(local, data, None)
+    unpack(model.weights, trainer.G, trainer.D, trainer.prior)  # the federation's round-0 weights
+    log.info("[%s] centralized training, %d rounds of %d steps: %s", name, f.rounds,
+             f.clients * f.local_steps, run.path)
+    started = time.perf_counter()
+    model.start_clock()
+    for server_round in range(1, f.rounds + 1):
+        stats = trainer.train_steps(f.clients * f.local_steps)
+        model.end_round(server_round, pack(trainer.G, trainer.D, trainer.prior),
+                        {k: float(v) for k, v in stats.items() if k in LOSS_METRICS})
+    model.recorder.close()
+    times[name] = round(time.perf_counter() - started, 1)
+
+
 def evaluate_row(name: str, config: Config, run_path: Path, ref, classifier, ev: dict, seed: int):
     gen = load_generator(run_path)
     images, labels, _ = draw_samples(gen, ev["samples"], seed)
@@ -78,11 +114,20 @@ def evaluate_row(name: str, config: Config, run_path: Path, ref, classifier, ev:
                                   downstream_epochs=ev["downstream_epochs"], seed=seed)
     f = config.federated
     last = RunDir(run_path).history()[-1]
-    row = {"row": name, "partition": f.partition,
-           "alpha": f.dirichlet_alpha if f.partition == "dirichlet" else "",
+    central = name in CENTRALIZED
+    row = {"row": name, "partition": "centralized" if central else f.partition,
+           "alpha": f.dirichlet_alpha if f.partition == "dirichlet" and not central else "",
+           "clients": 1 if central else f.clients,
            "client_dp": f.client_dp, "client_dp_noise": f.client_dp_noise if f.client_dp != "none" else "",
-           "epsilon": float(last.get("client_epsilon", math.inf)), **metrics}
+           "client_optimizer": "" if central else f.client_optimizer,
+           "epsilon": float(last.get("client_epsilon", math.inf)), "rounds": f.rounds,
+           "local_steps": f.local_steps * (f.clients if central else 1),
+           "total_d_steps": f.rounds * f.local_steps * f.clients, **metrics}
     return row
+
+
+# Rows of the study's config marked {"centralized": true}: trained by train_centralized_row.
+CENTRALIZED: set = set()
 
 
 def plot_fid_per_round(path: Path, runs: dict[str, Path], configs: dict[str, Config]) -> None:
@@ -98,7 +143,11 @@ def plot_fid_per_round(path: Path, runs: dict[str, Path], configs: dict[str, Con
         if not points:
             continue
         f = configs[name].federated
-        key = (f.partition, f.dirichlet_alpha if f.partition == "dirichlet" else None)
+        if name in CENTRALIZED:
+            ax.plot(*zip(*points), "-", lw=2.2, color="black", label=f"{name} (same total steps)")
+            continue
+        key = (f.partition, f.dirichlet_alpha if f.partition == "dirichlet" else None,
+               f.client_optimizer)
         colour = colours.setdefault(key, f"C{len(colours)}")
         ax.plot(*zip(*points), "-o" if f.client_dp == "none" else "--s", ms=3.5, color=colour,
                 label=name)
@@ -140,7 +189,9 @@ def main() -> int:
     base = dict(spec["base"], seed=args.seed, mode="federated")
     if args.data_root:
         base["data_root"] = args.data_root
-    configs = row_configs(spec, base, args.rows, args.set, out / "runs")
+    CENTRALIZED.update(name for name, o in spec["rows"].items() if o.get("centralized"))
+    rows = {name: {k: v for k, v in o.items() if k != "centralized"} for name, o in spec["rows"].items()}
+    configs = row_configs({**spec, "rows": rows}, base, args.rows, args.set, out / "runs")
     data = load_data(next(iter(configs.values())).data)
     log.info("data: %s", data.description)
     classifier = metric_classifier("", data.image_shape, data.num_classes)
@@ -151,16 +202,18 @@ def main() -> int:
     times = json.loads(times_path.read_text()) if times_path.exists() else {}
     table, runs = [], {}
     for name, config in configs.items():
-        train_federated_row(name, config, data, classifier, out / "runs", times)
+        train = train_centralized_row if name in CENTRALIZED else train_federated_row
+        train(name, config, data, classifier, out / "runs", times)
         times_path.write_text(json.dumps(times, indent=1))
         runs[name] = out / "runs" / name
         row = evaluate_row(name, config, runs[name], ref, classifier, ev, args.seed)
         row["train_time_s"] = times.get(name, math.nan)
         table.append(row)
-        # The final round's grid (GlobalModel.write_samples: a column per class, fixed latents).
+        # The final round's grid (toolkit/recorder.py: a column per class, fixed latents).
         shutil.copy(runs[name] / "samples" / f"round_{config.federated.rounds:03d}.png",
                     out / "samples" / f"{name}.png")
-        shutil.copy(runs[name] / "partition.png", out / "partitions" / f"{name}.png")
+        if (runs[name] / "partition.png").exists():  # not for a centralized row
+            shutil.copy(runs[name] / "partition.png", out / "partitions" / f"{name}.png")
         log.info("[%s] epsilon=%.3g fid=%.3g precision=%.3g recall=%.3g downstream=%.3g", name,
                  row["epsilon"], row["fid"], row["precision"], row["recall"],
                  row.get("downstream_accuracy", math.nan))
