@@ -39,7 +39,12 @@ def test_help_lists_every_option_with_its_default(capsys):
         for f in fields(group):
             flag = f"--{f.name.replace('_', '-')}" if f.default is not True else f"--no-{f.name.replace('_', '-')}"
             assert flag in text, flag
-    assert flat.count("(default:") >= sum(len(fields(g)) for g in GROUPS.values())
+    on_by_default = sum(f.default is True for g in GROUPS.values() for f in fields(g))
+    assert flat.count("(default:") >= sum(len(fields(g)) for g in GROUPS.values()) - on_by_default
+    # A --no-* flag turns its option off, and its help says so (never "(default: True)").
+    assert "--no-tensorboard write TensorBoard logs; on by default, this flag turns it off" in flat
+    assert flat.count("on by default, this flag turns it off") == on_by_default
+    assert "(default: True)" not in flat
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -120,7 +125,8 @@ def test_generate_png_and_npz(capsys, tmp_path, npz):
     code, _, _ = run_cli(capsys, "generate", tmp_path / "r", "--out", tmp_path / "g.png")
     assert code == 0 and (tmp_path / "g.png").stat().st_size > 0
     assert run_cli(capsys, "generate", tmp_path / "nothing")[0] == 2
-    assert run_cli(capsys, "generate", tmp_path / "r", "--label", "12")[0] == 2
+    code, _, err = run_cli(capsys, "generate", tmp_path / "r", "--label", "12")
+    assert code == 2 and "not a class of this model (0 to 9)" in err
 
 
 def test_divergence_exits_3(capsys, monkeypatch, tmp_path, npz):
@@ -130,3 +136,9 @@ def test_divergence_exits_3(capsys, monkeypatch, tmp_path, npz):
     monkeypatch.setattr("toolkit.trainer.Trainer.fit", diverge)
     code, _, err = run_cli(capsys, "train", "--dataset", f"npz:{npz}", "--out-dir", tmp_path, *TINY)
     assert code == 3 and "diverged" in err and "Traceback" not in err
+
+
+def test_label_on_an_unconditional_model_says_so(capsys, tmp_path, npz):
+    assert run_cli(capsys, "train", "--dataset", f"npz:{npz}", "--out-dir", tmp_path, "--name", "u", *TINY)[0] == 0
+    code, _, err = run_cli(capsys, "generate", tmp_path / "u", "--label", "3")
+    assert code == 2 and "needs a conditional model; this run's generator is unconditional" in err

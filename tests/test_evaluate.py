@@ -99,8 +99,10 @@ def test_evaluate_writes_json_table_and_prd_plot(trained_run, capsys):
         assert np.isfinite(metrics[key]), key
     assert 0 <= metrics["downstream_accuracy"] <= 1
     assert (trained_run / "eval" / "last" / "prd.png").stat().st_size > 0
-    assert "| precision |" in (trained_run / "eval" / "last" / "metrics.md").read_text() or \
-        "precision" in (trained_run / "eval" / "last" / "metrics.md").read_text()
+    table = (trained_run / "eval" / "last" / "metrics.md").read_text()
+    assert "| precision |" in table
+    # KID is shown as papers show it, times 1,000 with its spread; metrics.json keeps it raw.
+    assert f"| kid_x1000 | {metrics['kid'] * 1e3:.4g} ± " in table and "| kid |" not in table
 
 
 def test_evaluate_with_rejection_sampling(trained_run):
@@ -115,7 +117,8 @@ def test_evaluate_with_rejection_sampling(trained_run):
     (["--mode", "grid", "--steps", "5"], 25),
     (["--mode", "slerp", "--anchors", "3", "--steps", "4"], 7),
     (["--mode", "dirichlet", "--num", "12"], 12),
-    (["--mode", "classes", "--num", "3"], 30),
+    (["--mode", "classes", "--num", "30"], 30),  # --num counts images in every mode
+    (["--mode", "classes", "--num", "64"], 60),  # whole rows of one image per class
     (["--drs", "--num", "20"], 20),
 ])
 def test_generate_modes(trained_run, tmp_path, argv, count):

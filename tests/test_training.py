@@ -158,3 +158,11 @@ def test_local_steps_continue_the_same_batch_stream_as_epochs(tmp_path, data):
         assert_same_weights(cut, other)
     assert (one.state.epoch, one.state.batch) == (1, 4)  # 8 batches an epoch
     assert set(stats) >= {"d_loss", "g_loss"} and all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+
+
+def test_the_history_logs_the_learning_rate_each_epoch_trained_with(tmp_path, data):
+    config = tiny_config(tmp_path, epochs=3, lr_decay="exponential", lr_gamma=0.5, g_lr=0.001, d_lr=0.002)
+    trainer, _ = train(config, data)
+    records = trainer.run.history()
+    assert [r["lr_g"] for r in records] == pytest.approx([0.001, 0.0005, 0.00025])
+    assert [r["lr_d"] for r in records] == pytest.approx([0.002, 0.001, 0.0005])

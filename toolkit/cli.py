@@ -153,7 +153,7 @@ class GenerateOptions:
     mode: str = option("random", "random samples | grid (a 2-D latent plane) | lerp | slerp "
                                  "(paths through --anchors latents) | dirichlet (mixtures of "
                                  "--anchors latents) | classes (conditional: a column per class)")
-    num: int = option(64, "samples (random, dirichlet) or rows (classes)")
+    num: int = option(64, "images (random, dirichlet, classes: whole rows of one per class)")
     checkpoint: str = option("last", "which checkpoint of a run folder: last | best")
     sigma: Optional[float] = option(None, "latent scale (soft truncation); default: the run's")
     truncation: Optional[float] = option(None, "hard truncation threshold; default: the run's")
@@ -198,7 +198,12 @@ def latents_for(opts: "GenerateOptions", gen) -> tuple:
         return z, None, opts.nrow
     if not gen.num_classes:
         raise UserError("--mode classes needs a conditional model")
-    z, labels = interpolation.class_grid(sample(opts.num), gen.num_classes)
+    # --num counts images here too: whole rows of one image per class.
+    rows = max(1, opts.num // gen.num_classes)
+    if rows * gen.num_classes != opts.num:
+        log.info("--mode classes: %d rows of %d classes (%d images)", rows, gen.num_classes,
+                 rows * gen.num_classes)
+    z, labels = interpolation.class_grid(sample(rows), gen.num_classes)
     return z, labels, gen.num_classes
 
 
@@ -218,8 +223,10 @@ def generate_command(args: argparse.Namespace) -> int:
     if opts.drs and opts.mode != "random":
         raise UserError("--drs applies to --mode random")
     gen = load_generator(opts.run, opts.checkpoint, ema=not opts.no_ema)
+    if opts.label is not None and not gen.num_classes:
+        raise UserError("--label needs a conditional model; this run's generator is unconditional")
     if opts.label is not None and not 0 <= opts.label < gen.num_classes:
-        raise UserError(f"--label needs a conditional model and a class in [0, {gen.num_classes})")
+        raise UserError(f"--label {opts.label} is not a class of this model (0 to {gen.num_classes - 1})")
     nrow = opts.nrow
     if opts.mode == "random":
         if opts.drs:
@@ -340,7 +347,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
               "metrics": metrics, "seconds": round(time.perf_counter() - start, 1)}
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "metrics.md").write_text(markdown_table([{"metric": k, "value": v}
-                                                    for k, v in metrics.items()]))
+                                                    for k, v in shown_metrics(metrics).items()]))
     plot_prd({Path(opts.run).name: curve}, out / "prd.png")
     if sigmas:
         trajectory = truncation_sweep(gen, ref, classifier, sigmas, opts.num, opts.seed, opts.k)
@@ -351,9 +358,19 @@ def evaluate_command(args: argparse.Namespace) -> int:
             + "".join(f"{p['sigma']},{p['precision']},{p['recall']},{p['fid']}\n" for p in trajectory))
         plot_truncation({Path(opts.run).name: trajectory}, out / "truncation.png")
         print(markdown_table(trajectory))
-    print(markdown_table([metrics]))
+    print(markdown_table([shown_metrics(metrics)]))
     log.info("wrote %s, metrics.md and prd.png", out / "metrics.json")
     return 0
+
+
+def shown_metrics(metrics: dict) -> dict:
+    """Metrics as people read them: KID (a squared MMD, about 1e-3 for good samples) is shown
+    times 1,000 with its standard deviation over subsets, as papers report it; metrics.json
+    keeps the raw values."""
+    shown = {k: v for k, v in metrics.items() if k not in ("kid", "kid_std")}
+    if "kid" in metrics:
+        shown["kid_x1000"] = f"{metrics['kid'] * 1e3:.4g} ± {metrics.get('kid_std', 0.0) * 1e3:.2g}"
+    return shown
 
 
 # --- export, convert ------------------------------------------------------------------------------

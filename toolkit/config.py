@@ -48,6 +48,10 @@ def option(default: Any, help: str, **metadata: Any):
     argparse-dataclass hands argparse a sentinel instead of the default (so that only the
     options a user typed are seen), which hides the default from --help; we add it here.
     """
+    if default is True:
+        # argparse-dataclass offers such an option only as --no-<name>, which turns it off.
+        return field(default=True, metadata={"help": f"{help}; on by default, this flag turns it off",
+                                             **metadata})
     shown = "none" if default is None else default
     return field(default=default, metadata={"help": f"{help} (default: {shown})", **metadata})
 

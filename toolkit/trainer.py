@@ -319,12 +319,13 @@ class Trainer:
 
     def _end_epoch(self) -> None:
         t, s = self.config.train, self.state
+        # The learning rates this epoch trained with, read before the decay steps.
+        lrs = {"lr_g": self.g_opt.param_groups[0]["lr"], "lr_d": self.d_opt.param_groups[0]["lr"]}
         for sch in self.schedulers:
             if sch is not None:
                 sch.step()
         s.epoch += 1
-        record = {"epoch": s.epoch, "step": s.step, "g_steps": s.g_steps, **s.means(),
-                  "lr_g": self.g_opt.param_groups[0]["lr"], "lr_d": self.d_opt.param_groups[0]["lr"],
+        record = {"epoch": s.epoch, "step": s.step, "g_steps": s.g_steps, **s.means(), **lrs,
                   "d_steps_per_g_step": self.schedule.rate,
                   "train_time_s": round(s.train_time, 3), **self.mode.epoch_metrics()}
         grid = self.sample_grid() if self.recorder.grid_due(s.epoch) else None
