@@ -31,13 +31,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from toolkit.config import Config  # noqa: E402
-from toolkit.presets import preset  # noqa: E402
-from toolkit.data import ImageData  # noqa: E402
-from toolkit.models import build_discriminator  # noqa: E402
-from toolkit.runs import RunDir  # noqa: E402
-from toolkit.steps import generator_step  # noqa: E402
-from toolkit.trainer import Trainer, unwrapped  # noqa: E402
+from gankit.config import Config  # noqa: E402
+from gankit.presets import preset  # noqa: E402
+from gankit.data import ImageData  # noqa: E402
+from gankit.models import build_discriminator  # noqa: E402
+from gankit.runs import RunDir  # noqa: E402
+from gankit.steps import generator_step  # noqa: E402
+from gankit.trainer import Trainer, unwrapped  # noqa: E402
 
 
 def make_data(n: int) -> ImageData:

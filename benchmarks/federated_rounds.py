@@ -26,14 +26,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from toolkit.config import Config  # noqa: E402
-from toolkit.data import load_data  # noqa: E402
-from toolkit.runs import RunDir  # noqa: E402
-from toolkit.trainer import Trainer  # noqa: E402
+from gankit.config import Config  # noqa: E402
+from gankit.data import load_data  # noqa: E402
+from gankit.runs import RunDir  # noqa: E402
+from gankit.trainer import Trainer  # noqa: E402
 
 
 def federated_seconds(config: Config, data) -> float:
-    from server.simulation import simulate
+    from gankit.server.simulation import simulate
 
     run = RunDir.create(config)
     started = time.perf_counter()

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 MEMORY_PROBE = """
 import sys, threading, time, torch
 sys.path.insert(0, {root!r})
-from toolkit.metrics import prdc
+from gankit.metrics import prdc
 def rss_mb():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096 / 2**20
@@ -50,11 +50,11 @@ print(peak[0] - before)
 def main() -> None:
     import torch
 
-    from toolkit.config import Config, DataConfig
-    from toolkit.data import load_data
-    from toolkit.evaluate import Reference, evaluate_samples
-    from toolkit.metrics.classifier import load_classifier
-    from toolkit.models import build_generator
+    from gankit.config import Config, DataConfig
+    from gankit.data import load_data
+    from gankit.evaluate import Reference, evaluate_samples
+    from gankit.metrics.classifier import load_classifier
+    from gankit.models import build_generator
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=10_000)

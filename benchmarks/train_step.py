@@ -3,7 +3,7 @@
     python benchmarks/train_step.py                 # DCGAN, batch 64, 60 steps, 3 repeats
     python benchmarks/train_step.py --steps 20 --repeats 1 --objectives bce,wgan-gp
 
-Both loops train the same networks (built by toolkit.models from the same seed) on the same
+Both loops train the same networks (built by gankit.models from the same seed) on the same
 in-memory batches with the same loss. The bare loop is what one would write by hand: sample
 z, D step on real and fake, G step. The toolkit number is the Trainer's own loop time
 (`train_time_s`, which leaves out the sample grid and checkpoint written once per epoch);
@@ -22,12 +22,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from toolkit.config import Config  # noqa: E402
-from toolkit.data import ImageData  # noqa: E402
-from toolkit.models import build_discriminator, build_generator  # noqa: E402
-from toolkit.objectives import OBJECTIVES  # noqa: E402
-from toolkit.runs import RunDir  # noqa: E402
-from toolkit.trainer import Trainer  # noqa: E402
+from gankit.config import Config  # noqa: E402
+from gankit.data import ImageData  # noqa: E402
+from gankit.models import build_discriminator, build_generator  # noqa: E402
+from gankit.objectives import OBJECTIVES  # noqa: E402
+from gankit.runs import RunDir  # noqa: E402
+from gankit.trainer import Trainer  # noqa: E402
 
 
 def make_data(steps: int, batch: int) -> ImageData:

@@ -26,10 +26,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
-from toolkit.config import Config
-from toolkit.data import load_data
-from toolkit.errors import ConfigError
-from toolkit.federated import local_round
+from gankit.config import Config
+from gankit.data import load_data
+from gankit.errors import ConfigError
+from gankit.federated import local_round
 
 _data_cache: dict = {}
 
@@ -80,7 +80,7 @@ def kept_state(context: Context) -> dict:
     nothing. Flower keeps `context.state` per node and run, in simulation and deployment."""
     if KEPT_JSON not in context.state:
         return {}
-    from toolkit.statefile import StateFileError, from_parts
+    from gankit.statefile import StateFileError, from_parts
 
     try:
         return from_parts(str(context.state[KEPT_JSON][KEPT_JSON]),
@@ -90,7 +90,7 @@ def kept_state(context: Context) -> dict:
 
 
 def keep_state(context: Context, carry: dict) -> None:
-    from toolkit.statefile import to_parts
+    from gankit.statefile import to_parts
 
     text, tensors = to_parts(carry)
     context.state[KEPT_JSON] = ConfigRecord({KEPT_JSON: text})

@@ -11,13 +11,13 @@ the row's own: `mode: dp` with a `target_epsilon`, or `mode: standard`), reused 
 finished and resumed when it was interrupted. Its final generator (last checkpoint: no
 checkpoint is chosen on the real test split) is then evaluated:
 
-- downstream accuracy (`toolkit.metrics.downstream.synthetic_to_real`): a CNN trained on
+- downstream accuracy (`gankit.metrics.downstream.synthetic_to_real`): a CNN trained on
   `train_samples` generated labelled images, its epoch chosen on `val_samples` held-out
   generated images, tested once on the 10,000 real test images;
 - classifier-space FID, precision, recall, density and coverage of `metric_samples`
   samples against the real test split;
 - the baseline users compare with: a classifier trained directly on the real training
-  images with DP-SGD at the row's epsilon (`toolkit.privacy.dp_sgd_classifier_accuracy`).
+  images with DP-SGD at the row's epsilon (`gankit.privacy.dp_sgd_classifier_accuracy`).
 
 epsilon is reported under RDP (what the papers report) beside PRV, both from the run's own
 accountant history. Outputs in --out (default runs/<config name>; committed results change
@@ -40,14 +40,14 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from experiments.studies import parse_value, row_configs, train_row, write_csv  # noqa: E402
-from toolkit.data import load_data  # noqa: E402
-from toolkit.evaluate import Reference, evaluate_samples, markdown_table, metric_classifier  # noqa: E402
-from toolkit.metrics.downstream import synthetic_to_real  # noqa: E402
-from toolkit.presets import preset  # noqa: E402
-from toolkit.runs import RunDir  # noqa: E402
-from toolkit.sampling import export_generator, load_generator  # noqa: E402
+from gankit.data import load_data  # noqa: E402
+from gankit.evaluate import Reference, evaluate_samples, markdown_table, metric_classifier  # noqa: E402
+from gankit.metrics.downstream import synthetic_to_real  # noqa: E402
+from gankit.presets import preset  # noqa: E402
+from gankit.runs import RunDir  # noqa: E402
+from gankit.sampling import export_generator, load_generator  # noqa: E402
 
-log = logging.getLogger("toolkit")
+log = logging.getLogger("gankit")
 
 TABLE_COLUMNS = ["row", "epochs_done", "epsilon", "epsilon_prv", "delta", "downstream_accuracy",
                  "dp_sgd_baseline_accuracy", "fid", "precision", "recall", "density", "coverage",
@@ -58,7 +58,7 @@ PLOTTED = ["downstream_accuracy", "fid", "precision", "recall"]
 
 def privacy_of(run: RunDir) -> dict:
     """epsilon under RDP and PRV from the run's own accountant history (inf when public)."""
-    from toolkit.privacy import epsilon_of
+    from gankit.privacy import epsilon_of
 
     ckpt = run.load_checkpoint("last")
     mode = ckpt.get("mode") or {}
@@ -207,7 +207,7 @@ def main() -> int:
         else:
             row = evaluate_row(name, run.path, data, classifier, ref, ev, config.train.seed)
             if math.isfinite(row["epsilon"]) and not args.no_baseline:
-                from toolkit.privacy import dp_sgd_classifier_accuracy
+                from gankit.privacy import dp_sgd_classifier_accuracy
 
                 baseline = dp_sgd_classifier_accuracy(
                     data.train_x, data.train_y, data.ref_x, data.ref_y,

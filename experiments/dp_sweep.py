@@ -33,15 +33,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from toolkit.audit import audit_discriminator  # noqa: E402
-from toolkit.data import load_data  # noqa: E402
-from toolkit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,  # noqa: E402
+from gankit.audit import audit_discriminator  # noqa: E402
+from gankit.data import load_data  # noqa: E402
+from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,  # noqa: E402
                               metric_classifier)
-from toolkit.sampling import load_discriminator, load_generator  # noqa: E402
+from gankit.sampling import load_discriminator, load_generator  # noqa: E402
 from experiments.studies import row_configs, train_row, write_csv  # noqa: E402
-from toolkit.runs import RunDir  # noqa: E402
+from gankit.runs import RunDir  # noqa: E402
 
-log = logging.getLogger("toolkit")
+log = logging.getLogger("gankit")
 
 TABLE_COLUMNS = ["row", "epsilon", "delta", "noise_multiplier", "dp_steps", "precision", "recall",
                  "density", "coverage", "fid", "downstream_accuracy", "attack_auc", "train_time_s"]

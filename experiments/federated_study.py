@@ -33,14 +33,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments.studies import row_configs, write_csv  # noqa: E402
-from toolkit.config import Config  # noqa: E402
-from toolkit.data import load_data  # noqa: E402
-from toolkit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,  # noqa: E402
+from gankit.config import Config  # noqa: E402
+from gankit.data import load_data  # noqa: E402
+from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,  # noqa: E402
                               metric_classifier)
-from toolkit.runs import RunDir  # noqa: E402
-from toolkit.sampling import load_generator  # noqa: E402
+from gankit.runs import RunDir  # noqa: E402
+from gankit.sampling import load_generator  # noqa: E402
 
-log = logging.getLogger("toolkit")
+log = logging.getLogger("gankit")
 
 TABLE_COLUMNS = ["row", "partition", "alpha", "clients", "client_dp", "client_dp_noise", "client_optimizer",
                  "epsilon", "precision", "recall", "density", "coverage", "fid", "downstream_accuracy",
@@ -49,7 +49,7 @@ TABLE_COLUMNS = ["row", "partition", "alpha", "clients", "client_dp", "client_dp
 
 def train_federated_row(name: str, config: Config, data, classifier, runs_dir: Path, times: dict) -> None:
     """Simulate (or reuse, or resume) one row's federation; its wall seconds go into `times`."""
-    from server.simulation import simulate
+    from gankit.server.simulation import simulate
 
     run = RunDir(runs_dir / name)
     resume = False
@@ -78,8 +78,8 @@ def train_centralized_row(name: str, config: Config, data, classifier, runs_dir:
     steps (clients x local steps a round, D and G alike), and recorded every "round" of that
     many steps by the same global model (evaluation, grid, history), so that its FID curve
     lies on the federated rounds' axis. A short row: an interrupted one starts again."""
-    from toolkit.federated import GlobalModel, LOSS_METRICS, pack, unpack
-    from toolkit.trainer import Trainer
+    from gankit.federated import GlobalModel, LOSS_METRICS, pack, unpack
+    from gankit.trainer import Trainer
 
     f = config.federated
     run = RunDir(runs_dir / name)

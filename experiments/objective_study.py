@@ -30,14 +30,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from toolkit.data import load_data  # noqa: E402
-from toolkit.errors import UserError  # noqa: E402
-from toolkit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,  # noqa: E402
+from gankit.data import load_data  # noqa: E402
+from gankit.errors import UserError  # noqa: E402
+from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,  # noqa: E402
                               metric_classifier, plot_truncation, truncation_sweep)
-from toolkit.sampling import load_discriminator, load_generator  # noqa: E402
+from gankit.sampling import load_discriminator, load_generator  # noqa: E402
 from experiments.studies import row_configs, train_row, write_csv  # noqa: E402
 
-log = logging.getLogger("toolkit")
+log = logging.getLogger("gankit")
 
 TABLE_COLUMNS = ["row", "drs", "precision", "recall", "f1", "density", "coverage", "fid",
                  "downstream_accuracy", "modes_covered", "mode_tv", "drs_acceptance_rate",

@@ -6,11 +6,11 @@ import json
 import logging
 from pathlib import Path
 
-from toolkit.config import RESUMABLE_CHANGES, Config, validate
-from toolkit.runs import RunDir
-from toolkit.trainer import Trainer
+from gankit.config import RESUMABLE_CHANGES, Config, validate
+from gankit.runs import RunDir
+from gankit.trainer import Trainer
 
-log = logging.getLogger("toolkit")
+log = logging.getLogger("gankit")
 
 
 # Options that say where a run lives or how it is shown, not what it trains: a finished run

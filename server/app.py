@@ -25,14 +25,14 @@ from typing import Optional
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from server.strategy import build_strategy, load_strategy_state, sampled_clients, strategy_state
-from toolkit.config import Config, validate
-from toolkit.data import ImageData, load_data
-from toolkit.federated import (GlobalModel, client_partitions, describe_partitions, describe_sample_dp,
+from gankit.server.strategy import build_strategy, load_strategy_state, sampled_clients, strategy_state
+from gankit.config import Config, validate
+from gankit.data import ImageData, load_data
+from gankit.federated import (GlobalModel, client_partitions, describe_partitions, describe_sample_dp,
                                sample_dp_plan)
-from toolkit.runs import RunDir
+from gankit.runs import RunDir
 
-log = logging.getLogger("toolkit")
+log = logging.getLogger("gankit")
 
 
 def client_facing_config(config: Config) -> Config:
@@ -46,7 +46,7 @@ def privacy_record(config: Config, rounds_done: int, data: ImageData) -> dict:
     f = config.federated
     if f.client_dp == "none":
         return {}
-    from toolkit.privacy import client_level_epsilon, resolve_delta
+    from gankit.privacy import client_level_epsilon, resolve_delta
 
     delta = resolve_delta(config.privacy.delta, f.clients)
     return {"client_epsilon": client_level_epsilon(f.client_dp_noise, rounds_done, delta),
@@ -117,7 +117,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from toolkit.evaluate import training_classifier
+    from gankit.evaluate import training_classifier
 
     rc = context.run_config
     if "config" not in rc:

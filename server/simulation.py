@@ -9,14 +9,14 @@ import signal
 import threading
 from typing import Optional
 
-from toolkit.config import Config
-from toolkit.data import ImageData
-from toolkit.errors import UserError
-from toolkit.federated import GlobalModel
-from toolkit.runs import RunDir
-from server.watchdog import start_for_this_process
+from gankit.config import Config
+from gankit.data import ImageData
+from gankit.errors import UserError
+from gankit.federated import GlobalModel
+from gankit.runs import RunDir
+from gankit.server.watchdog import start_for_this_process
 
-log = logging.getLogger("toolkit")
+log = logging.getLogger("gankit")
 
 
 def quiet_flower() -> None:
@@ -63,8 +63,8 @@ def simulate(config: Config, data: ImageData, run: RunDir, resume: bool = False,
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from clients.app import app as project_client_app
-    from server.app import RoundsStopped, serve
+    from gankit.clients.app import app as project_client_app
+    from gankit.server.app import RoundsStopped, serve
 
     f = config.federated
     outcome: dict = {}

@@ -36,10 +36,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategies
 from flwr.serverapp.strategy import Strategy
 
-from toolkit.config import Config
-from toolkit.federated import reply_metric_types
+from gankit.config import Config
+from gankit.federated import reply_metric_types
 
-log = logging.getLogger("toolkit")
+log = logging.getLogger("gankit")
 
 
 def sampled_clients(config: Config) -> int:
@@ -86,7 +86,7 @@ class PartitionAssignments:
     fixed from then on. A second node claiming a partition that another node holds is not
     sent rounds (one partition's data must not count twice), with a log line. Under
     sample-level DP the server plans every partition's noise multiplier and steps
-    (toolkit.federated.sample_dp_plan) and sends each node its partition's entry in the
+    (gankit.federated.sample_dp_plan) and sends each node its partition's entry in the
     train config; the account is kept from these records, not from the replies. Without it
     the plan entries are empty.
     """
@@ -404,7 +404,7 @@ def build_strategy(config: Config, global_arrays: ArrayRecord, partition_sizes: 
     limits = {"num-examples": (1, max(partition_sizes)), "client": (0, f.clients - 1),
               "local-steps": (f.local_steps, f.local_steps)}
     if f.sample_dp and sample_dp_plan is None:
-        raise ValueError("sample-level DP needs the server's plan (toolkit.federated.sample_dp_plan)")
+        raise ValueError("sample-level DP needs the server's plan (gankit.federated.sample_dp_plan)")
     return ReplyGuard(strategy, global_arrays, required, optional, limits, min_replies=f.min_clients,
                       round_offset=round_offset,
                       assignments=PartitionAssignments(sample_dp_plan if f.sample_dp

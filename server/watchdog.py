@@ -70,7 +70,7 @@ def start_for_this_process() -> subprocess.Popen | None:
     """A watchdog for the current process (None where /proc is missing)."""
     if not PROC.is_dir():
         return None
-    return subprocess.Popen([sys.executable, "-m", "server.watchdog", str(os.getpid())],
+    return subprocess.Popen([sys.executable, "-m", "gankit.server.watchdog", str(os.getpid())],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True,
                             cwd=str(Path(__file__).resolve().parents[1]))

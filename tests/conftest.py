@@ -9,10 +9,10 @@ _home = tempfile.mkdtemp(prefix="gankit-test-home-")
 for var, sub in (("TORCH_HOME", "torch"), ("MPLCONFIGDIR", "mpl"), ("FLWR_HOME", "flwr")):
     os.environ.setdefault(var, os.path.join(_home, sub))
 
-from toolkit.config import Config  # noqa: E402
-from toolkit.data import ImageData  # noqa: E402
-from toolkit.runs import RunDir  # noqa: E402
-from toolkit.trainer import Callback, Trainer, unwrapped  # noqa: E402
+from gankit.config import Config  # noqa: E402
+from gankit.data import ImageData  # noqa: E402
+from gankit.runs import RunDir  # noqa: E402
+from gankit.trainer import Callback, Trainer, unwrapped  # noqa: E402
 
 
 def tiny_config(out_dir, **overrides) -> Config:
@@ -76,7 +76,7 @@ def release_run_folders():
     """A CLI process holds its run folder's lock until it exits; a test process would
     collect one open lock file per run, so each test lets go of its own."""
     yield
-    from toolkit import runs
+    from gankit import runs
 
     for path in list(runs._HELD):
         runs.RunDir(path).unlock()

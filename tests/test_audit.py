@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from toolkit.audit import audit_discriminator, membership_auc, membership_scores
-from toolkit.config import Config
-from toolkit.models import build_discriminator
-from toolkit.objectives import get_objective
+from gankit.audit import audit_discriminator, membership_auc, membership_scores
+from gankit.config import Config
+from gankit.models import build_discriminator
+from gankit.objectives import get_objective
 
 
 def test_auc_known_answers():

@@ -4,10 +4,10 @@ one-hot maps, no normalization, and a D that Opacus accepts."""
 import pytest
 import torch
 
-from toolkit.config import Config, validate
-from toolkit.errors import ConfigError
-from toolkit.models import build_discriminator, build_generator
-from toolkit.presets import preset
+from gankit.config import Config, validate
+from gankit.errors import ConfigError
+from gankit.models import build_discriminator, build_generator
+from gankit.presets import preset
 
 
 def record_model(width=128):
@@ -47,7 +47,7 @@ def test_shapes_range_and_labels_matter():
 
 def test_discriminator_passes_opacus_validation():
     pytest.importorskip("opacus")
-    from toolkit.privacy import module_problems
+    from gankit.privacy import module_problems
 
     assert module_problems(build_discriminator(record_model(16), (1, 28, 28), 10)) == []
 

@@ -3,16 +3,17 @@
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from toolkit.config import DataConfig
-from toolkit.data import find_idx_split, load_data, load_mnist_5k
-from toolkit.errors import UserError
-from toolkit.metrics.classifier import (DEFAULT_CHECKPOINT, accuracy, build_classifier, extract,
+from gankit.config import DataConfig
+from gankit.data import find_idx_split, load_data, load_mnist_5k
+from gankit.errors import UserError
+from gankit.metrics.classifier import (DEFAULT_CHECKPOINT, accuracy, build_classifier, extract,
                                         file_sha256, load_classifier, random_affine,
                                         save_classifier, sidecar_path, train_classifier)
-from toolkit.metrics.downstream import downstream_accuracy, label_with_classifier
+from gankit.metrics.downstream import downstream_accuracy, label_with_classifier
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 HAS_MNIST_TEST = find_idx_split(SHARED_MNIST, "mnist", "test") is not None
@@ -158,3 +159,26 @@ def test_random_affine_is_per_image_and_keeps_background():
     assert moved.shape == x.shape and moved.min() >= -1 - 1e-6 and moved.max() <= 1 + 1e-6
     assert torch.allclose(moved[:, :, :3, :3], torch.tensor(-1.0))  # corners stay background
     assert not torch.allclose(moved[0], moved[1])  # each image its own transform
+
+
+def test_classifier_commands_never_overwrite_the_shipped_file_unless_asked(tmp_path, capsys):
+    from gankit import cli
+    from gankit.metrics.classifier import file_sha256
+
+    before = file_sha256(DEFAULT_CHECKPOINT)
+    assert cli.main(["classifier", "train", "--out", str(DEFAULT_CHECKPOINT), "--epochs", "1"]) == 2
+    assert "is the shipped classifier" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["classifier", "train"])  # --out is required
+    assert exit_info.value.code == 2
+    assert file_sha256(DEFAULT_CHECKPOINT) == before
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.integers(0, 256, (300, 28, 28), dtype=np.uint8), y=rng.integers(0, 10, 300))
+    out = tmp_path / "mine.pt"
+    assert cli.main(["classifier", "train", "--dataset", f"npz:{tmp_path / 'd.npz'}", "--out", str(out),
+                     "--epochs", "1", "--no-progress"]) == 0
+    assert sidecar_path(out).read_text().split()[0] == file_sha256(out)
+    capsys.readouterr()
+    assert cli.main(["classifier", "check", str(out), "--dataset", f"npz:{tmp_path / 'd.npz'}"]) == 0
+    text = capsys.readouterr().out
+    assert "sha256 verified" in text and "d.npz fixed held-out slice (29 images)" in text

@@ -6,9 +6,9 @@ from dataclasses import fields
 import numpy as np
 import pytest
 
-from toolkit import cli
-from toolkit.config import GROUPS, Config
-from toolkit.errors import TrainingDiverged
+from gankit import cli
+from gankit.config import GROUPS, Config
+from gankit.errors import TrainingDiverged
 
 TINY = ["--g-width", "8", "--d-width", "8", "--latent-dim", "8", "--batch-size", "32", "--eval-every", "0",
         "--epochs", "1", "--no-progress", "--no-tensorboard"]
@@ -133,7 +133,7 @@ def test_divergence_exits_3(capsys, monkeypatch, tmp_path, npz):
     def diverge(self):
         raise TrainingDiverged("d_loss became nan at epoch 1, step 3; no checkpoint was written")
 
-    monkeypatch.setattr("toolkit.trainer.Trainer.fit", diverge)
+    monkeypatch.setattr("gankit.trainer.Trainer.fit", diverge)
     code, _, err = run_cli(capsys, "train", "--dataset", f"npz:{npz}", "--out-dir", tmp_path, *TINY)
     assert code == 3 and "diverged" in err and "Traceback" not in err
 

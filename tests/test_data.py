@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from toolkit.config import DataConfig
-from toolkit.data import ShuffledBatches, holdout_split, load_data, load_npz, resolve_dataset_name
-from toolkit.errors import DataError
+from gankit.config import DataConfig
+from gankit.data import ShuffledBatches, holdout_split, load_data, load_npz, resolve_dataset_name
+from gankit.errors import DataError
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 

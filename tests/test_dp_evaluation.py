@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_config, train
-from toolkit.metrics.downstream import synthetic_to_real
+from gankit.metrics.downstream import synthetic_to_real
 
 opacus = pytest.importorskip("opacus")
 from opacus.accountants import create_accountant  # noqa: E402
@@ -60,7 +60,7 @@ def test_downstream_epoch_is_chosen_on_generated_images_and_tested_once_on_real(
 
 
 def test_dp_sgd_baseline_spends_its_budget_and_learns():
-    from toolkit.privacy import dp_sgd_classifier_accuracy
+    from gankit.privacy import dp_sgd_classifier_accuracy
 
     train_x, train_y = blocks(2000, seed=0)
     test_x, test_y = blocks(500, seed=1)
@@ -75,8 +75,8 @@ def test_dp_sgd_baseline_spends_its_budget_and_learns():
 
 
 def test_an_exported_generator_holds_g_alone_with_what_the_run_protects_and_spent(tmp_path, data):
-    from toolkit.sampling import export_generator, load_generator
-    from toolkit.statefile import load_state
+    from gankit.sampling import export_generator, load_generator
+    from gankit.statefile import load_state
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

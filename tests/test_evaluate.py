@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from conftest import StopAt, history, tiny_config
-from toolkit import cli
-from toolkit.config import DataConfig
-from toolkit.data import load_data
-from toolkit.evaluate import EvalCallback, Reference, core_metrics, metric_classifier
-from toolkit.errors import UserError
-from toolkit.metrics.classifier import extract, load_classifier
-from toolkit.runs import RunDir
-from toolkit.trainer import Trainer
+from gankit import cli
+from gankit.config import DataConfig
+from gankit.data import load_data
+from gankit.evaluate import EvalCallback, Reference, core_metrics, metric_classifier
+from gankit.errors import UserError
+from gankit.metrics.classifier import extract, load_classifier
+from gankit.runs import RunDir
+from gankit.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -151,10 +151,10 @@ def test_drs_gamma_by_percentile(trained_run, tmp_path):
 
 
 def test_drs_refuses_a_calibration_that_would_break_a_dp_guarantee(trained_run):
-    from toolkit.evaluate import draw_samples
-    from toolkit.sampling import load_discriminator, load_generator
+    from gankit.evaluate import draw_samples
+    from gankit.sampling import load_discriminator, load_generator
 
-    from toolkit.config import Config, privacy_facts
+    from gankit.config import Config, privacy_facts
 
     gen, D = load_generator(trained_run), load_discriminator(trained_run)
     assert gen.privacy["private"] is False  # the run's own record

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from conftest import synthetic_data, tiny_config
-from toolkit.federated import (GlobalModel, client_config, client_partitions, local_round, pack,
+from gankit.federated import (GlobalModel, client_config, client_partitions, local_round, pack,
                                sample_dp_plan, unpack)
-from toolkit.runs import RunDir
-from toolkit.sampling import load_generator
-from toolkit.statefile import load_state
-from toolkit.trainer import Trainer
+from gankit.runs import RunDir
+from gankit.sampling import load_generator
+from gankit.statefile import load_state
+from gankit.trainer import Trainer
 
 
 def fed_config(tmp_path, **overrides):
@@ -82,7 +82,7 @@ def test_the_global_model_checkpoints_rounds_that_generate_reads_and_resume_cont
 
 
 def test_client_level_epsilon_matches_flowers_accountant():
-    from toolkit.privacy import client_level_epsilon
+    from gankit.privacy import client_level_epsilon
 
     # Flower's RdpAccountant (dp-accounting, no amplification), noise 1, 2 rounds, delta 1e-5.
     assert client_level_epsilon(1.0, 2, 1e-5) == pytest.approx(7.0774, abs=1e-3)
@@ -159,9 +159,9 @@ def npz_config(tmp_path, **overrides):
 def test_client_app_returns_both_networks_and_clips_its_update_when_asked(tmp_path):
     from flwr.app import ArrayRecord, Context, RecordDict
 
-    from clients.app import app
-    from server.strategy import build_strategy
-    from toolkit.data import load_data
+    from gankit.clients.app import app
+    from gankit.server.strategy import build_strategy
+    from gankit.data import load_data
 
     config = npz_config(tmp_path)
     start = GlobalModel(config, load_data(config.data), RunDir(tmp_path)).weights
@@ -184,8 +184,8 @@ def test_client_app_returns_both_networks_and_clips_its_update_when_asked(tmp_pa
 def test_a_client_keeps_its_adam_moments_between_rounds_when_asked(tmp_path):
     from flwr.app import Context, RecordDict
 
-    from clients.app import app, kept_state
-    from toolkit.data import load_data
+    from gankit.clients.app import app, kept_state
+    from gankit.data import load_data
 
     config = npz_config(tmp_path, client_optimizer="keep")
     data = load_data(config.data)
@@ -210,7 +210,7 @@ def test_a_client_keeps_its_adam_moments_between_rounds_when_asked(tmp_path):
 def test_guard_drops_nan_replies_and_robust_aggregation_survives_a_poisoned_client(tmp_path):
     from test_hostile_replies import FakeGrid, honest_metrics, records, reply, start_round
 
-    from server.strategy import build_strategy
+    from gankit.server.strategy import build_strategy
 
     honest = [{"w": np.full(4, float(i), np.float32)} for i in (1, 2, 3)]
 
@@ -237,7 +237,7 @@ def test_fedadam_resumes_with_its_server_moments(tmp_path):
 
     from flwr.app import ConfigRecord
 
-    from server.strategy import build_strategy, load_strategy_state, strategy_state
+    from gankit.server.strategy import build_strategy, load_strategy_state, strategy_state
 
     config = tiny_config(tmp_path, mode="federated", clients=2, strategy="fedadam", server_lr=0.1)
     grid = FakeGrid({1: 0, 2: 1}, 2)
@@ -267,9 +267,9 @@ def test_fedadam_resumes_with_its_server_moments(tmp_path):
 def test_simulated_rounds_survive_a_failing_client_and_resume_from_the_last_round(tmp_path):
     from flwr.clientapp import ClientApp
 
-    from clients.app import identify, local_training
-    from server.simulation import simulate
-    from toolkit.data import load_data
+    from gankit.clients.app import identify, local_training
+    from gankit.server.simulation import simulate
+    from gankit.data import load_data
 
     flaky = ClientApp()
     flaky.query()(identify)  # names its partition, as the project's client does
@@ -311,7 +311,7 @@ def test_ctrl_c_in_a_simulation_stops_after_the_round_saves_and_exits(tmp_path):
 
     run = tmp_path / "fed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    argv = [sys.executable, "-m", "toolkit.cli", "train", "--mode", "federated", "--clients", "2",
+    argv = [sys.executable, "-m", "gankit.cli", "train", "--mode", "federated", "--clients", "2",
             "--rounds", "50", "--local-steps", "2", "--g-width", "8", "--d-width", "8",
             "--latent-dim", "8", "--batch-size", "16", "--eval-every", "0", "--no-progress",
             "--no-tensorboard", "--dataset", "mnist-5k", "--limit", "256", "--out-dir",
@@ -332,7 +332,7 @@ def test_ctrl_c_in_a_simulation_stops_after_the_round_saves_and_exits(tmp_path):
     assert "--resume" in err
     rounds = [json.loads(line)["round"] for line in (run / "history.jsonl").read_text().splitlines()]
     assert rounds and rounds[-1] < 50
-    from toolkit.statefile import load_state
+    from gankit.statefile import load_state
     assert load_state(run / "checkpoints" / "last.safetensors")["round"] == rounds[-1]
 
 
@@ -345,7 +345,7 @@ def test_the_watchdog_ends_a_killed_processs_children(tmp_path):
     import sys
     import time
 
-    from server.watchdog import PROC, alive
+    from gankit.server.watchdog import PROC, alive
 
     if not PROC.is_dir():
         pytest.skip("the watchdog reads /proc (Linux)")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from toolkit import cli
+from gankit import cli
 
 TINY = ["--g-width", "8", "--d-width", "8", "--latent-dim", "8", "--batch-size", "32",
         "--eval-every", "0", "--no-progress", "--no-tensorboard", "--dataset"]
@@ -58,7 +58,7 @@ def finished_run(tmp_path_factory, npz_data):
     out = tmp_path_factory.mktemp("runs")
     assert cli.main(["train", "--out-dir", str(out), "--name", "run", "--epochs", "1",
                      *TINY, f"npz:{npz_data}"]) == 0
-    from toolkit import runs
+    from gankit import runs
     runs.RunDir(out / "run").unlock()
     return out / "run"
 
@@ -232,8 +232,8 @@ def test_a_corrupt_image_in_a_folder_is_named(capsys, tmp_path):
 def test_image_size_resizes_a_folder_of_mixed_sizes(tmp_path):
     from PIL import Image
 
-    from toolkit.config import DataConfig
-    from toolkit.data import load_data
+    from gankit.config import DataConfig
+    from gankit.data import load_data
 
     for c, size in (("a", 28), ("b", 40)):
         (tmp_path / c).mkdir()
@@ -244,8 +244,8 @@ def test_image_size_resizes_a_folder_of_mixed_sizes(tmp_path):
 
 
 def test_a_swapped_shipped_classifier_with_a_recomputed_sidecar_is_refused(tmp_path, monkeypatch):
-    from toolkit.errors import UserError
-    from toolkit.metrics import classifier as metric
+    from gankit.errors import UserError
+    from gankit.metrics import classifier as metric
 
     shipped = metric.DEFAULT_CHECKPOINT
     assert metric.file_sha256(shipped) == metric.SHIPPED_SHA256  # the code knows the real file
@@ -260,7 +260,7 @@ def test_a_swapped_shipped_classifier_with_a_recomputed_sidecar_is_refused(tmp_p
 def test_conversion_reads_an_old_checkpoint_and_still_runs_no_code(capsys, run, tmp_path):
     """`gankit convert --trust-pickle` uses torch's restricted unpickler: an old checkpoint
     (tensors, numpy RNG state, plain values) converts and resumes; a payload is refused."""
-    from toolkit.statefile import load_state
+    from gankit.statefile import load_state
 
     state = load_state(run / "checkpoints" / "last.safetensors")
     (run / "checkpoints" / "last.safetensors").unlink()

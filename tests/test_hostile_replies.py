@@ -14,10 +14,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from conftest import synthetic_data, tiny_config  # noqa: E402
-from server.strategy import build_strategy  # noqa: E402
-from toolkit.federated import GlobalModel, sample_dp_plan  # noqa: E402
-from toolkit.privacy import epsilon_of  # noqa: E402
-from toolkit.runs import RunDir  # noqa: E402
+from gankit.server.strategy import build_strategy  # noqa: E402
+from gankit.federated import GlobalModel, sample_dp_plan  # noqa: E402
+from gankit.privacy import epsilon_of  # noqa: E402
+from gankit.runs import RunDir  # noqa: E402
 
 # Outside a running federation a Message needs a task identity.
 TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
@@ -334,8 +334,8 @@ def test_sample_level_dp_the_client_trains_what_it_was_sent_and_refuses_another_
 
     from flwr.app import Context
 
-    from clients.app import app, local_training
-    from toolkit.errors import ConfigError
+    from gankit.clients.app import app, local_training
+    from gankit.errors import ConfigError
 
     config, _, plan, _, _ = sample_dp_setup(tmp_path, {})
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 4},

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from toolkit.errors import UserError
-from toolkit.interpolation import (class_grid, dirichlet_mix, interpolate_path, latent_grid, lerp,
+from gankit.errors import UserError
+from gankit.interpolation import (class_grid, dirichlet_mix, interpolate_path, latent_grid, lerp,
                                    random_latents, slerp)
-from toolkit.latent import GaussianPrior
+from gankit.latent import GaussianPrior
 
 
 def two_latents(d=16, seed=0):

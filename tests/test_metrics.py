@@ -8,7 +8,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from toolkit.metrics import (PRDCurve, classifier_score, fid, frechet_distance, kid, mode_coverage, plot_prd,
+from gankit.metrics import (PRDCurve, classifier_score, fid, frechet_distance, kid, mode_coverage, plot_prd,
                              prd, prd_f_beta, prd_from_histograms, prdc)
 
 

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toolkit.config import ModelConfig
-from toolkit.errors import ConfigError
-from toolkit.models import (DISCRIMINATORS, GENERATORS, GaussianNoise, build_discriminator,
+from gankit.config import ModelConfig
+from gankit.errors import ConfigError
+from gankit.models import (DISCRIMINATORS, GENERATORS, GaussianNoise, build_discriminator,
                             build_generator)
-from toolkit.models.blocks import Maxout, group_count
-from toolkit.models.dcgan import auto_depth
+from gankit.models.blocks import Maxout, group_count
+from gankit.models.dcgan import auto_depth
 
 # The record's cdcgan is conditional, 28x28 and norm-free only: tests/test_cdcgan.py.
 G_ARCHS = sorted(a for a in GENERATORS if a != "cdcgan")

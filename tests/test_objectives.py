@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from toolkit.objectives import OBJECTIVES, clip_weights, get_objective, gradient_penalty
+from gankit.objectives import OBJECTIVES, clip_weights, get_objective, gradient_penalty
 
 
 @pytest.fixture(autouse=True)

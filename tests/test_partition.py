@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from toolkit.errors import ConfigError
-from toolkit.partition import class_histogram, histogram_table, partition, save_histogram
+from gankit.errors import ConfigError
+from gankit.partition import class_histogram, histogram_table, partition, save_histogram
 
 LABELS = torch.arange(10).repeat_interleave(100)  # 1,000 images, 100 per class
 

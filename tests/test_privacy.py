@@ -9,18 +9,18 @@ import pytest
 import torch
 
 from conftest import StopAt, assert_same_weights, history, tiny_config, train
-from toolkit import cli
-from toolkit.config import GRAD_SAMPLE_MODES, validate
-from toolkit.errors import ConfigError
-from toolkit.models import build_discriminator
-from toolkit.runs import RunDir
-from toolkit.trainer import Trainer, unwrapped
+from gankit import cli
+from gankit.config import GRAD_SAMPLE_MODES, validate
+from gankit.errors import ConfigError
+from gankit.models import build_discriminator
+from gankit.runs import RunDir
+from gankit.trainer import Trainer, unwrapped
 
 opacus = pytest.importorskip("opacus")
 from opacus.accountants import create_accountant  # noqa: E402
 from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
 
-from toolkit.privacy import PoissonBatches, module_problems, resolve_delta  # noqa: E402
+from gankit.privacy import PoissonBatches, module_problems, resolve_delta  # noqa: E402
 
 REAL_DATA_STATS = ("d_loss", "d_real", "d_fake", "d_acc_real", "d_acc_fake")
 

@@ -6,16 +6,16 @@ import pytest
 import torch
 
 from conftest import synthetic_data, tiny_config
-from toolkit.errors import UserError
-from toolkit.models import build_discriminator, build_generator
-from toolkit.latent import build_prior
-from toolkit.objectives import OBJECTIVES
-from toolkit.rejection_sampling import (DENSITY_RATIO_LOGITS, AcceptanceTooLow, Calibration,
+from gankit.errors import UserError
+from gankit.models import build_discriminator, build_generator
+from gankit.latent import build_prior
+from gankit.objectives import OBJECTIVES
+from gankit.rejection_sampling import (DENSITY_RATIO_LOGITS, AcceptanceTooLow, Calibration,
                                         RejectionSampler, acceptance_score, fit_calibration,
                                         rejection_sampler_for)
-from toolkit.runs import RunDir
-from toolkit.sampling import LoadedGenerator, load_discriminator, load_generator
-from toolkit.trainer import Trainer
+from gankit.runs import RunDir
+from gankit.sampling import LoadedGenerator, load_discriminator, load_generator
+from gankit.trainer import Trainer
 
 # A discrete toy: the proposal q (the "generator") and the target p over five atoms.
 Q = torch.tensor([0.3, 0.25, 0.2, 0.15, 0.1], dtype=torch.float64)

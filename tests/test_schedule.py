@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import assert_same_weights, history, tiny_config, train
-from toolkit.schedule import DStepSchedule
+from gankit.schedule import DStepSchedule
 
 
 def run_schedule(schedule, accuracies):

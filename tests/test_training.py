@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import StopAt, assert_same_weights, history, tiny_config, train
-from toolkit.errors import TrainingDiverged
-from toolkit.objectives import OBJECTIVES
-from toolkit.runs import RunDir
-from toolkit.trainer import Callback, Trainer
+from gankit.errors import TrainingDiverged
+from gankit.objectives import OBJECTIVES
+from gankit.runs import RunDir
+from gankit.trainer import Callback, Trainer
 
 
 def test_same_seed_same_losses_other_seed_different(tmp_path, data):
@@ -115,8 +115,8 @@ def test_best_checkpoint_follows_best_metric_in_its_direction(tmp_path, data, me
 
 
 def test_an_unknown_best_metric_is_refused(tmp_path, data):
-    from toolkit.config import validate
-    from toolkit.errors import ConfigError
+    from gankit.config import validate
+    from gankit.errors import ConfigError
 
     with pytest.raises(ConfigError, match="unknown best metric 'g_loss'"):
         validate(tiny_config(tmp_path, best_metric="g_loss"))
@@ -124,7 +124,7 @@ def test_an_unknown_best_metric_is_refused(tmp_path, data):
 
 def test_ema_ramps_its_decay_so_the_initial_weights_are_forgotten():
     from torch.optim.swa_utils import AveragedModel
-    from toolkit.trainer import ema_with_warmup
+    from gankit.trainer import ema_with_warmup
 
     net = torch.nn.Linear(1, 1, bias=False)
     decay = 0.999

@@ -15,11 +15,11 @@ from typing import Optional
 
 from argparse_dataclass import MISSING, _add_dataclass_options
 
-from toolkit.config import GROUPS, RESUMABLE_CHANGES, Config, option, validate
-from toolkit.errors import TrainingDiverged, UserError
-from toolkit.presets import preset
+from gankit.config import GROUPS, RESUMABLE_CHANGES, Config, option, validate
+from gankit.errors import TrainingDiverged, UserError
+from gankit.presets import preset
 
-log = logging.getLogger("toolkit")
+log = logging.getLogger("gankit")
 
 EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
@@ -58,7 +58,7 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[Config, Optional[Pat
     if args.resume:
         if args.config or args.preset:
             raise UserError("--resume uses the run's own config.json; drop --config and --preset")
-        from toolkit.runs import RunDir
+        from gankit.runs import RunDir
 
         run = RunDir.open(Path(args.resume))
         saved = run.authoritative_config()
@@ -77,10 +77,10 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[Config, Optional[Pat
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from toolkit.data import load_data
-    from toolkit.evaluate import training_callbacks
-    from toolkit.runs import RunDir
-    from toolkit.trainer import Trainer, resolve_device
+    from gankit.data import load_data
+    from gankit.evaluate import training_callbacks
+    from gankit.runs import RunDir
+    from gankit.trainer import Trainer, resolve_device
 
     config, resume_dir = resolve_train_config(args)
     validate(config)
@@ -110,11 +110,11 @@ def train_command(args: argparse.Namespace) -> int:
 
 def federated_command(config, data, resume_dir) -> int:
     """--mode federated: Flower's simulation engine on this machine (server/simulation.py)."""
-    from toolkit.evaluate import training_classifier
-    from toolkit.runs import RunDir
+    from gankit.evaluate import training_classifier
+    from gankit.runs import RunDir
 
     try:
-        from server.simulation import simulate
+        from gankit.server.simulation import simulate
     except ImportError as err:
         raise UserError(f"the federated mode needs Flower: pip install 'flwr[simulation]' ({err})") from None
     if resume_dir is not None:
@@ -127,7 +127,7 @@ def federated_command(config, data, resume_dir) -> int:
         run = RunDir.create(config)
     log_to_file(run.log_path)
     log.info("run folder: %s", run.path)
-    from server.simulation import Interrupted
+    from gankit.server.simulation import Interrupted
 
     try:
         simulate(config, data, run,
@@ -182,7 +182,7 @@ def latents_for(opts: "GenerateOptions", gen) -> tuple:
     """(z, labels, images per row) for the latent-exploration modes."""
     import torch
 
-    from toolkit import interpolation
+    from gankit import interpolation
 
     rng = torch.Generator().manual_seed(opts.seed)
     sample = (lambda n: gen.prior.sample(n, generator=rng, sigma=opts.sigma,
@@ -212,8 +212,8 @@ def generate_command(args: argparse.Namespace) -> int:
     import torch
     from torchvision.utils import save_image
 
-    from toolkit.evaluate import draw_samples
-    from toolkit.sampling import load_discriminator, load_generator, to_uint8
+    from gankit.evaluate import draw_samples
+    from gankit.sampling import load_discriminator, load_generator, to_uint8
 
     opts = GenerateOptions(**given_options(args, [GenerateOptions]))
     if opts.num <= 0 or opts.anchors < 2 or opts.steps < 2:
@@ -266,7 +266,7 @@ def generate_command(args: argparse.Namespace) -> int:
 
 def calibration_data(gen) -> tuple:
     """The run's own training images: what a DRS calibration may use (never the reference)."""
-    from toolkit.data import load_data
+    from gankit.data import load_data
 
     data = load_data(gen.config.data)
     return data.train_x, data.train_y
@@ -308,11 +308,11 @@ def evaluate_command(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from toolkit.data import load_data
-    from toolkit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,
+    from gankit.data import load_data
+    from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,
                                   metric_classifier, plot_truncation, truncation_sweep)
-    from toolkit.metrics import plot_prd
-    from toolkit.sampling import load_discriminator, load_generator
+    from gankit.metrics import plot_prd
+    from gankit.sampling import load_discriminator, load_generator
 
     opts = EvaluateOptions(**given_options(args, [EvaluateOptions]))
     if opts.num <= opts.k or opts.downstream_epochs < 0:
@@ -384,7 +384,7 @@ class ExportOptions:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from toolkit.sampling import export_generator
+    from gankit.sampling import export_generator
 
     opts = ExportOptions(**given_options(args, [ExportOptions]))
     if not opts.out:
@@ -409,7 +409,7 @@ def convert_command(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from toolkit.statefile import save_state
+    from gankit.statefile import save_state
 
     opts = ConvertOptions(**given_options(args, [ConvertOptions]))
     path = Path(opts.path)
@@ -467,6 +467,127 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def compare_parser(sub) -> None:
+    p = sub.add_parser("compare", help="runs side by side: a table, and plots of their curves",
+                       description="Compare runs: final and best metrics, privacy, times; "
+                                   "optionally plots of their curves, precision against recall "
+                                   "and a metric against epsilon.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
+    p.add_argument("--format", default="markdown", help="markdown | csv (default: markdown)")
+    p.add_argument("--out", default="", help="also write the table to this file")
+    p.add_argument("--plot", default="", help="write the plots to this .png")
+    p.add_argument("--metric", default="fid", help="the metric of the curves and of the epsilon "
+                                                  "panel (default: fid)")
+    p.set_defaults(command=compare_command)
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    from gankit.compare import compare, plot, write_table
+    from gankit.config import BEST_METRICS
+
+    if args.metric not in BEST_METRICS:
+        raise UserError(f"unknown --metric '{args.metric}' (choose from {', '.join(BEST_METRICS)})")
+    paths = [Path(r) for r in args.runs]
+    rows = compare(paths)
+    print(write_table(rows, Path(args.out) if args.out else None, args.format), end="")
+    if args.plot:
+        plot(paths, rows, Path(args.plot), args.metric)
+        log.info("wrote %s", args.plot)
+    return 0
+
+
+def classifier_parser(sub) -> None:
+    p = sub.add_parser("classifier", help="train or check a metric classifier (the feature space "
+                                          "of FID, precision, recall)",
+                       description="Train or check the CNN whose features the metrics use.")
+    actions = p.add_subparsers(metavar="ACTION", required=True, parser_class=Parser)
+    data_options = argparse.ArgumentParser(add_help=False)
+    data_options.add_argument("--dataset", default="mnist-5k",
+                              help="mnist-5k | mnist | fashion-mnist | folder:PATH | npz:PATH "
+                                   "(default: mnist-5k, the offline 5,000 images)")
+    data_options.add_argument("--data-root", default="data",
+                              help="folder of the IDX files for mnist/fashion-mnist (default: data)")
+    data_options.add_argument("--test-root", default="",
+                              help="folder with the MNIST test files (t10k-*), the test set of "
+                                   "mnist-5k (default: --data-root); skipped when absent")
+    data_options.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
+    train = actions.add_parser("train", parents=[data_options], help="train a classifier",
+                               description="Train a metric classifier and write it with its "
+                                           ".sha256; never over the shipped one unless asked.")
+    train.add_argument("--out", required=True, help="checkpoint to write (its .sha256 beside it)")
+    train.add_argument("--epochs", type=int, default=30, help="(default: 30)")
+    train.add_argument("--batch-size", type=int, default=128, help="(default: 128)")
+    train.add_argument("--lr", type=float, default=2e-3,
+                       help="AdamW learning rate, decayed to 0 on a cosine (default: 0.002)")
+    train.add_argument("--no-augment", action="store_true",
+                       help="train without the random rotation, translation and scaling")
+    train.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--replace-shipped", action="store_true",
+                       help="allow --out to be the shipped classifier (a maintainer's step: the "
+                            "digest in gankit/metrics/classifier.py must change with it)")
+    train.set_defaults(command=classifier_train_command)
+    check = actions.add_parser("check", parents=[data_options],
+                               help="verify a classifier's sha256 and measure its test accuracy",
+                               description="Verify a classifier checkpoint and measure its accuracy.")
+    check.add_argument("path", nargs="?", default="", help="checkpoint (default: the shipped one)")
+    check.set_defaults(command=classifier_check_command)
+
+
+def classifier_train_command(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from gankit.metrics.classifier import (DEFAULT_CHECKPOINT, accuracy, save_classifier,
+                                           train_classifier, training_and_test_data)
+
+    out = Path(args.out)
+    if out.resolve() == DEFAULT_CHECKPOINT.resolve() and not args.replace_shipped:
+        raise UserError(f"--out {out} is the shipped classifier; write elsewhere, or add "
+                        "--replace-shipped if you maintain it")
+    if out.suffix != ".pt":
+        raise UserError(f"--out must end in .pt, got {out}")
+    x, y, test_x, test_y, test_note = training_and_test_data(args.dataset, args.data_root,
+                                                             args.test_root or args.data_root)
+    log.info("training on %s images of %s, %d epochs, augmentation %s, seed %d", f"{len(x):,}",
+             args.dataset, args.epochs, "off" if args.no_augment else "on", args.seed)
+    start = time.time()
+    classifier = train_classifier(x, y, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                  augment=not args.no_augment, seed=args.seed, device=args.device,
+                                  progress=not args.no_progress)
+    metadata = dict(dataset=args.dataset, train_images=len(x), epochs=args.epochs,
+                    batch_size=args.batch_size, lr=args.lr, augment=not args.no_augment,
+                    seed=args.seed, torch_version=str(torch.__version__))
+    if test_x is None:
+        log.info("no test set: %s; accuracy not measured", test_note)
+    else:
+        metadata.update(test_accuracy=accuracy(classifier, test_x, test_y), test_set=test_note)
+        log.info("test accuracy on the %s: %.4f", test_note, metadata["test_accuracy"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    digest = save_classifier(classifier, out, **metadata)
+    log.info("wrote %s (%.2f MB) in %.0f s, sha256 %s", out, out.stat().st_size / 1e6,
+             time.time() - start, digest)
+    return 0
+
+
+def classifier_check_command(args: argparse.Namespace) -> int:
+    from gankit.metrics.classifier import DEFAULT_CHECKPOINT, accuracy, load_classifier, training_and_test_data
+
+    path = Path(args.path) if args.path else DEFAULT_CHECKPOINT
+    classifier = load_classifier(path, device=args.device)  # verifies the sha256
+    print(f"{path}: sha256 verified")
+    _, _, test_x, test_y, test_note = training_and_test_data(args.dataset, args.data_root,
+                                                             args.test_root or args.data_root)
+    if test_x is None:
+        print(f"no test set: {test_note}; nothing to measure")
+        return 0
+    recorded = classifier.metadata.get("test_accuracy")
+    print(f"test accuracy on the {test_note}: {accuracy(classifier, test_x, test_y):.4f}"
+          + (f" (recorded at training: {recorded:.4f})" if recorded is not None else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="gankit", description="Privacy-aware collaborative GAN training toolkit.")
     sub = parser.add_subparsers(metavar="COMMAND", required=True, parser_class=Parser)
@@ -474,6 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate_parser(sub)
     evaluate_parser(sub)
     export_parser(sub)
+    compare_parser(sub)
+    classifier_parser(sub)
     return parser
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from toolkit.errors import ConfigError
+from gankit.errors import ConfigError
 
 # cdcgan: the DP-GAN record's class-conditional DCGAN (Bie et al. 2023), toolkit/models/cdcgan.py
 GENERATOR_ARCHS = ("dcgan", "mlp", "cdcgan")
@@ -393,7 +393,7 @@ def validate(config: Config, num_classes: Optional[int] = None) -> None:
 
     `num_classes` is known once data is loaded; pass it to check conditional models.
     """
-    from toolkit.objectives import OBJECTIVES  # late: objectives imports torch
+    from gankit.objectives import OBJECTIVES  # late: objectives imports torch
 
     d, m, o, z, opt, t, e = (config.data, config.model, config.objective, config.latent,
                              config.optim, config.train, config.eval)

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from toolkit.config import DataConfig
-from toolkit.errors import DataError
+from gankit.config import DataConfig
+from gankit.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -18,14 +18,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from toolkit.config import Config
-from toolkit.data import ImageData
-from toolkit.errors import UserError
-from toolkit.metrics import classifier_score, fid, kid, mode_coverage, prd, prd_f_beta, prdc
-from toolkit.metrics.classifier import extract, load_classifier
-from toolkit.metrics.downstream import downstream_accuracy, label_with_classifier
-from toolkit.sampling import LoadedGenerator
-from toolkit.trainer import Callback
+from gankit.config import Config
+from gankit.data import ImageData
+from gankit.errors import UserError
+from gankit.metrics import classifier_score, fid, kid, mode_coverage, prd, prd_f_beta, prdc
+from gankit.metrics.classifier import extract, load_classifier
+from gankit.metrics.downstream import downstream_accuracy, label_with_classifier
+from gankit.sampling import LoadedGenerator
+from gankit.trainer import Callback
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def metric_classifier(path: str, image_shape, num_classes: int, device="cpu",
     message = (f"the metric classifier expects {'x'.join(map(str, classifier.image_shape))} images "
                f"with {classifier.num_classes} classes, the data has "
                f"{'x'.join(map(str, image_shape))} with {num_classes or 'no'} classes; train one "
-               "for your data with experiments/train_classifier.py and pass --classifier")
+               "for your data with gankit classifier train and pass --classifier")
     if required or path:
         raise UserError(message)
     log.warning("evaluation off: %s", message)
@@ -134,7 +134,7 @@ def draw_samples(gen, n: int, seed: int = 0, sigma: Optional[float] = None,
     if not drs:
         images, labels = gen.sample(n, seed, sigma, truncation, progress=True)
         return images, labels, info
-    from toolkit.rejection_sampling import density_ratio_logit, rejection_sampler_for
+    from gankit.rejection_sampling import density_ratio_logit, rejection_sampler_for
 
     loss = gen.config.objective.loss
     if gen.privacy["private"] and density_ratio_logit(loss) is None:

@@ -23,16 +23,16 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from toolkit.config import Config
-from toolkit.data import ImageData
-from toolkit.latent import build_prior
-from toolkit.models import build_discriminator, build_generator
-from toolkit.partition import class_histogram, histogram_table, partition, save_histogram
-from toolkit.recorder import Recorder, sample_grid
-from toolkit.runs import RunDir
-from toolkit.trainer import Trainer, checkpoint_header, seed_everything, unwrapped
+from gankit.config import Config
+from gankit.data import ImageData
+from gankit.latent import build_prior
+from gankit.models import build_discriminator, build_generator
+from gankit.partition import class_histogram, histogram_table, partition, save_histogram
+from gankit.recorder import Recorder, sample_grid
+from gankit.runs import RunDir
+from gankit.trainer import Trainer, checkpoint_header, seed_everything, unwrapped
 
-log = logging.getLogger("toolkit")
+log = logging.getLogger("gankit")
 
 
 # --- the weights that travel ------------------------------------------------------------------
@@ -92,7 +92,7 @@ def sample_dp_plan(config: Config, data: ImageData) -> list[dict]:
     multiplier planned for all its rounds and the private steps) and what the server accounts
     from: the facts of one round of DP-SGD on that partition. The keys are those of the client's
     reply metrics, so the server can check that a reply did what it was sent."""
-    from toolkit.privacy import resolve_delta, sample_rate_of
+    from gankit.privacy import resolve_delta, sample_rate_of
 
     f, p = config.federated, config.privacy
     plan = []
@@ -136,7 +136,7 @@ def client_config(config: Config, client: int, server_round: int, examples: int,
 def client_noise_multiplier(config: Config, examples: int) -> float:
     """Sample-level DP: the noise at which a client that trains in every round ends the run
     at --target-epsilon (or --noise-multiplier when no target is set)."""
-    from toolkit.privacy import planned_noise_multiplier
+    from gankit.privacy import planned_noise_multiplier
 
     f = config.federated
     return planned_noise_multiplier(config.privacy, examples, config.train.batch_size,
@@ -148,7 +148,7 @@ def client_epsilon_bound(config: Config, examples: int, noise: float, steps: int
     """What a client reports of its sample-level privacy after `server_round` rounds: epsilon as
     if it had trained in every round so far (an upper bound when clients are sampled), and the
     facts the server accounts exactly from (noise multiplier, sample rate, steps, delta)."""
-    from toolkit.privacy import epsilon_of, resolve_delta, sample_rate_of
+    from gankit.privacy import epsilon_of, resolve_delta, sample_rate_of
 
     p = config.privacy
     q = sample_rate_of(examples, config.train.batch_size, p.poisson_sampling)
@@ -259,7 +259,7 @@ class GlobalModel:
 
     @property
     def generator(self):
-        from toolkit.sampling import LoadedGenerator
+        from gankit.sampling import LoadedGenerator
 
         return LoadedGenerator(self.G, self.prior, self.config, self.num_classes, self.data.image_shape)
 
@@ -314,7 +314,7 @@ class GlobalModel:
         in server_state, so a resumed run keeps counting) and report every client's epsilon;
         the run's epsilon is the largest. A client is charged for every round it was sent,
         whether it replied, failed or was dropped: the server cannot tell how far it got."""
-        from toolkit.privacy import epsilon_of
+        from gankit.privacy import epsilon_of
 
         p = self.config.privacy
         clients = self.server_state.setdefault("sample_dp", {})
@@ -338,7 +338,7 @@ class GlobalModel:
                 "epsilon_per_client": {c: round(v, 4) for c, v in eps.items()}}
 
     def evaluate(self) -> dict:
-        from toolkit.evaluate import Reference, generator_metrics
+        from gankit.evaluate import Reference, generator_metrics
 
         if self._reference is None:
             self._reference = Reference.of(self.classifier, self.data.ref_x, self.data.ref_y)

@@ -19,7 +19,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from toolkit.errors import UserError
+from gankit.errors import UserError
 
 # Below this sin(angle) two directions count as (anti)parallel and slerp falls back to lerp.
 PARALLEL_SIN = 1e-6

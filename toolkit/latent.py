@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from toolkit.config import LatentConfig
+from gankit.config import LatentConfig
 
 
 def standard_normal(shape, truncation: float = 0.0, generator: Optional[torch.Generator] = None,

@@ -63,7 +63,7 @@ class StandardMode:
 
 
 def _private_mode():
-    from toolkit.privacy import PrivateMode  # late: the only module that imports opacus
+    from gankit.privacy import PrivateMode  # late: the only module that imports opacus
 
     return PrivateMode()
 
@@ -74,7 +74,7 @@ MODES = {"standard": StandardMode, "dp": _private_mode}
 def build_mode(name: str) -> Mode:
     if name == "federated":
         # Many Trainers, one per client and round, under Flower: server/ and clients/.
-        from toolkit.errors import UserError
+        from gankit.errors import UserError
 
         raise UserError("the federated mode is not a single training loop: run it with "
                         "`gankit train --mode federated` (server/simulation.py)")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from toolkit.errors import ConfigError
+from gankit.errors import ConfigError
 
 SCHEMES = ("iid", "dirichlet", "pathological")
 

@@ -4,7 +4,7 @@ Precedence: defaults < preset < --config FILE < options on the command line; the
 config.json records the resolved options, so a run never depends on a preset's later edits.
 """
 
-from toolkit.errors import ConfigError
+from gankit.errors import ConfigError
 
 PRESETS = {
     # The DP-GAN record's recipe (Bie et al. 2023, "Private GANs, revisited", MNIST at

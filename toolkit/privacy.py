@@ -54,12 +54,12 @@ from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from toolkit.clipping import BookKeepingClipper, BookKeepingOptimizer, unsupported_layers
-from toolkit.config import Config, dp_problems
-from toolkit.errors import ConfigError, UserError
-from toolkit.modes import DiscriminatorParts
-from toolkit.objectives import clip_weights
-from toolkit.steps import grad_norm
+from gankit.clipping import BookKeepingClipper, BookKeepingOptimizer, unsupported_layers
+from gankit.config import Config, dp_problems
+from gankit.errors import ConfigError, UserError
+from gankit.modes import DiscriminatorParts
+from gankit.objectives import clip_weights
+from gankit.steps import grad_norm
 
 log = logging.getLogger(__name__)
 

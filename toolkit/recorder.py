@@ -15,10 +15,10 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from toolkit.config import BEST_METRICS, Config
-from toolkit.runs import RunDir
+from gankit.config import BEST_METRICS, Config
+from gankit.runs import RunDir
 
-log = logging.getLogger("toolkit")
+log = logging.getLogger("gankit")
 
 # What the one-line summary of a period shows, when the record has it.
 SHOWN = ("d_loss", "g_loss", "d_acc_real", "d_acc_fake", "precision", "recall", "fid", "epsilon",

@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from toolkit.errors import UserError
-from toolkit.sampling import eval_mode
+from gankit.errors import UserError
+from gankit.sampling import eval_mode
 
 DEFAULT_EPS = 1e-6
 
@@ -339,7 +339,7 @@ def _gamma_for_rate(scores: Tensor, rate: float, iterations: int = 200) -> float
 
 def density_ratio_logit(objective: str) -> Optional[Callable[[Tensor], Tensor]]:
     """D's raw output -> log p_data / p_g for objectives with a closed form, else None."""
-    from toolkit.objectives import OBJECTIVES
+    from gankit.objectives import OBJECTIVES
 
     if objective not in OBJECTIVES:
         raise UserError(f"unknown loss '{objective}' (choose from {', '.join(OBJECTIVES)})")

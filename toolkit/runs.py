@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from toolkit.config import RESUMABLE_CHANGES, Config
-from toolkit.errors import UserError
-from toolkit.statefile import load_state, save_state
+from gankit.config import RESUMABLE_CHANGES, Config
+from gankit.errors import UserError
+from gankit.statefile import load_state, save_state
 
 
 class RunDir:

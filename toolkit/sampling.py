@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from toolkit.config import Config, privacy_facts
-from toolkit.errors import UserError
-from toolkit.latent import build_prior
-from toolkit.models import build_discriminator, build_generator
-from toolkit.runs import find_checkpoint
-from toolkit.statefile import load_state
+from gankit.config import Config, privacy_facts
+from gankit.errors import UserError
+from gankit.latent import build_prior
+from gankit.models import build_discriminator, build_generator
+from gankit.runs import find_checkpoint
+from gankit.statefile import load_state
 
 
 @contextmanager
@@ -129,8 +129,8 @@ def export_generator(path, out: Path, checkpoint: str = "last", ema: bool = True
     protects and the epsilon it spent) to `out/generator.safetensors`: what a private run
     may release, since G is post-processing of the private D. No discriminator, optimizer
     or RNG state (these are not covered by the release, or would help an attacker)."""
-    from toolkit.runs import RunDir
-    from toolkit.statefile import save_state
+    from gankit.runs import RunDir
+    from gankit.statefile import save_state
 
     ckpt, config, info = read_checkpoint(path, checkpoint)
     gen = generator_from(ckpt, config, info, ema=ema)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from toolkit.errors import UserError
+from gankit.errors import UserError
 
 HEADER_KEY = "gankit"
 FORMAT = 2  # 1 was the pickled .pt checkpoint

@@ -14,9 +14,9 @@ from typing import Callable, ContextManager, Optional
 import torch
 from torch import Tensor, nn
 
-from toolkit.config import Config
-from toolkit.latent import sample_labels
-from toolkit.objectives import Objective, clip_weights, gradient_penalty
+from gankit.config import Config
+from gankit.latent import sample_labels
+from gankit.objectives import Objective, clip_weights, gradient_penalty
 
 
 @dataclass(frozen=True)

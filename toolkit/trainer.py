@@ -27,17 +27,17 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from toolkit.config import Config, n_critic, privacy_facts, validate
-from toolkit.data import ImageData, ShuffledBatches
-from toolkit.errors import TrainingDiverged, UserError
-from toolkit.latent import build_prior
-from toolkit.models import build_discriminator, build_generator
-from toolkit.modes import DiscriminatorParts, build_mode
-from toolkit.objectives import get_objective
-from toolkit.recorder import Recorder, sample_grid
-from toolkit.runs import RunDir
-from toolkit.schedule import DStepSchedule
-from toolkit.steps import StepContext, discriminator_step, generator_step
+from gankit.config import Config, n_critic, privacy_facts, validate
+from gankit.data import ImageData, ShuffledBatches
+from gankit.errors import TrainingDiverged, UserError
+from gankit.latent import build_prior
+from gankit.models import build_discriminator, build_generator
+from gankit.modes import DiscriminatorParts, build_mode
+from gankit.objectives import get_objective
+from gankit.recorder import Recorder, sample_grid
+from gankit.runs import RunDir
+from gankit.schedule import DStepSchedule
+from gankit.steps import StepContext, discriminator_step, generator_step
 
 log = logging.getLogger(__name__)
 

@@ -18,15 +18,18 @@ import math
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
+import importlib.resources
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from toolkit.errors import UserError
+from gankit.errors import UserError
 
-CHECKPOINT_DIR = Path(__file__).resolve().parents[2] / "checkpoints"
-DEFAULT_CHECKPOINT = CHECKPOINT_DIR / "mnist_classifier.pt"
+# Package data of gankit.checkpoints (the checkout's checkpoints/ folder), found the same way
+# in a checkout and in an installed wheel. Wheels install unzipped, so it is a real file.
+DEFAULT_CHECKPOINT = Path(str(importlib.resources.files("gankit.checkpoints") / "mnist_classifier.pt"))
 CHECKPOINT_FORMAT = 1
 # The shipped classifier's digest lives here, not only in its sidecar: whoever swaps the
 # file can recompute a sidecar, not this line. Update it with the checkpoint (the test
@@ -316,7 +319,7 @@ def read_checkpoint(path: Optional[PathLike] = None) -> dict:
     sidecar = sidecar_path(path)
     if not path.is_file():
         raise UserError(f"classifier checkpoint not found: {path} "
-                        "(train one with experiments/train_classifier.py)")
+                        "(train one with gankit classifier train)")
     if not sidecar.is_file():
         raise UserError(f"classifier checkpoint {path} has no checksum file {sidecar.name}; "
                         "it cannot be verified")
@@ -350,3 +353,27 @@ def load_classifier(path: Optional[PathLike] = None, device: str = "cpu") -> Cla
     classifier.load_state_dict(payload["state_dict"])
     classifier.metadata = payload.get("metadata", {})
     return classifier.to(device).eval()
+
+
+def training_and_test_data(dataset: str, data_root: str, test_root: str) -> tuple:
+    """(train_x, train_y, test_x or None, test_y, what the test set is) for training a metric
+    classifier. mnist-5k trains on all 5,000 offline images and is tested on MNIST's own test
+    split under `test_root` (skipped when absent); other data is tested on its test split
+    (mnist, fashion-mnist) or on the toolkit's fixed held-out slice (folder:, npz:), which
+    training then does not use."""
+    from gankit.config import DataConfig
+    from gankit.data import find_idx_split, load_data, load_mnist_5k
+
+    if dataset == "mnist-5k":
+        if find_idx_split(Path(test_root), "mnist", "test") is None:
+            x, y = load_mnist_5k()
+            return x, y, None, None, f"MNIST test split (not found under '{test_root}')"
+        data = load_data(DataConfig(dataset="mnist-5k", data_root=test_root))
+        return (data.train_x, data.train_y, data.ref_x, data.ref_y,
+                f"official MNIST test split ({len(data.ref_x):,} images)")
+    data = load_data(DataConfig(dataset=dataset, data_root=data_root))
+    if data.train_y is None or data.num_classes < 2:
+        raise UserError(f"dataset '{dataset}' has no class labels; a classifier needs "
+                        "labelled data (one subfolder per class, or an array 'y')")
+    what = "test split" if data.name in ("mnist", "fashion-mnist") else "fixed held-out slice"
+    return data.train_x, data.train_y, data.ref_x, data.ref_y, f"{data.name} {what} ({len(data.ref_x):,} images)"

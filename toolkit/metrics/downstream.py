@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from toolkit.errors import UserError
-from toolkit.metrics.classifier import (Classifier, accuracy, predict, recalibrate_batchnorm,
+from gankit.errors import UserError
+from gankit.metrics.classifier import (Classifier, accuracy, predict, recalibrate_batchnorm,
                                       train_classifier)
 
 

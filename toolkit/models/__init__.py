@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from toolkit.config import ModelConfig
-from toolkit.errors import ConfigError
-from toolkit.models.blocks import GaussianNoise, apply_spectral_norm, init_weights
-from toolkit.models.cdcgan import CDCGANDiscriminator, CDCGANGenerator
-from toolkit.models.dcgan import DCGANDiscriminator, DCGANGenerator
-from toolkit.models.maxout import MaxoutDiscriminator
-from toolkit.models.mlp import MLPDiscriminator, MLPGenerator
+from gankit.config import ModelConfig
+from gankit.errors import ConfigError
+from gankit.models.blocks import GaussianNoise, apply_spectral_norm, init_weights
+from gankit.models.cdcgan import CDCGANDiscriminator, CDCGANGenerator
+from gankit.models.dcgan import DCGANDiscriminator, DCGANGenerator
+from gankit.models.maxout import MaxoutDiscriminator
+from gankit.models.mlp import MLPDiscriminator, MLPGenerator
 
 GENERATORS = {"dcgan": DCGANGenerator, "mlp": MLPGenerator, "cdcgan": CDCGANGenerator}
 DISCRIMINATORS = {

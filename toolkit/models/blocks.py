@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toolkit.errors import ConfigError
+from gankit.errors import ConfigError
 
 D_NORM_CHOICES = ("none", "group", "layer", "instance", "batch")
 G_NORM_CHOICES = ("batch", "none")

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toolkit.errors import ConfigError
-from toolkit.models.blocks import Discriminator, Generator, check_labels, one_hot
+from gankit.errors import ConfigError
+from gankit.models.blocks import Discriminator, Generator, check_labels, one_hot
 
 IMAGE_SIZE = (28, 28)
 

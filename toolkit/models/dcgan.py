@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from toolkit.errors import ConfigError
-from toolkit.models.blocks import (Discriminator, Generator, d_norm, g_norm,
+from gankit.errors import ConfigError
+from gankit.models.blocks import (Discriminator, Generator, d_norm, g_norm,
                                    norm_cancels_bias)
 
 AUTO_MIN_SIZE = 4  # smallest map that automatic depth leaves (the DCGAN paper's 4x4)

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from toolkit.models.blocks import Discriminator, Maxout, d_norm
-from toolkit.models.mlp import UNITS_PER_WIDTH, hidden_layers
+from gankit.models.blocks import Discriminator, Maxout, d_norm
+from gankit.models.mlp import UNITS_PER_WIDTH, hidden_layers
 
 
 class MaxoutDiscriminator(Discriminator):

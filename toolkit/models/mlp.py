@@ -18,8 +18,8 @@ import math
 
 from torch import nn
 
-from toolkit.errors import ConfigError
-from toolkit.models.blocks import (Discriminator, Generator, d_norm, g_norm,
+from gankit.errors import ConfigError
+from gankit.models.blocks import (Discriminator, Generator, d_norm, g_norm,
                                    norm_cancels_bias)
 
 DEFAULT_DEPTH = 2

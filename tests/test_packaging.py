@@ -1,0 +1,61 @@
+"""A wheel built from the repository runs the main job in a fresh environment."""
+
+import os
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(out), str(REPO)], check=True, capture_output=True, timeout=600)
+    return next(out.glob("gankit-*.whl"))
+
+
+def test_the_wheel_installs_one_package_with_the_shipped_classifier(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert top == {"gankit"}  # no generic top-level toolkit, server or clients
+    assert {"gankit/checkpoints/mnist_classifier.pt", "gankit/checkpoints/mnist_classifier.sha256",
+            "gankit/server/app.py", "gankit/clients/app.py", "gankit/cli.py"} <= set(names)
+
+
+def test_the_installed_wheel_runs_the_main_job_outside_the_checkout(wheel, tmp_path):
+    # A fresh venv with the wheel alone; its dependencies come from this environment's
+    # site-packages (a path, not a site dir, so the checkout's editable install stays out).
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q",
+                    str(wheel)], check=True, capture_output=True, timeout=300)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(work / "digits.npz", x=rng.integers(0, 256, (200, 28, 28), dtype=np.uint8),
+             y=rng.integers(0, 10, 200))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    probe = subprocess.run([str(python), "-c", "import gankit, importlib.util as u; print(gankit.__file__); "
+                            "print(u.find_spec('toolkit'), u.find_spec('server'), u.find_spec('clients'))"],
+                           cwd=work, env=env, capture_output=True, text=True, check=True)
+    installed, missing = probe.stdout.splitlines()
+    assert installed.startswith(site) and missing == "None None None"
+    # The main job, evaluated with the shipped classifier (1x28x28, 10 classes).
+    done = subprocess.run([str(venv / "bin" / "gankit"), "train", "--dataset", "npz:digits.npz", "--epochs", "1",
+                           "--g-width", "8", "--d-width", "8", "--batch-size", "50", "--eval-samples", "100",
+                           "--no-progress", "--no-tensorboard", "--name", "quick"],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    history = (work / "runs" / "quick" / "history.jsonl").read_text()
+    assert '"fid"' in history  # evaluated: the packaged classifier was found and loaded
