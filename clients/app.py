@@ -13,6 +13,9 @@ sends them in the train config with the partition it expects this node to hold (
 learnt from this node's answer to a query message, `identify`); the client trains with
 exactly these and reports them back, and refuses a round meant for another partition.
 
+With --sync d the message's "arrays" hold D alone, which is all the client sends back
+(clipped and noised alone under client-level DP); G and the prior come in "generator".
+
 Client-level DP with clipping on the clients: when the server's config holds
 "clipping_norm", Flower's `fixedclipping_mod` clips this client's update before it leaves.
 """
@@ -65,7 +68,10 @@ def local_training(msg: Message, context: Context) -> Message:
                               f"holds partition {client}")
         noise, steps = float(cfg["noise-multiplier"]), int(cfg["dp-steps"])
     carry = kept_state(context) if config.federated.client_optimizer == "keep" else None
-    weights, metrics = local_round(config, load_client_data(config), msg.content["arrays"].to_torch_state_dict(),
+    received = msg.content["arrays"].to_torch_state_dict()
+    if "generator" in msg.content:  # --sync d: G and the prior come apart from D, to use only
+        received.update(msg.content["generator"].to_torch_state_dict())
+    weights, metrics = local_round(config, load_client_data(config), received,
                                    client, int(cfg["server-round"]),
                                    proximal_mu=float(cfg.get("proximal-mu", 0.0)),
                                    noise_multiplier=noise, steps=steps, carry=carry)

@@ -76,7 +76,8 @@ def serve(grid: Grid, config: Config, run: RunDir, data: ImageData, resume: bool
         return model
     offset = model.round
     strategy = build_strategy(config, ArrayRecord(model.weights),
-                              [len(indices) for indices in client_partitions(config, data)], offset, plan)
+                              [len(indices) for indices in client_partitions(config, data)], offset, plan,
+                              train_generator=model.train_generator)
     load_strategy_state(strategy, model.server_state.get("strategy"))
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> Optional[MetricRecord]:

@@ -37,7 +37,7 @@ from flwr.serverapp import strategy as flwr_strategies
 from flwr.serverapp.strategy import Strategy
 
 from gankit.config import Config
-from gankit.federated import reply_metric_types
+from gankit.federated import reply_metric_types, split_for_sync
 
 log = logging.getLogger("gankit")
 
@@ -338,6 +338,49 @@ class ReplyGuard(Strategy):
         return self.strategy.aggregate_evaluate(server_round + self.round_offset, replies)
 
 
+class ServerGenerator(Strategy):
+    """--sync d: the clients train D alone and the server trains G (Augenstein et al. 2020).
+
+    Outside the guard: the strategy inside it (guard, DP wrappers, aggregation) sees D's
+    arrays only, so client-level clipping and noise touch D alone. Each message also carries
+    G and the prior under "generator"; after aggregation, `train_generator(d_arrays, round)`
+    trains G against the aggregated D and returns the whole new global model.
+    """
+
+    def __init__(self, strategy: Strategy, train_generator):
+        super().__init__()
+        self.strategy = strategy
+        self.train_generator = train_generator
+
+    outcome = property(lambda self: self.strategy.outcome)
+
+    def __repr__(self) -> str:
+        return f"ServerGenerator({self.strategy!r})"
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+    def configure_train(self, server_round, arrays, config, grid):
+        trained, sent_only = split_for_sync(arrays.to_torch_state_dict(), "d")
+        messages = list(self.strategy.configure_train(server_round, ArrayRecord(trained), config, grid))
+        for message in messages:
+            message.content["generator"] = ArrayRecord(sent_only)
+        return messages
+
+    def aggregate_train(self, server_round, replies):
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        if arrays is None:
+            return None, metrics
+        round_ = server_round + self.strategy.round_offset
+        return ArrayRecord(self.train_generator(arrays.to_torch_state_dict(), round_)), metrics
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round, replies):
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+
 # Per-client facts are not averaged: the sample-level privacy account is the server's own
 # (toolkit/federated.py: GlobalModel.account_sample_dp).
 PER_CLIENT_FACTS = ("client", "num-examples", "epsilon", "noise-multiplier", "sample-rate", "dp-steps",
@@ -380,8 +423,10 @@ def load_strategy_state(strategy, state: dict) -> None:
 
 
 def build_strategy(config: Config, global_arrays: ArrayRecord, partition_sizes: list[int],
-                   round_offset: int = 0, sample_dp_plan: Optional[list[dict]] = None) -> ReplyGuard:
-    """The configured strategy inside the guard. `partition_sizes`: the planned partitions
+                   round_offset: int = 0, sample_dp_plan: Optional[list[dict]] = None,
+                   train_generator=None) -> Strategy:
+    """The configured strategy inside the guard (and, with --sync d, the guard inside
+    ServerGenerator, which needs `train_generator`). `partition_sizes`: the planned partitions
     (a client's example count must be one the server could have planned)."""
     f = config.federated
     sampled = sampled_clients(config)
@@ -405,7 +450,14 @@ def build_strategy(config: Config, global_arrays: ArrayRecord, partition_sizes: 
               "local-steps": (f.local_steps, f.local_steps)}
     if f.sample_dp and sample_dp_plan is None:
         raise ValueError("sample-level DP needs the server's plan (gankit.federated.sample_dp_plan)")
-    return ReplyGuard(strategy, global_arrays, required, optional, limits, min_replies=f.min_clients,
-                      round_offset=round_offset,
-                      assignments=PartitionAssignments(sample_dp_plan if f.sample_dp
-                                                       else [{} for _ in range(f.clients)]))
+    # A reply holds what the clients train: all the model, or D alone (--sync d).
+    replied, _ = split_for_sync(global_arrays.to_torch_state_dict(), f.sync)
+    guard = ReplyGuard(strategy, ArrayRecord(replied), required, optional, limits, min_replies=f.min_clients,
+                       round_offset=round_offset,
+                       assignments=PartitionAssignments(sample_dp_plan if f.sample_dp
+                                                        else [{} for _ in range(f.clients)]))
+    if f.sync == "both":
+        return guard
+    if train_generator is None:
+        raise ValueError("--sync d needs the server's G training (GlobalModel.train_generator)")
+    return ServerGenerator(guard, train_generator)

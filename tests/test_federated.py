@@ -368,3 +368,45 @@ def test_the_watchdog_ends_a_killed_processs_children(tmp_path):
     while time.time() < deadline and alive(child):
         time.sleep(0.2)
     assert not alive(child) or open(f"/proc/{child}/stat").read().split()[2] == "Z"
+
+
+def test_sync_d_sends_d_alone_and_the_server_trains_g_against_the_aggregated_d(tmp_path):
+    from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+
+    from gankit.clients.app import app
+    from gankit.data import load_data
+    from gankit.server.strategy import build_strategy
+    from test_hostile_replies import FakeGrid
+
+    config = npz_config(tmp_path, sync="d", name="syncd")
+    data = load_data(config.data)
+    model = GlobalModel(config, data, RunDir.create(config))
+    start = {k: v.clone() for k, v in model.weights.items()}  # pack() shares the networks' memory
+    sizes = [len(p) for p in client_partitions(config, data)]
+    strategy = build_strategy(config, ArrayRecord(start), sizes, train_generator=model.train_generator)
+    grid = FakeGrid({11: 0, 12: 1}, 2)
+    sent = strategy.configure_train(1, ArrayRecord(start), ConfigRecord({"config-json": json.dumps(config.to_dict())}), grid)
+    replies = []
+    for message in sent:
+        assert {k[:2] for k in message.content["arrays"]} == {"d."}
+        assert "g." in {k[:2] for k in message.content["generator"]} <= {"g.", "p."}
+        node = message.metadata.dst_node_id
+        context = Context(run_id=1, node_id=node, node_config={"partition-id": node - 11, "num-partitions": 2},
+                          state=RecordDict(), run_config={})
+        replies.append(app(message, context))
+    d_of = [r.content["arrays"].to_torch_state_dict() for r in replies]
+    assert all({k[:2] for k in d} == {"d."} for d in d_of)  # D alone travels back
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert strategy.outcome.aggregated and strategy.outcome.accepted == 2
+    new = arrays.to_torch_state_dict()
+    # D is the mean of the clients' Ds; G moved on the server (the clients never step it).
+    for key in (k for k in d_of[0] if d_of[0][k].is_floating_point()):
+        assert torch.allclose(new[key], (d_of[0][key] + d_of[1][key]) / 2, atol=1e-6)
+    g_only = (lambda w: {k: v for k, v in w.items() if k.startswith("g.")})
+    assert distance(g_only(new), g_only(start)) > 0
+    # The server's G optimizer is part of the run's checkpoint.
+    model.end_round(1, new, {})
+    again = GlobalModel(config, data, model.run)
+    again.resume()
+    steps = {int(v["step"]) for v in again.g_opt.state_dict()["state"].values()}
+    assert steps == {config.federated.local_steps // 1}

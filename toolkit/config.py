@@ -35,6 +35,7 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean", "krum
 PARTITIONS = ("iid", "dirichlet", "pathological")
 CLIENT_DP = ("none", "server", "client")
 CLIENT_OPTIMIZERS = ("reset", "keep")
+SYNCS = ("both", "d")
 D_STEPS_SCHEDULES = ("fixed", "adaptive")  # toolkit/schedule.py
 FAKE_GRADIENTS = ("paired", "public")
 # The metrics --best-metric can follow, each with the direction that is better.
@@ -235,6 +236,9 @@ class FederatedConfig:
     client_dp_noise: float = option(1.0, "federated: client-level DP noise multiplier")
     client_dp_clip: float = option(1.0, "federated: client-level DP clipping norm of a client's update")
     client_cpus: float = option(1.0, "federated: CPU cores per simulated client (Ray)")
+    sync: str = option(
+        "both", "federated: what the clients train and send: both (G and D, averaged) | d (D "
+                "alone; the server trains G against the aggregated D, as Augenstein et al. 2020)")
     client_optimizer: str = option(
         "reset", "federated: a client's Adam state between its rounds: reset (fresh every round) | "
                  "keep (its moments carry over in the node's Flower Context.state)")
@@ -357,7 +361,8 @@ def federated_problems(f: FederatedConfig) -> list[str]:
     problems = []
     for value, allowed, what in [(f.strategy, STRATEGIES, "strategy"), (f.partition, PARTITIONS, "partition"),
                                  (f.client_dp, CLIENT_DP, "client-dp"),
-                                 (f.client_optimizer, CLIENT_OPTIMIZERS, "client optimizer")]:
+                                 (f.client_optimizer, CLIENT_OPTIMIZERS, "client optimizer"),
+                                 (f.sync, SYNCS, "sync")]:
         if value not in allowed:
             problems.append(f"unknown {what} '{value}' (choose from {', '.join(allowed)})")
     for value, what in [(f.clients, "clients"), (f.rounds, "rounds"), (f.local_steps, "local-steps"),

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from gankit.config import Config
+from gankit.config import Config, n_critic
 from gankit.data import ImageData
 from gankit.latent import build_prior
 from gankit.models import build_discriminator, build_generator
@@ -36,6 +36,15 @@ log = logging.getLogger("gankit")
 
 
 # --- the weights that travel ------------------------------------------------------------------
+
+def split_for_sync(weights: dict[str, Tensor], sync: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(what the clients train and send back, what they only receive). --sync both: all of it;
+    --sync d: D's arrays, and G's and the prior's, which the server alone trains."""
+    if sync == "both":
+        return dict(weights), {}
+    return ({k: v for k, v in weights.items() if k.startswith("d.")},
+            {k: v for k, v in weights.items() if not k.startswith("d.")})
+
 
 def pack(G: nn.Module, D: nn.Module, prior: nn.Module) -> dict[str, Tensor]:
     """G, D and the prior's state (parameters and buffers) as one flat, prefixed dict."""
@@ -216,6 +225,7 @@ def local_round(config: Config, data: ImageData, weights: dict[str, Tensor], cli
     if proximal_mu:
         for opt, net in ((trainer.g_opt, trainer.G), (trainer.d_opt, unwrapped(trainer.D))):
             add_proximal_term(opt, [p.detach().clone() for p in net.parameters()], proximal_mu)
+    trainer.train_generator = config.federated.sync == "both"
     stats = trainer.train_steps(steps)
     if keep:
         carry.clear()
@@ -226,7 +236,8 @@ def local_round(config: Config, data: ImageData, weights: dict[str, Tensor], cli
         # What Opacus' optimizer and accountant actually did this round.
         metrics.update(client_epsilon_bound(config, len(local.train_x), trainer.d_opt.noise_multiplier,
                                             trainer.mode.steps(), server_round))
-    return pack(trainer.G, trainer.D, trainer.prior), metrics
+    trained, _ = split_for_sync(pack(trainer.G, trainer.D, trainer.prior), config.federated.sync)
+    return trained, metrics
 
 
 # --- the server's global model ----------------------------------------------------------------
@@ -252,6 +263,12 @@ class GlobalModel:
         self._reference = None
         self.recorder = Recorder(run, config, "round", config.federated.rounds)
         self._tick = time.perf_counter()
+        # --sync d: G's optimizer lives on the server, across rounds and in the checkpoint.
+        self.g_opt = None
+        if config.federated.sync == "d":
+            o = config.optim
+            params = list(self.G.parameters()) + [p for p in self.prior.parameters() if p.requires_grad]
+            self.g_opt = torch.optim.Adam(params, lr=o.g_lr, betas=(o.g_beta1, o.g_beta2))
 
     @property
     def weights(self) -> dict[str, Tensor]:
@@ -269,6 +286,8 @@ class GlobalModel:
             net.load_state_dict(ckpt[key])
         self.round, self.best = ckpt["round"], ckpt.get("best")
         self.train_time = float(ckpt.get("train_time", 0.0))
+        if self.g_opt is not None and ckpt.get("g_opt") is not None:
+            self.g_opt.load_state_dict(ckpt["g_opt"])
         self.server_state = ckpt.get("server_state", {})
         self.run.truncate_history(self.round, key="round")
         log.info("resumed %s after round %d", self.run.path, self.round)
@@ -307,6 +326,27 @@ class GlobalModel:
     def start_clock(self) -> None:
         """The first round's time counts from here (after the partitions and the plan)."""
         self._tick = time.perf_counter()
+
+    def train_generator(self, d_weights: dict[str, Tensor], server_round: int) -> dict[str, Tensor]:
+        """--sync d: take the aggregated D and train G against it on the server, as many G
+        steps as one client would take in its local steps; returns the new global weights.
+        G never sees data, so under any DP of D this is post-processing. Seeded by the round,
+        so a resumed run trains the same steps."""
+        from gankit.objectives import get_objective
+        from gankit.steps import StepContext, generator_step
+
+        f, t = self.config.federated, self.config.train
+        unpack({**d_weights, **split_for_sync(self.weights, "d")[1]}, self.G, self.D, self.prior)
+        ctx = StepContext(self.G, self.prior, get_objective(self.config.objective.loss), self.config,
+                          self.num_classes, torch.device("cpu"))
+        # Only to clear the gradients G's backward pass leaves in D; it never steps.
+        d_clear = torch.optim.SGD(self.D.parameters(), lr=0.0)
+        torch.manual_seed(t.seed + 104729 * server_round)
+        steps = max(1, f.local_steps // n_critic(self.config))
+        self.G.train()
+        for _ in range(steps):
+            generator_step(ctx, self.D, self.g_opt, d_clear, t.batch_size)
+        return self.weights
 
     def account_sample_dp(self, sent: list[dict]) -> dict:
         """Sample-level DP: add the private steps of each client the server sent this round
@@ -349,6 +389,7 @@ class GlobalModel:
         self.run.save_checkpoint({
             **checkpoint_header(self.config, self.data, self.num_classes),
             "round": self.round, "best": self.best, "train_time": self.train_time,
+            "g_opt": self.g_opt.state_dict() if self.g_opt is not None else None,
             "server_state": self.server_state,
             "G": self.G.state_dict(), "D": self.D.state_dict(), "prior": self.prior.state_dict(),
             "ema": None,

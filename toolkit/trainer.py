@@ -147,6 +147,8 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.state = TrainState()
         self.stop_requested = False
+        # False for a federated client that trains D alone (--sync d: G trains on the server).
+        self.train_generator = True
         # A federated client's local trainer has no run folder and records nothing.
         self.recorder = Recorder(run, config, "epoch", t.epochs) if run is not None else None
 
@@ -280,7 +282,7 @@ class Trainer:
         measure = (s.step + 1) % t.log_every == 0
         stats = self.d_step(self.ctx, self.D, self.d_opt, real, labels, measure)
         s.step += 1
-        if self.schedule.d_step_done():
+        if self.schedule.d_step_done() and self.train_generator:
             # G's batch is the configured size, not the real batch's: under Poisson
             # sampling that size depends on the data. G needs no per-sample gradients of
             # D, so it goes through the plain network.
