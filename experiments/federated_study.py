@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.studies import row_configs, write_csv  # noqa: E402
+from experiments.studies import row_configs, same_training, write_csv  # noqa: E402
 from gankit.config import Config  # noqa: E402
 from gankit.data import load_data  # noqa: E402
 from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,  # noqa: E402
@@ -55,7 +55,7 @@ def train_federated_row(name: str, config: Config, data, classifier, runs_dir: P
     resume = False
     if run.checkpoint_path("last").exists():
         ckpt = run.load_checkpoint("last")
-        if ckpt["config"] != config.to_dict():
+        if not same_training(ckpt["config"], config):
             raise SystemExit(f"[{name}] {run.path} holds a run of another configuration; "
                              "remove it or choose another --out")
         if ckpt["round"] >= config.federated.rounds:
@@ -85,7 +85,7 @@ def train_centralized_row(name: str, config: Config, data, classifier, runs_dir:
     run = RunDir(runs_dir / name)
     if run.checkpoint_path("last").exists():
         ckpt = run.load_checkpoint("last")
-        if ckpt["config"] == config.to_dict() and ckpt["round"] >= f.rounds:
+        if same_training(ckpt["config"], config) and ckpt["round"] >= f.rounds:
             log.info("[%s] reusing the finished run in %s", name, run.path)
             return
     if run.path.exists():
