@@ -45,8 +45,8 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gankit.errors import UserError
@@ -92,51 +92,31 @@ class Calibration:
         return self.a * v + self.b
 
 
-def fit_calibration(real_scores: Tensor, fake_scores: Tensor, ridge: float = 1e-4,
-                    max_iter: int = 100) -> Calibration:
+def fit_calibration(real_scores: Tensor, fake_scores: Tensor, ridge: float = 1e-4) -> Calibration:
     """Logistic regression of "real" on D's raw scores: P(real | v) = sigmoid(a v + b).
 
-    The two classes are weighted equally whatever their sizes, so that a v + b estimates
+    scikit-learn's LogisticRegression with balanced class weights, so that a v + b estimates
     log p_data / p_g (the log odds under equal priors), not the odds of the sample counts.
-    Damped Newton steps on a convex loss: deterministic, so no seed is needed. `ridge` is a
-    small L2 penalty on the slope in standardised units, which keeps the fit finite when D
-    separates the two sets perfectly.
+    The scores are standardised first (undone in the returned a, b); `ridge` is a small L2
+    penalty on the standardised slope against the mean log-loss, which keeps the fit finite
+    when D separates the two sets perfectly. lbfgs on a convex loss: deterministic.
     """
+    from sklearn.linear_model import LogisticRegression
+
     real = _flat_scores(real_scores, "real")
     fake = _flat_scores(fake_scores, "generated")
     scores = torch.cat([real, fake])
     mean, std = scores.mean(), scores.std()
     if not torch.isfinite(std) or std <= 0:
         raise UserError("cannot calibrate: the discriminator gives every sample the same score")
-    # Standardising makes the fit scale-free; undone in the returned a, b.
-    features = torch.stack([(scores - mean) / std, torch.ones_like(scores)], dim=1)
-    is_real = torch.cat([torch.ones_like(real), torch.zeros_like(fake)])
-    weight = torch.cat([torch.full_like(real, 0.5 / real.numel()),
-                        torch.full_like(fake, 0.5 / fake.numel())])
-    penalty = torch.tensor([ridge, 0.0], dtype=torch.float64)
-
-    def loss(theta: Tensor) -> Tensor:
-        logits = features @ theta
-        # Cross-entropy with logits: softplus(-l) for real samples, softplus(l) for generated.
-        per_sample = F.softplus(torch.where(is_real > 0, -logits, logits))
-        return (weight * per_sample).sum() + 0.5 * (penalty * theta ** 2).sum()
-
-    theta = torch.zeros(2, dtype=torch.float64)
-    for _ in range(max_iter):
-        prob = torch.sigmoid(features @ theta)
-        grad = features.T @ (weight * (prob - is_real)) + penalty * theta
-        if grad.abs().max() < 1e-12:
-            break
-        hessian = (features.T @ (features * (weight * prob * (1 - prob))[:, None])
-                   + torch.diag(penalty) + 1e-12 * torch.eye(2, dtype=torch.float64))
-        step = torch.linalg.solve(hessian, grad)
-        # Halve the Newton step until the loss falls enough (Armijo): Newton alone can
-        # overshoot when D nearly separates the sets.
-        size, current = 1.0, loss(theta)
-        while loss(theta - size * step) > current - 1e-4 * size * (grad @ step) and size > 1e-10:
-            size *= 0.5
-        theta = theta - size * step
-    slope, intercept = theta.tolist()
+    features = ((scores - mean) / std).numpy()[:, None]
+    is_real = np.concatenate([np.ones(real.numel()), np.zeros(fake.numel())])
+    # scikit-learn minimises 0.5 w^2 + C sum_i weight_i loss_i; balanced weights sum to n, so
+    # C = 1 / (ridge n) is the mean loss plus 0.5 ridge w^2 (the intercept is not penalised).
+    model = LogisticRegression(C=1.0 / (ridge * len(features)), class_weight="balanced",
+                               solver="lbfgs", tol=1e-10, max_iter=1000)
+    model.fit(features, is_real)
+    slope, intercept = float(model.coef_[0, 0]), float(model.intercept_[0])
     a = slope / std.item()
     b = intercept - a * mean.item()
     if a <= 0:
