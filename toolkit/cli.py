@@ -142,7 +142,6 @@ def federated_command(config, data, resume_dir) -> int:
 
 # --- generate -------------------------------------------------------------------------------------
 
-GENERATE_MODES = ("random", "grid", "lerp", "slerp", "dirichlet", "classes")
 
 
 @dataclass
@@ -178,98 +177,18 @@ def generate_parser(sub) -> None:
     p.set_defaults(command=generate_command)
 
 
-def latents_for(opts: "GenerateOptions", gen) -> tuple:
-    """(z, labels, images per row) for the latent-exploration modes."""
-    import torch
-
-    from gankit import interpolation
-
-    rng = torch.Generator().manual_seed(opts.seed)
-    sample = (lambda n: gen.prior.sample(n, generator=rng, sigma=opts.sigma,
-                                         truncation=opts.truncation, device="cpu"))
-    if opts.mode == "grid":
-        return interpolation.latent_grid(sample(1)[0], opts.steps, opts.steps, opts.span, rng), None, opts.steps
-    if opts.mode in ("lerp", "slerp"):
-        path = interpolation.interpolate_path(sample(opts.anchors), opts.steps, method=opts.mode)
-        return path, None, opts.steps
-    if opts.mode == "dirichlet":
-        z, _ = interpolation.dirichlet_mix(sample(opts.anchors), opts.num, opts.alpha, rng,
-                                           renormalize=True)
-        return z, None, opts.nrow
-    if not gen.num_classes:
-        raise UserError("--mode classes needs a conditional model")
-    # --num counts images here too: whole rows of one image per class.
-    rows = max(1, opts.num // gen.num_classes)
-    if rows * gen.num_classes != opts.num:
-        log.info("--mode classes: %d rows of %d classes (%d images)", rows, gen.num_classes,
-                 rows * gen.num_classes)
-    z, labels = interpolation.class_grid(sample(rows), gen.num_classes)
-    return z, labels, gen.num_classes
-
-
 def generate_command(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-    from torchvision.utils import save_image
-
-    from gankit.evaluate import draw_samples
-    from gankit.sampling import load_discriminator, load_generator, to_uint8
+    from gankit.sampling import generate, write_images
 
     opts = GenerateOptions(**given_options(args, [GenerateOptions]))
-    if opts.num <= 0 or opts.anchors < 2 or opts.steps < 2:
-        raise UserError("--num must be positive, --anchors and --steps at least 2")
-    if opts.mode not in GENERATE_MODES:
-        raise UserError(f"unknown --mode '{opts.mode}' (choose from {', '.join(GENERATE_MODES)})")
-    if opts.drs and opts.mode != "random":
-        raise UserError("--drs applies to --mode random")
-    gen = load_generator(opts.run, opts.checkpoint, ema=not opts.no_ema)
-    if opts.label is not None and not gen.num_classes:
-        raise UserError("--label needs a conditional model; this run's generator is unconditional")
-    if opts.label is not None and not 0 <= opts.label < gen.num_classes:
-        raise UserError(f"--label {opts.label} is not a class of this model (0 to {gen.num_classes - 1})")
-    nrow = opts.nrow
-    if opts.mode == "random":
-        if opts.drs:
-            D = load_discriminator(opts.run, opts.checkpoint)
-            images, labels, info = draw_samples(gen, opts.num, opts.seed, opts.sigma,
-                                                opts.truncation, drs=True, D=D,
-                                                drs_target_rate=opts.drs_target_rate,
-                                                drs_percentile=opts.drs_percentile,
-                                                calibration=calibration_data(gen))
-            log.info("rejection sampling: %s", ", ".join(f"{k}={v:.4g}" if isinstance(v, float)
-                                                          else f"{k}={v}" for k, v in info.items()))
-        else:
-            labels = None if opts.label is None else torch.full((opts.num,), opts.label)
-            images, labels = gen.sample(opts.num, opts.seed, opts.sigma, opts.truncation, labels)
-    else:
-        z, labels, nrow = latents_for(opts, gen)
-        if gen.num_classes and labels is None:
-            labels = torch.full((len(z),), opts.label if opts.label is not None else 0)
-        with torch.no_grad():
-            images = torch.cat([gen.G(z[i:i + 500], None if labels is None else labels[i:i + 500])
-                                for i in range(0, len(z), 500)])
-    out = Path(opts.out) if opts.out else (Path(opts.run) if Path(opts.run).is_dir()
-                                           else Path(opts.run).parent) / "generated.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".npz":
-        arrays = {"x": to_uint8(images)}
-        if labels is not None:
-            arrays["y"] = labels.cpu().numpy()
-        np.savez_compressed(out, **arrays)
-    elif out.suffix == ".png":
-        save_image(images, out, nrow=nrow, normalize=True, value_range=(-1, 1))
-    else:
-        raise UserError(f"--out must end in .png or .npz, got {out}")
+    options = dataclasses.asdict(opts)
+    out = options.pop("out")
+    images, labels, nrow = generate(**options)
+    out = Path(out) if out else (Path(opts.run) if Path(opts.run).is_dir()
+                                 else Path(opts.run).parent) / "generated.png"
+    write_images(images, labels, nrow, out)
     log.info("wrote %d images to %s", len(images), out)
     return 0
-
-
-def calibration_data(gen) -> tuple:
-    """The run's own training images: what a DRS calibration may use (never the reference)."""
-    from gankit.data import load_data
-
-    data = load_data(gen.config.data)
-    return data.train_x, data.train_y
 
 
 # --- evaluate -------------------------------------------------------------------------------------
@@ -305,72 +224,15 @@ def evaluate_parser(sub) -> None:
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
-    import json
-    import time
-
-    from gankit.data import load_data
-    from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,
-                                  metric_classifier, plot_truncation, truncation_sweep)
-    from gankit.metrics import plot_prd
-    from gankit.sampling import load_discriminator, load_generator
+    from gankit.evaluate import evaluate_run, markdown_table, shown_metrics
 
     opts = EvaluateOptions(**given_options(args, [EvaluateOptions]))
-    if opts.num <= opts.k or opts.downstream_epochs < 0:
-        raise UserError(f"--num must exceed --k ({opts.k}); --downstream-epochs must be >= 0")
-    try:
-        sigmas = [float(v) for v in opts.sigmas.split(",")] if opts.sigmas else []
-    except ValueError:
-        raise UserError(f"--sigmas must be comma-separated numbers, got '{opts.sigmas}'") from None
-    if any(v <= 0 for v in sigmas):
-        raise UserError("--sigmas must be positive")
-    start = time.perf_counter()
-    gen = load_generator(opts.run, opts.checkpoint, ema=not opts.no_ema)
-    data_config = gen.config.data
-    if opts.data_root:
-        data_config = dataclasses.replace(data_config, data_root=opts.data_root)
-    data = load_data(data_config)
-    log.info("reference: %s", data.description)
-    classifier = metric_classifier(opts.classifier, data.image_shape, data.num_classes)
-    ref = Reference.of(classifier, data.ref_x, data.ref_y)
-    D = load_discriminator(opts.run, opts.checkpoint) if opts.drs else None
-    images, labels, info = draw_samples(gen, opts.num, opts.seed, opts.sigma, opts.truncation,
-                                        opts.drs, D, opts.drs_target_rate,
-                                        drs_percentile=opts.drs_percentile,
-                                        calibration=(data.train_x, data.train_y))
-    metrics, curve = evaluate_samples(ref, classifier, images, labels, opts.k,
-                                      opts.downstream_epochs, opts.seed)
-    run_dir = Path(opts.run) if Path(opts.run).is_dir() else Path(opts.run).parent
-    out = Path(opts.out) if opts.out else run_dir / "eval" / (opts.checkpoint + ("-drs" if opts.drs else ""))
-    out.mkdir(parents=True, exist_ok=True)
-    result = {"run": str(opts.run), "checkpoint": opts.checkpoint, "samples": opts.num,
-              "reference": data.description, "reference_size": len(data.ref_x), **info,
-              "metrics": metrics, "seconds": round(time.perf_counter() - start, 1)}
-    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "metrics.md").write_text(markdown_table([{"metric": k, "value": v}
-                                                    for k, v in shown_metrics(metrics).items()]))
-    plot_prd({Path(opts.run).name: curve}, out / "prd.png")
-    if sigmas:
-        trajectory = truncation_sweep(gen, ref, classifier, sigmas, opts.num, opts.seed, opts.k)
-        result["truncation"] = trajectory
-        (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / "truncation.csv").write_text(
-            "sigma,precision,recall,fid\n"
-            + "".join(f"{p['sigma']},{p['precision']},{p['recall']},{p['fid']}\n" for p in trajectory))
-        plot_truncation({Path(opts.run).name: trajectory}, out / "truncation.png")
-        print(markdown_table(trajectory))
-    print(markdown_table([shown_metrics(metrics)]))
+    result, out = evaluate_run(**dataclasses.asdict(opts))
+    if "truncation_sweep" in result:
+        print(markdown_table(result["truncation_sweep"]))
+    print(markdown_table([shown_metrics(result["metrics"])]))
     log.info("wrote %s, metrics.md and prd.png", out / "metrics.json")
     return 0
-
-
-def shown_metrics(metrics: dict) -> dict:
-    """Metrics as people read them: KID (a squared MMD, about 1e-3 for good samples) is shown
-    times 1,000 with its standard deviation over subsets, as papers report it; metrics.json
-    keeps the raw values."""
-    shown = {k: v for k, v in metrics.items() if k not in ("kid", "kid_std")}
-    if "kid" in metrics:
-        shown["kid_x1000"] = f"{metrics['kid'] * 1e3:.4g} ± {metrics.get('kid_std', 0.0) * 1e3:.2g}"
-    return shown
 
 
 # --- export, convert ------------------------------------------------------------------------------

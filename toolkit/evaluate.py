@@ -241,3 +241,76 @@ def markdown_table(rows: list[dict], columns: Optional[list[str]] = None) -> str
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def evaluate_run(run: str, checkpoint: str = "last", num: int = 10000, seed: int = 0,
+                 sigma: Optional[float] = None, truncation: Optional[float] = None, drs: bool = False,
+                 drs_target_rate: float = 0.2, drs_percentile: Optional[float] = None,
+                 downstream_epochs: int = 5, data_root: str = "", classifier: str = "", k: int = 3,
+                 sigmas: str = "", no_ema: bool = False, out: str = "") -> tuple[dict, "Path"]:
+    """What `gankit evaluate` does (the options are its own): draw `num` samples of a run's
+    generator, measure them against the reference split and write metrics.json, metrics.md,
+    prd.png and, with `sigmas`, truncation.csv and truncation.png into `out` (default
+    <run>/eval/<checkpoint>[-drs]). Returns (the result written to metrics.json, out)."""
+    import dataclasses
+    import json
+    import time
+    from pathlib import Path
+
+    from gankit.data import load_data
+    from gankit.metrics import plot_prd
+    from gankit.sampling import load_discriminator, load_generator
+
+    if num <= k or downstream_epochs < 0:
+        raise UserError(f"--num must exceed --k ({k}); --downstream-epochs must be >= 0")
+    try:
+        sweep = [float(v) for v in sigmas.split(",")] if sigmas else []
+    except ValueError:
+        raise UserError(f"--sigmas must be comma-separated numbers, got '{sigmas}'") from None
+    if any(v <= 0 for v in sweep):
+        raise UserError("--sigmas must be positive")
+    start = time.perf_counter()
+    gen = load_generator(run, checkpoint, ema=not no_ema)
+    data_config = gen.config.data
+    if data_root:
+        data_config = dataclasses.replace(data_config, data_root=data_root)
+    data = load_data(data_config)
+    log.info("reference: %s", data.description)
+    net = metric_classifier(classifier, data.image_shape, data.num_classes)
+    ref = Reference.of(net, data.ref_x, data.ref_y)
+    D = load_discriminator(run, checkpoint) if drs else None
+    images, labels, info = draw_samples(gen, num, seed, sigma, truncation, drs, D, drs_target_rate,
+                                        drs_percentile=drs_percentile,
+                                        calibration=(data.train_x, data.train_y))
+    metrics, curve = evaluate_samples(ref, net, images, labels, k, downstream_epochs, seed)
+    result = {"run": str(run), "checkpoint": checkpoint, "samples": num,
+              "reference": data.description, "reference_size": len(data.ref_x), **info,
+              "metrics": metrics}
+    name = Path(run).name
+    if sweep:
+        result["truncation_sweep"] = truncation_sweep(gen, ref, net, sweep, num, seed, k)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
+    folder = Path(out) if out else run_dir / "eval" / (checkpoint + ("-drs" if drs else ""))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    (folder / "metrics.md").write_text(markdown_table([{"metric": key, "value": v}
+                                                       for key, v in shown_metrics(metrics).items()]))
+    plot_prd({name: curve}, folder / "prd.png")
+    if sweep:
+        trajectory = result["truncation_sweep"]
+        (folder / "truncation.csv").write_text(
+            "sigma,precision,recall,fid\n"
+            + "".join(f"{p['sigma']},{p['precision']},{p['recall']},{p['fid']}\n" for p in trajectory))
+        plot_truncation({name: trajectory}, folder / "truncation.png")
+    return result, folder
+
+
+def shown_metrics(metrics: dict) -> dict:
+    """Metrics as people read them: KID (a squared MMD, about 1e-3 for good samples) is shown
+    times 1,000 with its standard deviation over subsets, as papers report it; metrics.json
+    keeps the raw values."""
+    shown = {key: v for key, v in metrics.items() if key not in ("kid", "kid_std")}
+    if "kid" in metrics:
+        shown["kid_x1000"] = f"{metrics['kid'] * 1e3:.4g} ± {metrics.get('kid_std', 0.0) * 1e3:.2g}"
+    return shown
