@@ -26,7 +26,6 @@ samples/<row>.png, generators/<name>/generator.safetensors for the rows in
 `release` (row -> name), runs/<row>/.
 """
 
-import argparse
 import json
 import logging
 import math
@@ -39,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from experiments.studies import parse_value, row_configs, train_row, write_csv  # noqa: E402
+from experiments.studies import parse_value, row_configs, study_out, study_parser, train_row, write_csv  # noqa: E402
 from gankit.data import load_data  # noqa: E402
 from gankit.evaluate import Reference, evaluate_samples, markdown_table, metric_classifier  # noqa: E402
 from gankit.metrics.downstream import synthetic_to_real  # noqa: E402
@@ -141,14 +140,7 @@ def plot_metrics(path: Path, table: list[dict]) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "experiments/configs/dp_mnist_cpu.json"))
-    parser.add_argument("--out", default="", help="default: runs/<config name>")
-    parser.add_argument("--data-root", default="", help="overrides the base data root")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rows", default="", help="comma-separated subset of the config's rows")
-    parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
-                        help="override a training option of every row (repeatable)")
+    parser = study_parser(__doc__.splitlines()[0], "dp_mnist_cpu.json", seed=False, samples=False)
     parser.add_argument("--eval-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override an evaluation setting (repeatable)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the DP-SGD baseline")
@@ -162,7 +154,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     spec = json.loads(Path(args.config).read_text())
-    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    out = study_out(args)
     (out / "samples").mkdir(parents=True, exist_ok=True)
     ev = dict(spec["evaluation"])
     ev.update({k: parse_value(v) for k, v in (s.split("=", 1) for s in args.eval_set)})

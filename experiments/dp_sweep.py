@@ -11,7 +11,8 @@ options on top: `mode: dp` with a `target_epsilon`, or the non-private `mode: st
 then evaluates its samples against the real reference split and audits its discriminator
 with a membership-inference attack (toolkit/audit.py: D's scores of training images vs
 held-out reference images, ROC AUC; 0.5 = chance). Outputs in --out (default
-experiments/results/<config name>/):
+runs/<config name>/; pass --out experiments/results/<config name> to update the
+committed results):
 
     table.csv, table.md        epsilon (the final epsilon the run's history reports; inf when
                                non-private), delta, noise multiplier, dp steps, precision,
@@ -22,7 +23,6 @@ experiments/results/<config name>/):
     runs/<row>/                the training runs (a finished run is reused, not retrained)
 """
 
-import argparse
 import json
 import logging
 import math
@@ -38,7 +38,7 @@ from gankit.data import load_data  # noqa: E402
 from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,  # noqa: E402
                               metric_classifier)
 from gankit.sampling import load_discriminator, load_generator  # noqa: E402
-from experiments.studies import row_configs, train_row, write_csv  # noqa: E402
+from experiments.studies import row_configs, study_out, study_parser, train_row, write_csv  # noqa: E402
 from gankit.runs import RunDir  # noqa: E402
 
 log = logging.getLogger("gankit")
@@ -110,21 +110,11 @@ def plot_metrics(path: Path, table: list[dict]) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "experiments/configs/dp_sweep_small.json"))
-    parser.add_argument("--out", default="", help="default: experiments/results/<config name>")
-    parser.add_argument("--data-root", default="", help="overrides the base data root")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rows", default="", help="comma-separated subset of the config's rows")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
-                        help="override a training option of every row (repeatable), e.g. epochs=1")
-    parser.add_argument("--samples", type=int, default=0, help="override the generated samples per row")
-    args = parser.parse_args()
+    args = study_parser(__doc__.splitlines()[0], "dp_sweep_small.json").parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     spec = json.loads(Path(args.config).read_text())
-    out = Path(args.out or ROOT / "experiments" / "results" / Path(args.config).stem)
+    out = study_out(args)
     (out / "samples").mkdir(parents=True, exist_ok=True)
     ev = dict(spec["evaluation"])
     if args.samples:

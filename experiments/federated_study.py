@@ -9,7 +9,8 @@ project's ClientApp and server: `server/simulation.py`), with the same seed, dat
 options and the row's own options on top (partition, Dirichlet alpha, client-level DP).
 The global generator is evaluated centrally on the reference split every round (the
 history's FID per round) and, at the end, on more samples with downstream accuracy.
-Outputs in --out (default experiments/results/<config name>/):
+Outputs in --out (default runs/<config name>/; pass --out experiments/results/<config name> to update
+the committed results):
 
     table.csv, table.md   partition, alpha, client-level DP, epsilon (client-level, inf without
                           DP), precision, recall, density, coverage, FID, downstream accuracy,
@@ -20,7 +21,6 @@ Outputs in --out (default experiments/results/<config name>/):
     runs/<row>/           the runs (a finished run is reused, an interrupted one resumes)
 """
 
-import argparse
 import json
 import logging
 import math
@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.studies import row_configs, same_training, write_csv  # noqa: E402
+from experiments.studies import row_configs, study_out, study_parser, same_training, write_csv  # noqa: E402
 from gankit.config import Config  # noqa: E402
 from gankit.data import load_data  # noqa: E402
 from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,  # noqa: E402
@@ -167,20 +167,11 @@ def plot_fid_per_round(path: Path, runs: dict[str, Path], configs: dict[str, Con
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "experiments/configs/federated_small.json"))
-    parser.add_argument("--out", default="", help="default: experiments/results/<config name>")
-    parser.add_argument("--data-root", default="", help="overrides the base data root")
-    parser.add_argument("--rows", default="", help="comma-separated subset of the config's rows")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
-                        help="override a training option of every row (repeatable), e.g. rounds=2")
-    parser.add_argument("--samples", type=int, default=0, help="override the final samples per row")
-    args = parser.parse_args()
+    args = study_parser(__doc__.splitlines()[0], "federated_small.json", device=False).parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     spec = json.loads(Path(args.config).read_text())
-    out = Path(args.out or ROOT / "experiments" / "results" / Path(args.config).stem)
+    out = study_out(args)
     for sub in ("samples", "partitions"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     ev = dict(spec["evaluation"])

@@ -7,7 +7,8 @@
 Each row of the config trains one run (same seed, data and base options; the row's own
 options on top), then evaluates it three ways against the real reference split:
 plain samples, discriminator rejection sampling (DRS), and a truncation sweep over the
-latent scale sigma. Outputs in --out (default experiments/results/<config name>/):
+latent scale sigma. Outputs in --out (default runs/<config name>/; pass --out experiments/results/<config name> to update
+the committed results):
 
     table.csv, table.md        precision, recall, F1, density, coverage, FID, downstream
                                accuracy, modes covered, train time; one row per run x DRS
@@ -18,7 +19,6 @@ latent scale sigma. Outputs in --out (default experiments/results/<config name>/
     runs/<row>/                the training runs (a finished run is reused, not retrained)
 """
 
-import argparse
 import json
 import logging
 import sys
@@ -35,7 +35,7 @@ from gankit.errors import UserError  # noqa: E402
 from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,  # noqa: E402
                               metric_classifier, plot_truncation, truncation_sweep)
 from gankit.sampling import load_discriminator, load_generator  # noqa: E402
-from experiments.studies import row_configs, train_row, write_csv  # noqa: E402
+from experiments.studies import row_configs, study_out, study_parser, train_row, write_csv  # noqa: E402
 
 log = logging.getLogger("gankit")
 
@@ -99,23 +99,17 @@ def plot_results(out: Path, table: list[dict], trajectories: list[dict]) -> None
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "experiments/configs/objective_study_small.json"))
-    parser.add_argument("--out", default="", help="default: experiments/results/<config name>")
-    parser.add_argument("--data-root", default="", help="overrides the base data root")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rows", default="", help="comma-separated subset of the config's rows")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = study_parser(__doc__.splitlines()[0], "objective_study_small.json", samples=False)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     spec = json.loads(Path(args.config).read_text())
-    out = Path(args.out or ROOT / "experiments" / "results" / Path(args.config).stem)
+    out = study_out(args)
     (out / "samples").mkdir(parents=True, exist_ok=True)
     base = dict(spec["base"], seed=args.seed, device=args.device)
     if args.data_root:
         base["data_root"] = args.data_root
-    configs = row_configs(spec, base, args.rows, [], out / "runs")
+    configs = row_configs(spec, base, args.rows, args.set, out / "runs")
     data = load_data(next(iter(configs.values())).data)
     log.info("data: %s", data.description)
     classifier = metric_classifier("", data.image_shape, data.num_classes)

@@ -1,6 +1,7 @@
 """What the studies share: the rows' configurations, training each row's run once
 (resumably), and the CSV table."""
 
+import argparse
 import csv
 import json
 import logging
@@ -11,6 +12,33 @@ from gankit.runs import RunDir
 from gankit.trainer import Trainer
 
 log = logging.getLogger("gankit")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def study_parser(description: str, default_config: str, *, device: bool = True, seed: bool = True,
+                 samples: bool = True) -> argparse.ArgumentParser:
+    """The options every study has. Outputs go to runs/<config name> unless --out names
+    another folder: committed results (experiments/results/...) change only when asked."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=str(ROOT / "experiments" / "configs" / default_config))
+    parser.add_argument("--out", default="", help="default: runs/<config name>; pass "
+                        "experiments/results/<config name> to update the committed results")
+    parser.add_argument("--data-root", default="", help="overrides the base data root")
+    if device:
+        parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rows", default="", help="comma-separated subset of the config's rows")
+    if seed:
+        parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                        help="override a training option of every row (repeatable), e.g. epochs=1")
+    if samples:
+        parser.add_argument("--samples", type=int, default=0, help="override the generated samples per row")
+    return parser
+
+
+def study_out(args: argparse.Namespace) -> Path:
+    return Path(args.out or Path("runs") / Path(args.config).stem)
 
 
 # Options that say where a run lives or how it is shown, not what it trains: a finished run
