@@ -195,7 +195,8 @@ def plot_truncation(trajectories: dict, path) -> None:
 
 
 class EvalCallback(Callback):
-    """Precision, recall, density, coverage and FID every `eval_every` epochs."""
+    """Precision, recall, density, coverage, FID and the classifier score every `eval_every`
+    epochs."""
 
     def __init__(self, config: Config, data: ImageData, classifier):
         self.config, self.classifier = config, classifier
@@ -215,8 +216,11 @@ def generator_metrics(gen: LoadedGenerator, classifier, ref: Reference, config: 
     training, so that epochs (or rounds) compare and the training random stream is
     untouched (resume stays exact)."""
     images, _ = gen.sample(config.eval.eval_samples, seed=config.train.seed + 2)
-    features, _ = extract(classifier, images)
-    return {k: float(v) for k, v in core_metrics(ref, features, config.eval.prdc_k).items()}
+    features, logits = extract(classifier, images)
+    metrics = {k: float(v) for k, v in core_metrics(ref, features, config.eval.prdc_k).items()}
+    # The classifier's Inception-Score-style score (higher: confident and varied classes).
+    metrics["classifier_score"] = float(classifier_score(logits)[0])
+    return metrics
 
 
 def training_classifier(config: Config, data: ImageData, device="cpu"):
