@@ -49,7 +49,8 @@ def privacy_record(config: Config, rounds_done: int, data: ImageData) -> dict:
     from gankit.privacy import client_level_epsilon, resolve_delta
 
     delta = resolve_delta(config.privacy.delta, f.clients)
-    return {"client_epsilon": client_level_epsilon(f.client_dp_noise, rounds_done, delta),
+    q = f.fraction_train if f.client_dp == "poisson" else 1.0
+    return {"client_epsilon": client_level_epsilon(f.client_dp_noise, rounds_done, delta, q),
             "client_delta": delta, "client_dp_noise": f.client_dp_noise,
             "client_dp_clip": f.client_dp_clip}
 

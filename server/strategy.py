@@ -183,7 +183,7 @@ class ReplyGuard(Strategy):
         self.required_metrics = dict(required_metrics)
         self.optional_metrics = dict(optional_metrics or {})
         self.metric_limits = dict(metric_limits or {})
-        self.min_replies = max(1, min_replies)
+        self.min_replies = max(0, min_replies)
         self.round_offset = round_offset
         self.assignments = assignments
         self.arrays_key, self.metrics_key, self.weighted_by_key = arrays_key, metrics_key, weighted_by_key
@@ -440,7 +440,12 @@ def build_strategy(config: Config, global_arrays: ArrayRecord, partition_sizes: 
             "krum": (flwr_strategies.Krum, {"num_malicious_nodes": f.krum_malicious})}
     cls, extra = base[f.strategy]
     strategy = cls(**common, **extra)
-    if f.client_dp != "none":
+    if f.client_dp == "poisson":
+        from gankit.server.dp_fedavg import PoissonDPFedAvg
+
+        strategy = PoissonDPFedAvg(f.clients, f.fraction_train, f.client_dp_noise, f.client_dp_clip,
+                                   train_metrics_aggr_fn=mean_metrics)
+    elif f.client_dp != "none":
         wrapper = {"server": flwr_strategies.DifferentialPrivacyServerSideFixedClipping,
                    "client": flwr_strategies.DifferentialPrivacyClientSideFixedClipping}[f.client_dp]
         strategy = wrapper(strategy, noise_multiplier=f.client_dp_noise, clipping_norm=f.client_dp_clip,
@@ -452,7 +457,9 @@ def build_strategy(config: Config, global_arrays: ArrayRecord, partition_sizes: 
         raise ValueError("sample-level DP needs the server's plan (gankit.federated.sample_dp_plan)")
     # A reply holds what the clients train: all the model, or D alone (--sync d).
     replied, _ = split_for_sync(global_arrays.to_torch_state_dict(), f.sync)
-    guard = ReplyGuard(strategy, ArrayRecord(replied), required, optional, limits, min_replies=f.min_clients,
+    # Poisson DP-FedAvg releases every round, even with no reply: skipping would reveal the sample.
+    min_replies = 0 if f.client_dp == "poisson" else f.min_clients
+    guard = ReplyGuard(strategy, ArrayRecord(replied), required, optional, limits, min_replies=min_replies,
                        round_offset=round_offset,
                        assignments=PartitionAssignments(sample_dp_plan if f.sample_dp
                                                         else [{} for _ in range(f.clients)]))

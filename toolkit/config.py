@@ -33,7 +33,7 @@ GRAD_SAMPLE_MODES = ("bk", "ew", "hooks", "functorch")
 DEVICES = ("cpu", "cuda", "auto")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean", "krum")
 PARTITIONS = ("iid", "dirichlet", "pathological")
-CLIENT_DP = ("none", "server", "client")
+CLIENT_DP = ("none", "server", "client", "poisson")
 CLIENT_OPTIMIZERS = ("reset", "keep")
 SYNCS = ("both", "d")
 D_STEPS_SCHEDULES = ("fixed", "adaptive")  # toolkit/schedule.py
@@ -232,7 +232,9 @@ class FederatedConfig:
                "largest client epsilon")
     client_dp: str = option(
         "none", "federated: client-level DP-FedAvg: none | server (clip on the server) | "
-                "client (clip on the clients)")
+                "client (clip on the clients) | poisson (each client joins a round with "
+                "probability --fraction-train, clipped on the server, accounted with "
+                "amplification by sampling)")
     client_dp_noise: float = option(1.0, "federated: client-level DP noise multiplier")
     client_dp_clip: float = option(1.0, "federated: client-level DP clipping norm of a client's update")
     client_cpus: float = option(1.0, "federated: CPU cores per simulated client (Ray)")
@@ -377,6 +379,9 @@ def federated_problems(f: FederatedConfig) -> list[str]:
             problems.append(f"{what} must be non-negative, got {value}")
     if not 0 < f.fraction_train <= 1:
         problems.append(f"fraction-train must be in (0, 1], got {f.fraction_train}")
+    if f.client_dp == "poisson" and f.strategy != "fedavg":
+        problems.append(f"--client-dp poisson is its own DP-FedAvg; it cannot run with strategy "
+                        f"'{f.strategy}' (use fedavg)")
     if not 0 <= f.trim_fraction < 0.5:
         problems.append(f"trim-fraction must be in [0, 0.5), got {f.trim_fraction}")
     if f.min_clients > f.clients:

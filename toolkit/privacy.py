@@ -122,20 +122,24 @@ def _noise_for(epsilon: float, delta: float, q: float, steps: int, accountant: s
                                       steps=steps, accountant=accountant))
 
 
-def client_level_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
-    """Epsilon of DP-FedAvg with fixed clipping (Flower's DP strategy wrappers) after `rounds`
-    Gaussian releases, for one client's whole data (add/remove one client).
+def client_level_epsilon(noise_multiplier: float, rounds: int, delta: float,
+                         sample_rate: float = 1.0) -> float:
+    """Epsilon of DP-FedAvg with fixed clipping after `rounds` Gaussian releases, for one
+    client's whole data (add/remove one client), RDP.
 
-    RDP, as Flower's own accountant. No amplification by client sampling is claimed:
-    Flower samples a fixed number of clients without replacement, not Poisson, and so do
-    not we; the bound is conservative when --fraction-train < 1.
+    sample_rate 1 (Flower's DP strategy wrappers, --client-dp server/client): no
+    amplification is claimed, as Flower's own accountant; Flower samples a fixed number of
+    clients without replacement, not Poisson, so the bound is conservative when
+    --fraction-train < 1. sample_rate q < 1 (--client-dp poisson, server/dp_fedavg.py): each
+    client joins a round independently with probability q and the release is the
+    subsampled Gaussian mechanism Opacus accounts.
     """
     if rounds <= 0:
         return 0.0
     if noise_multiplier <= 0:
         return math.inf
     accountant = create_accountant("rdp")
-    accountant.history = [(noise_multiplier, 1.0, rounds)]
+    accountant.history = [(noise_multiplier, sample_rate, rounds)]
     return float(accountant.get_epsilon(delta))
 
 
