@@ -140,7 +140,7 @@ def plot_metrics(path: Path, table: list[dict]) -> None:
 
 
 def main() -> int:
-    parser = study_parser(__doc__.splitlines()[0], "dp_mnist_cpu.json", seed=False, samples=False)
+    parser = study_parser(__doc__.splitlines()[0], "dp_mnist_cpu.json", seed=False, samples=False, parallel=False)
     parser.add_argument("--eval-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override an evaluation setting (repeatable)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the DP-SGD baseline")

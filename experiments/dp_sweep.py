@@ -38,7 +38,7 @@ from gankit.data import load_data  # noqa: E402
 from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,  # noqa: E402
                               metric_classifier)
 from gankit.sampling import load_discriminator, load_generator  # noqa: E402
-from experiments.studies import row_configs, study_out, study_parser, train_row, write_csv  # noqa: E402
+from experiments.studies import row_configs, study_out, study_parser, train_rows, write_csv  # noqa: E402
 from gankit.runs import RunDir  # noqa: E402
 
 log = logging.getLogger("gankit")
@@ -129,9 +129,10 @@ def main() -> int:
     ref = Reference.of(classifier, data.ref_x, data.ref_y)
 
     started = time.perf_counter()
+    seconds = train_rows(configs, data, out / "runs", args)  # in parallel on Ray by default
     table, grids = [], {}
     for name, config in configs.items():
-        train_time = train_row(name, config, data, out / "runs")
+        train_time = seconds[name]
         row, grids[name] = evaluate_row(name, out / "runs" / name, ref, classifier, data, ev,
                                         args.seed)
         row["train_time_s"] = round(train_time, 1)

@@ -167,7 +167,7 @@ def plot_fid_per_round(path: Path, runs: dict[str, Path], configs: dict[str, Con
 
 
 def main() -> int:
-    args = study_parser(__doc__.splitlines()[0], "federated_small.json", device=False).parse_args()
+    args = study_parser(__doc__.splitlines()[0], "federated_small.json", device=False, parallel=False).parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     spec = json.loads(Path(args.config).read_text())

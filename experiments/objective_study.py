@@ -35,7 +35,7 @@ from gankit.errors import UserError  # noqa: E402
 from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,  # noqa: E402
                               metric_classifier, plot_truncation, truncation_sweep)
 from gankit.sampling import load_discriminator, load_generator  # noqa: E402
-from experiments.studies import row_configs, study_out, study_parser, train_row, write_csv  # noqa: E402
+from experiments.studies import row_configs, study_out, study_parser, train_rows, write_csv  # noqa: E402
 
 log = logging.getLogger("gankit")
 
@@ -116,9 +116,10 @@ def main() -> int:
     ref = Reference.of(classifier, data.ref_x, data.ref_y)
 
     started = time.perf_counter()
+    seconds = train_rows(configs, data, out / "runs", args)  # in parallel on Ray by default
     table, trajectories, grids = [], [], {}
     for name, config in configs.items():
-        train_time = train_row(name, config, data, out / "runs")
+        train_time = seconds[name]
         row_results, trajectory, grids[name] = evaluate_row(
             name, out / "runs" / name, ref, classifier, data, spec["evaluation"], args.seed)
         for r in row_results:

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def study_parser(description: str, default_config: str, *, device: bool = True, seed: bool = True,
-                 samples: bool = True) -> argparse.ArgumentParser:
+                 samples: bool = True, parallel: bool = True) -> argparse.ArgumentParser:
     """The options every study has. Outputs go to runs/<config name> unless --out names
     another folder: committed results (experiments/results/...) change only when asked."""
     parser = argparse.ArgumentParser(description=description)
@@ -34,6 +34,15 @@ def study_parser(description: str, default_config: str, *, device: bool = True, 
                         help="override a training option of every row (repeatable), e.g. epochs=1")
     if samples:
         parser.add_argument("--samples", type=int, default=0, help="override the generated samples per row")
+    if parallel:
+        ray = parser.add_argument_group("rows in parallel (Ray)")
+        ray.add_argument("--sequential", action="store_true",
+                         help="train the rows one after another in this process, without Ray")
+        ray.add_argument("--ray-address", default="",
+                         help="a Ray cluster to run the rows on (default: a local Ray using every core)")
+        ray.add_argument("--cpus-per-row", type=float, default=1.0, help="(default: 1)")
+        ray.add_argument("--gpus-per-row", type=float, default=0.0,
+                         help="a GPU fraction per row, e.g. 0.25 (default: 0)")
     return parser
 
 
@@ -52,10 +61,12 @@ def same_training(saved: dict, config: Config) -> bool:
 
 
 def train_row(name: str, config: Config, data, runs_dir: Path) -> float:
-    """Train (or reuse) one row's run; returns its training seconds."""
+    """Train (or reuse) one row's run; returns its training seconds. A row's folder is locked
+    while it trains, so two studies (or Ray tasks) never train the same row at once."""
     run_path = runs_dir / name
     run = RunDir(run_path)
     if run.checkpoint_path("last").exists():
+        run.lock()
         ckpt = run.load_checkpoint()
         if ckpt["state"]["epoch"] >= config.train.epochs and same_training(ckpt["config"], config):
             log.info("[%s] reusing the finished run in %s", name, run_path)
@@ -75,6 +86,65 @@ def train_row(name: str, config: Config, data, runs_dir: Path) -> float:
     elif status != "done":
         raise SystemExit(f"[{name}] training did not finish")
     return trainer.state.train_time
+
+
+def train_rows(configs: dict[str, Config], data, runs_dir: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Train (or reuse) every row; returns each row's training seconds. By default each row is
+    a Ray task (a local Ray over every core, or the cluster at --ray-address) with
+    --cpus-per-row cores and --gpus-per-row of a GPU; --sequential trains them here, one
+    after another. Either way a finished row is reused and an interrupted one resumes."""
+    if args.sequential or (len(configs) <= 1 and not args.ray_address):
+        return {name: train_row(name, config, data, runs_dir) for name, config in configs.items()}
+    import os
+    import sys
+
+    import ray
+
+    # The tasks need gankit where they run; this module travels with them by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    if args.ray_address:
+        ray.init(address=args.ray_address, logging_level=logging.ERROR)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.ERROR)
+    try:
+        task = ray.remote(num_cpus=args.cpus_per_row, num_gpus=args.gpus_per_row)(train_row_task)
+        threads = max(1, int(args.cpus_per_row))
+        pending = {name: task.remote(name, placed(config).to_dict(), str(Path(runs_dir).resolve()), threads)
+                   for name, config in configs.items()}
+        log.info("training %d rows on Ray (%s cores each)", len(pending), args.cpus_per_row)
+        seconds = {}
+        for name, future in pending.items():
+            outcome = ray.get(future)
+            if isinstance(outcome, str):  # the row's one-line error
+                raise SystemExit(outcome)
+            seconds[name] = outcome
+        return seconds
+    finally:
+        ray.shutdown()
+
+
+def placed(config: Config) -> Config:
+    """The config with its data root and output folder absolute, for a worker elsewhere."""
+    changes = {"out_dir": str(Path(config.train.out_dir).resolve())}
+    if Path(config.data.data_root).exists():
+        changes["data_root"] = str(Path(config.data.data_root).resolve())
+    return config.updated(changes)
+
+
+def train_row_task(name: str, config: dict, runs_dir: str, threads: int):
+    """One row in a Ray worker: its seconds, or its error as one line."""
+    import torch
+
+    from gankit.data import load_data
+    from gankit.errors import UserError
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(threads)
+    try:
+        row = Config.from_dict(config)
+        return train_row(name, row, load_data(row.data), Path(runs_dir))
+    except (SystemExit, UserError) as err:
+        return f"[{name}] {err}"
 
 
 def parse_value(text: str):

@@ -1,0 +1,40 @@
+"""The studies' shared runner (experiments/studies.py): rows train as Ray tasks, a finished
+row is reused, never trained twice."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from conftest import tiny_config  # noqa: E402
+from experiments.studies import study_out, study_parser, train_rows  # noqa: E402
+from gankit.data import load_data  # noqa: E402
+from gankit.runs import RunDir  # noqa: E402
+
+
+def test_rows_train_in_parallel_on_ray_and_a_finished_row_is_reused(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.integers(0, 256, (128, 28, 28), dtype=np.uint8), y=rng.integers(0, 10, 128))
+    runs = tmp_path / "runs"
+    configs = {name: tiny_config(runs, dataset=f"npz:{tmp_path / 'd.npz'}", epochs=1, name=name, seed=seed)
+               for name, seed in (("a", 1), ("b", 2))}
+    data = load_data(configs["a"].data)
+    args = argparse.Namespace(sequential=False, ray_address="", cpus_per_row=1.0, gpus_per_row=0.0)
+    seconds = train_rows(configs, data, runs, args)
+    assert set(seconds) == {"a", "b"} and all(s > 0 for s in seconds.values())
+    for name in ("a", "b"):
+        assert [r["epoch"] for r in RunDir(runs / name).history()] == [1]
+    # Run again (here, without Ray): both rows are finished, so nothing trains again.
+    again = train_rows(configs, data, runs, argparse.Namespace(sequential=True, ray_address=""))
+    assert again == seconds
+    assert [r["epoch"] for r in RunDir(runs / "a").history()] == [1]
+
+
+def test_studies_write_under_runs_unless_told_otherwise():
+    parser = study_parser("x", "dp_sweep_small.json")
+    assert study_out(parser.parse_args([])) == Path("runs/dp_sweep_small")
+    assert study_out(parser.parse_args(["--out", "experiments/results/dp_sweep_small"])) == \
+        Path("experiments/results/dp_sweep_small")
