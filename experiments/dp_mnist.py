@@ -29,6 +29,7 @@ samples/<row>.png, generators/<name>/generator.safetensors for the rows in
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -211,6 +212,11 @@ def main() -> int:
             row["device"] = device_name
             cache.write_text(json.dumps({"key": key, "row": row}, indent=1))
         row["epochs_done"] = f"{key['checkpoint_epoch']}/{config.train.epochs}"
+        # What the committed results keep of a run (its folder, with checkpoints, stays out of git).
+        for sub in ("histories", "evaluations"):
+            (out / sub).mkdir(exist_ok=True)
+        shutil.copy(run.history_path, out / "histories" / f"{name}.jsonl")
+        shutil.copy(cache, out / "evaluations" / f"{name}.json")  # its key says what it measured
         gen = load_generator(run.path, "last")
         images, labels = labelled_samples(gen, 100, config.train.seed + 1)
         table.append(row)
