@@ -131,6 +131,14 @@ def plot_metrics(path: Path, table: list[dict]) -> None:
         for i, r in enumerate(public):
             ax.axhline(r[metric], color=f"C{i + 1}", ls=":", lw=1, label=f"{r['row']} (eps=inf)")
         ax.set_xscale("log")
+        # The budgets the field reports, as plain numbers (log-scale labels of nearby
+        # epsilons otherwise print as overlapping mathtext).
+        from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator, ScalarFormatter
+        ax.xaxis.set_major_locator(FixedLocator([1, 2, 4, 8, 10, 16]))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlim(0.7, 23)
         ax.set_xlabel("epsilon (RDP, delta 1e-5)")
         ax.set_title(metric + (" (lower is better)" if metric == "fid" else ""), fontsize=9)
         ax.grid(alpha=0.3)
