@@ -170,17 +170,22 @@ def test_drs_refuses_a_calibration_that_would_break_a_dp_guarantee(trained_run):
     assert len(images) == 10 and info["drs_uses_real_data"] is False
 
 
-def test_tensorboard_gets_the_history_the_classifier_score_and_the_sample_grid(tmp_path):
+def test_tensorboard_gets_the_history_the_classifier_score_the_sample_grid_and_pr_curves(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", x=rng.integers(0, 256, (200, 28, 28), dtype=np.uint8), y=rng.integers(0, 10, 200))
     assert cli.main(["train", "--dataset", f"npz:{tmp_path / 'd.npz'}", "--conditional", "--g-width", "8",
                      "--d-width", "8", "--latent-dim", "8", "--batch-size", "50", "--epochs", "2",
-                     "--no-progress", "--eval-samples", "100", "--out-dir", str(tmp_path), "--name", "tb"]) == 0
+                     "--no-progress", "--eval-samples", "100", "--pr-curves", "--out-dir", str(tmp_path),
+                     "--name", "tb"]) == 0
     history = [json.loads(line) for line in (tmp_path / "tb" / "history.jsonl").read_text().splitlines()]
     assert all(1.0 <= r["classifier_score"] <= 10.0 for r in history)  # between 1 and the class count
     events = EventAccumulator(str(tmp_path / "tb" / "tb"), size_guidance={"images": 0, "scalars": 0}).Reload()
     scores = [e.value for e in events.Scalars("epoch/classifier_score")]
     assert scores == pytest.approx([r["classifier_score"] for r in history])
     assert [e.step for e in events.Images("samples")] == [1, 2]
+    # --pr-curves: each evaluation's PRD curve, summarised in the history and drawn.
+    assert all(0 <= r["prd_f8"] <= 1 and 0 <= r["prd_f1_8"] <= 1 for r in history)
+    assert sorted(p.name for p in (tmp_path / "tb" / "prd").iterdir()) == ["epoch_001.png", "epoch_002.png"]
+    assert [e.step for e in events.Images("prd")] == [1, 2]

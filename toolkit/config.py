@@ -255,6 +255,9 @@ class EvalConfig:
         "", "metric classifier checkpoint (default: the shipped MNIST classifier, used when the "
             "data is 1x28x28 with 10 classes)")
     prdc_k: int = option(3, "k of the k-NN balls for precision, recall, density and coverage")
+    pr_curves: bool = option(False, "also compute the PRD curve (Sajjadi et al. 2018) at every "
+                                    "evaluation: prd_f8 and prd_f1_8 in the history, the plot in "
+                                    "<run>/prd/epoch_NNN.png and TensorBoard")
     best_metric: str = option(
         "fid", "metric that selects the best checkpoint: fid (lowest) | precision | recall | "
                "density | coverage (highest)")
@@ -274,7 +277,7 @@ GROUPS = {
 
 # Options that a resumed run may change; every other change is refused.
 RESUMABLE_CHANGES = {"epochs", "progress", "tensorboard", "log_every", "sample_every", "device",
-                     "eval_every", "eval_samples", "rounds", "client_cpus"}
+                     "eval_every", "eval_samples", "rounds", "client_cpus", "pr_curves"}
 
 
 @dataclass

@@ -208,15 +208,45 @@ class EvalCallback(Callback):
             return
         gen = LoadedGenerator(trainer.sampling_generator, trainer.prior, self.config,
                               trainer.num_classes, trainer.data.image_shape)
-        record.update(generator_metrics(gen, self.classifier, self.ref, self.config))
+        features = generated_features(gen, self.classifier, self.config)
+        record.update(metrics_of_features(features, self.ref, self.config))
+        if e.pr_curves:
+            record.update(self.pr_curve(trainer, features[0], record["epoch"]))
+
+    def pr_curve(self, trainer, features: Tensor, epoch: int) -> dict:
+        """The epoch's PRD curve: its F8 and F1/8 for the history, the plot in the run folder
+        and in TensorBoard."""
+        from gankit.metrics import plot_prd
+
+        curve = prd(self.ref.features, features, seed=self.config.train.seed)
+        path = trainer.run.path / "prd" / f"epoch_{epoch:03d}.png"
+        path.parent.mkdir(exist_ok=True)
+        plot_prd({f"epoch {epoch}": curve}, path)
+        writer = trainer.recorder.writer if trainer.recorder is not None else None
+        if writer is not None:
+            import numpy as np
+            from PIL import Image  # matplotlib's own dependency
+
+            writer.add_image("prd", np.asarray(Image.open(path).convert("RGB")), epoch, dataformats="HWC")
+        f8, f1_8 = prd_f_beta(curve)
+        return {"prd_f8": float(f8), "prd_f1_8": float(f1_8)}
 
 
 def generator_metrics(gen: LoadedGenerator, classifier, ref: Reference, config: Config) -> dict:
     """core_metrics of `eval_samples` images drawn from fixed latents: seeded apart from
     training, so that epochs (or rounds) compare and the training random stream is
     untouched (resume stays exact)."""
+    return metrics_of_features(generated_features(gen, classifier, config), ref, config)
+
+
+def generated_features(gen: LoadedGenerator, classifier, config: Config) -> tuple[Tensor, Tensor]:
+    """(features, logits) of `eval_samples` images from fixed latents (seed + 2)."""
     images, _ = gen.sample(config.eval.eval_samples, seed=config.train.seed + 2)
-    features, logits = extract(classifier, images)
+    return extract(classifier, images)
+
+
+def metrics_of_features(features: tuple[Tensor, Tensor], ref: Reference, config: Config) -> dict:
+    features, logits = features
     metrics = {k: float(v) for k, v in core_metrics(ref, features, config.eval.prdc_k).items()}
     # The classifier's Inception-Score-style score (higher: confident and varied classes).
     metrics["classifier_score"] = float(classifier_score(logits)[0])
