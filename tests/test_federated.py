@@ -410,3 +410,20 @@ def test_sync_d_sends_d_alone_and_the_server_trains_g_against_the_aggregated_d(t
     again.resume()
     steps = {int(v["step"]) for v in again.g_opt.state_dict()["state"].values()}
     assert steps == {config.federated.local_steps // 1}
+
+
+def test_the_eta_follows_the_recent_pace_not_a_slow_first_round(tmp_path, caplog):
+    import logging
+
+    from gankit.recorder import Recorder
+
+    config = fed_config(tmp_path, rounds=10, name="eta")
+    run = RunDir.create(config)
+    recorder = Recorder(run, config, "round", 10)
+    elapsed = 0.0
+    with caplog.at_level(logging.INFO, logger="gankit"):
+        for done, seconds in enumerate([400.0, 50.0, 50.0, 50.0], start=1):  # Ray's start-up, then 50 s
+            elapsed += seconds
+            recorder.end({"round": done, "train_time_s": elapsed}, None, lambda name, best: None)
+    assert "round 4/10" in caplog.records[-1].getMessage()
+    assert "50.0s/round, ETA 5m00s" in caplog.records[-1].getMessage()

@@ -65,6 +65,8 @@ class Recorder:
         self.run, self.config, self.unit, self.total = run, config, unit, total
         self.metric = config.eval.best_metric
         self._writer = None
+        self._previous: Optional[tuple[int, float]] = None  # (done, elapsed) of the last period
+        self._recent: list[float] = []  # seconds of the last few periods of this session
 
     @property
     def writer(self):
@@ -117,8 +119,14 @@ class Recorder:
         shown = " ".join(f"{k}={v:.4g}" for k, v in record.items()
                          if k in SHOWN and isinstance(v, (int, float)) and not isinstance(v, bool))
         elapsed = float(record.get("train_time_s", 0.0))
+        if self._previous is not None and done > self._previous[0]:
+            self._recent = (self._recent + [(elapsed - self._previous[1]) / (done - self._previous[0])])[-5:]
+        self._previous = (done, elapsed)
+        # The pace of the last periods (a first round also carries Ray's start-up); before
+        # there is one, the mean over the run so far.
+        pace = (sorted(self._recent)[len(self._recent) // 2] if self._recent
+                else elapsed / done if done else 0.0)
         timing = f"{duration(elapsed)}"
-        if done and done < self.total and elapsed:
-            # The mean over the run so far: a resumed run's periods count from its start.
-            timing += f", {elapsed / done:.1f}s/{self.unit}, ETA {duration(elapsed / done * (self.total - done))}"
+        if done and done < self.total and pace:
+            timing += f", {pace:.1f}s/{self.unit}, ETA {duration(pace * (self.total - done))}"
         log.info("%s %d/%d %s (%s)%s", self.unit, done, self.total, shown, timing, note)
