@@ -9,8 +9,11 @@ z C / (q N) per coordinate, so over a network of d trained weights its norm is a
 z C sqrt(d) / (q N), while the signal (the mean of clipped updates) has norm at most C. The
 ratio noise/signal = z sqrt(d) / (q N) says whether a round moves the model at all; it only
 falls with more clients per round (q N), fewer weights (d: D alone with --sync d, a narrower
-D) or less noise, which epsilon limits. Epsilon: RDP of the subsampled Gaussian (Opacus),
-delta = 1/N^1.1 as the toolkit resolves it for N clients, after R rounds.
+D) or less noise, which epsilon limits. Over R rounds of a consistent direction the
+noise averages down by about sqrt(R) against the signal, so a per-round ratio of a few is
+workable with hundreds of rounds and one of tens is not. Epsilon: RDP of the subsampled
+Gaussian (Opacus) after R rounds, delta as the toolkit resolves it for N clients (1e-5, or
+1/(10 N) when 1e-5 is not below 1/N).
 """
 
 import argparse
