@@ -5,7 +5,9 @@
         --data-root ../shared/data/mnist --device cuda                      # full, a GPU
 
 Each row of the config trains one run (same seed, data and base options; the row's own
-options on top), then evaluates it three ways against the real reference split:
+options on top; with a top-level "g_steps", each row's epochs give it that many generator
+steps, so WGAN's 5 D steps per G step train 5 times the epochs), then evaluates it three
+ways against the real reference split:
 plain samples, discriminator rejection sampling (DRS), and a truncation sweep over the
 latent scale sigma. Outputs in --out (default runs/<config name>/; pass --out experiments/results/<config name> to update
 the committed results):
@@ -35,7 +37,8 @@ from gankit.errors import UserError  # noqa: E402
 from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,  # noqa: E402
                               metric_classifier, plot_truncation, truncation_sweep)
 from gankit.sampling import load_discriminator, load_generator  # noqa: E402
-from experiments.studies import row_configs, study_out, study_parser, train_rows, write_csv  # noqa: E402
+from experiments.studies import (equal_generator_steps, row_configs, study_out, study_parser,  # noqa: E402
+                                 train_rows, write_csv)
 
 log = logging.getLogger("gankit")
 
@@ -112,6 +115,10 @@ def main() -> int:
     configs = row_configs(spec, base, args.rows, args.set, out / "runs")
     data = load_data(next(iter(configs.values())).data)
     log.info("data: %s", data.description)
+    if "g_steps" in spec:  # equal generator steps rather than equal epochs
+        configs = equal_generator_steps(configs, len(data.train_x), int(spec["g_steps"]))
+        log.info("epochs per row for %d G steps: %s", spec["g_steps"],
+                 ", ".join(f"{n} {c.train.epochs}" for n, c in configs.items()))
     classifier = metric_classifier("", data.image_shape, data.num_classes)
     ref = Reference.of(classifier, data.ref_x, data.ref_y)
 

@@ -147,6 +147,22 @@ def train_row_task(name: str, config: dict, runs_dir: str, threads: int):
         return f"[{name}] {err}"
 
 
+def equal_generator_steps(configs: dict[str, Config], train_size: int, g_steps: int) -> dict[str, Config]:
+    """Each row's epochs for at least `g_steps` generator steps: objectives that take several
+    D steps per G step (WGAN's 5) train proportionally more epochs, so every row's G learns
+    for the same number of updates rather than the same number of passes over the data."""
+    import math
+
+    from gankit.config import n_critic
+
+    out = {}
+    for name, config in configs.items():
+        batches = math.ceil(train_size / config.train.batch_size)
+        epochs = max(1, math.ceil(g_steps * n_critic(config) / batches))
+        out[name] = config.updated({"epochs": epochs})
+    return out
+
+
 def parse_value(text: str):
     """A --set value as JSON when it parses (numbers, true/false), else the string."""
     try:

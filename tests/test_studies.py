@@ -38,3 +38,12 @@ def test_studies_write_under_runs_unless_told_otherwise():
     assert study_out(parser.parse_args([])) == Path("runs/dp_sweep_small")
     assert study_out(parser.parse_args(["--out", "experiments/results/dp_sweep_small"])) == \
         Path("experiments/results/dp_sweep_small")
+
+
+def test_equal_generator_steps_gives_wgan_five_times_the_epochs(tmp_path):
+    from experiments.studies import equal_generator_steps
+
+    configs = {"bce": tiny_config(tmp_path, loss="bce", batch_size=100),
+               "wgan": tiny_config(tmp_path, loss="wgan", batch_size=100)}
+    epochs = {n: c.train.epochs for n, c in equal_generator_steps(configs, 60_000, 3_000).items()}
+    assert epochs == {"bce": 5, "wgan": 25}  # 600 batches an epoch; n_critic 1 and 5
