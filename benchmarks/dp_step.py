@@ -55,9 +55,9 @@ def model_options(model: str, width: int) -> dict:
 
 
 def make_trainer(out: str, data: ImageData, batch: int, mode: str, model: dict,
-                 clipping: str = "hooks"):
+                 clipping: str = "hooks", device: str = "cpu"):
     config = Config().updated(dict(
-        model, mode=mode, grad_sample_mode=clipping.removesuffix("-public"),
+        model, mode=mode, device=device, grad_sample_mode=clipping.removesuffix("-public"),
         fake_gradients="public" if clipping.endswith("-public") else "paired", epochs=1,
         batch_size=batch, out_dir=out, name=f"{mode}-{time.time_ns()}", progress=False,
         tensorboard=False, log_every=10 ** 9, eval_every=0, accountant="rdp",
@@ -117,9 +117,12 @@ def check_mode(out: str, data: ImageData, model: dict, clipping: str, n: int = 6
 
 
 def timed(fn, tr, batches) -> float:
+    sync = torch.cuda.synchronize if tr.device.type == "cuda" else (lambda: None)
+    sync()
     start = time.perf_counter()
     for real in batches:
         fn(tr, real)
+    sync()  # a GPU runs ahead of Python: count the work, not its launch
     return time.perf_counter() - start
 
 
@@ -131,6 +134,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", default="bk-public,bk,hooks,ew,functorch")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (the modes are checked on the CPU)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")  # Opacus' secure-RNG and backward-hook advice
     model = model_options(args.model, args.width)
@@ -138,7 +142,8 @@ def main() -> None:
           f"{args.width} on 28x28x1, batch {args.batch_size}, {args.steps} steps per "
           f"measurement, median of {args.repeats}")
     data = make_data(args.steps * args.batch_size)
-    batches = list(zip(data.train_x.split(args.batch_size), data.train_y.split(args.batch_size)))
+    batches = [(x.to(args.device), y.to(args.device))
+               for x, y in zip(data.train_x.split(args.batch_size), data.train_y.split(args.batch_size))]
     with tempfile.TemporaryDirectory() as out:
         modes = []
         for mode in args.modes.split(","):
@@ -146,8 +151,9 @@ def main() -> None:
             print(f"  check {mode:10} {'correct' if not problem else 'NOT USED: ' + problem}")
             if not problem:
                 modes.append(mode)
-        trainers = {"standard": make_trainer(out, data, args.batch_size, "standard", model)}
-        trainers.update({m: make_trainer(out, data, args.batch_size, "dp", model, m) for m in modes})
+        trainers = {"standard": make_trainer(out, data, args.batch_size, "standard", model, device=args.device)}
+        trainers.update({m: make_trainer(out, data, args.batch_size, "dp", model, m, args.device)
+                         for m in modes})
         for tr in trainers.values():  # warm-up: allocator, first-call kernel choice
             timed(full_step, tr, batches[:3])
         times = {(name, kind): [] for name in trainers for kind in ("step", "d")}
@@ -156,12 +162,12 @@ def main() -> None:
                 times[name, "step"].append(timed(full_step, tr, batches))
                 times[name, "d"].append(timed(d_step, tr, batches))
     med = {k: statistics.median(v) / args.steps for k, v in times.items()}
-    print(f"\n{'':22}{'D+G step s':>12}{'ratio':>8}{'D step s':>12}{'ratio':>8}")
+    print(f"\n{'':22}{'D+G step s':>12}{'ratio':>8}{'D step s':>12}{'ratio':>8}{'D steps/s':>11}")
     for name in trainers:
         label = name if name == "standard" else f"dp, {name}"
         print(f"{label:22}{med[name, 'step']:12.4f}"
               f"{med[name, 'step'] / med['standard', 'step']:8.2f}{med[name, 'd']:12.4f}"
-              f"{med[name, 'd'] / med['standard', 'd']:8.2f}")
+              f"{med[name, 'd'] / med['standard', 'd']:8.2f}{1 / med[name, 'd']:11.1f}")
     if modes:
         best = min(modes, key=lambda m: med[m, "d"])
         step, d = (med[best, k] / med["standard", k] for k in ("step", "d"))
