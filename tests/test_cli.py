@@ -142,3 +142,10 @@ def test_label_on_an_unconditional_model_says_so(capsys, tmp_path, npz):
     assert run_cli(capsys, "train", "--dataset", f"npz:{npz}", "--out-dir", tmp_path, "--name", "u", *TINY)[0] == 0
     code, _, err = run_cli(capsys, "generate", tmp_path / "u", "--label", "3")
     assert code == 2 and "needs a conditional model; this run's generator is unconditional" in err
+
+
+def test_the_quickstart_preset_trains_a_conditional_g_with_an_ema(capsys, tmp_path, npz):
+    assert run_cli(capsys, "train", "--preset", "quickstart", "--dataset", f"npz:{npz}", "--out-dir", tmp_path,
+                   "--name", "q", *TINY)[0] == 0
+    saved = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert saved["model"]["conditional"] is True and saved["optim"]["ema_decay"] == 0.999

