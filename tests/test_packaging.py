@@ -38,17 +38,23 @@ def test_the_installed_wheel_runs_the_main_job_outside_the_checkout(wheel, tmp_p
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
     Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q",
-                    str(wheel)], check=True, capture_output=True, timeout=300)
+    # --ignore-installed: the dependencies' path also shows this checkout's editable gankit,
+    # which pip would otherwise take as already installed.
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
+                    "--ignore-installed", "-q", str(wheel)], check=True, capture_output=True, timeout=300)
     work = tmp_path / "elsewhere"
     work.mkdir()
     rng = np.random.default_rng(0)
     np.savez(work / "digits.npz", x=rng.integers(0, 256, (200, 28, 28), dtype=np.uint8),
              y=rng.integers(0, 10, 200))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # A clean environment: nothing the test process picked up (Ray's and Flower's variables,
+    # PYTHONPATH) may decide what the fresh install imports.
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", str(tmp_path)),
+           "LANG": "C.UTF-8"}
     probe = subprocess.run([str(python), "-c", "import gankit, importlib.util as u; print(gankit.__file__); "
                             "print(u.find_spec('toolkit'), u.find_spec('server'), u.find_spec('clients'))"],
-                           cwd=work, env=env, capture_output=True, text=True, check=True)
+                           cwd=work, env=env, capture_output=True, text=True)
+    assert probe.returncode == 0, probe.stderr[-2000:]
     installed, missing = probe.stdout.splitlines()
     assert installed.startswith(site) and missing == "None None None"
     # The main job, evaluated with the shipped classifier (1x28x28, 10 classes).
