@@ -107,14 +107,14 @@ def train_centralized_row(name: str, config: Config, data, classifier, runs_dir:
     times[name] = round(time.perf_counter() - started, 1)
 
 
-def evaluate_row(name: str, config: Config, run_path: Path, ref, classifier, ev: dict, seed: int):
+def evaluate_row(name: str, config: Config, run_path: Path, ref, classifier, ev: dict, seed: int,
+                 central: bool = False):
     gen = load_generator(run_path)
     images, labels, _ = draw_samples(gen, ev["samples"], seed)
     metrics, _ = evaluate_samples(ref, classifier, images, labels,
                                   downstream_epochs=ev["downstream_epochs"], seed=seed)
     f = config.federated
     last = RunDir(run_path).history()[-1]
-    central = name in CENTRALIZED
     row = {"row": name, "partition": "centralized" if central else f.partition,
            "alpha": f.dirichlet_alpha if f.partition == "dirichlet" and not central else "",
            "clients": 1 if central else f.clients,
@@ -126,11 +126,8 @@ def evaluate_row(name: str, config: Config, run_path: Path, ref, classifier, ev:
     return row
 
 
-# Rows of the study's config marked {"centralized": true}: trained by train_centralized_row.
-CENTRALIZED: set = set()
-
-
-def plot_fid_per_round(path: Path, runs: dict[str, Path], configs: dict[str, Config]) -> None:
+def plot_fid_per_round(path: Path, runs: dict[str, Path], configs: dict[str, Config],
+                       centralized: set) -> None:
     """FID of the global G after every round; colour by partition, dashed with client DP."""
     import matplotlib
     matplotlib.use("Agg")
@@ -143,7 +140,7 @@ def plot_fid_per_round(path: Path, runs: dict[str, Path], configs: dict[str, Con
         if not points:
             continue
         f = configs[name].federated
-        if name in CENTRALIZED:
+        if name in centralized:
             ax.plot(*zip(*points), "-", lw=2.2, color="black", label=f"{name} (same total steps)")
             continue
         key = (f.partition, f.dirichlet_alpha if f.partition == "dirichlet" else None,
@@ -180,7 +177,8 @@ def main() -> int:
     base = dict(spec["base"], seed=args.seed, mode="federated")
     if args.data_root:
         base["data_root"] = args.data_root
-    CENTRALIZED.update(name for name, o in spec["rows"].items() if o.get("centralized"))
+    # Rows marked {"centralized": true} are trained by train_centralized_row.
+    centralized = {name for name, o in spec["rows"].items() if o.get("centralized")}
     rows = {name: {k: v for k, v in o.items() if k != "centralized"} for name, o in spec["rows"].items()}
     configs = row_configs({**spec, "rows": rows}, base, args.rows, args.set, out / "runs")
     data = load_data(next(iter(configs.values())).data)
@@ -193,11 +191,11 @@ def main() -> int:
     times = json.loads(times_path.read_text()) if times_path.exists() else {}
     table, runs = [], {}
     for name, config in configs.items():
-        train = train_centralized_row if name in CENTRALIZED else train_federated_row
+        train = train_centralized_row if name in centralized else train_federated_row
         train(name, config, data, classifier, out / "runs", times)
         times_path.write_text(json.dumps(times, indent=1))
         runs[name] = out / "runs" / name
-        row = evaluate_row(name, config, runs[name], ref, classifier, ev, args.seed)
+        row = evaluate_row(name, config, runs[name], ref, classifier, ev, args.seed, name in centralized)
         row["train_time_s"] = times.get(name, math.nan)
         table.append(row)
         # The final round's grid (toolkit/recorder.py: a column per class, fixed latents).
@@ -210,7 +208,7 @@ def main() -> int:
                  row.get("downstream_accuracy", math.nan))
 
     write_csv(out / "table.csv", table, TABLE_COLUMNS)
-    plot_fid_per_round(out / "fid_per_round.png", runs, configs)
+    plot_fid_per_round(out / "fid_per_round.png", runs, configs, centralized)
     total = time.perf_counter() - started
     command = "python " + " ".join(sys.argv)
     (out / "table.md").write_text(

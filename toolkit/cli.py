@@ -344,16 +344,16 @@ def compare_parser(sub) -> None:
 
 
 def compare_command(args: argparse.Namespace) -> int:
-    from gankit.compare import compare, plot, write_table
+    from gankit.compare import plot, read_runs, summary, write_table
     from gankit.config import BEST_METRICS
 
     if args.metric not in BEST_METRICS:
         raise UserError(f"unknown --metric '{args.metric}' (choose from {', '.join(BEST_METRICS)})")
-    paths = [Path(r) for r in args.runs]
-    rows = compare(paths)
+    runs = read_runs([Path(r) for r in args.runs])
+    rows = [summary(run) for run in runs]
     print(write_table(rows, Path(args.out) if args.out else None, args.format), end="")
     if args.plot:
-        plot(paths, rows, Path(args.plot), args.metric)
+        plot(runs, rows, Path(args.plot), args.metric)
         log.info("wrote %s", args.plot)
     return 0
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
-from gankit.config import BEST_METRICS, privacy_facts
+from gankit.config import BEST_METRICS, Config, privacy_facts
 from gankit.errors import UserError
 from gankit.runs import RunDir
 
@@ -19,16 +19,33 @@ COLUMNS = ["run", "mode", "private", "epsilon", "delta", "done", "train_time_s",
            "precision", "best_precision", "recall", "best_recall", "density", "coverage"]
 
 
-def summary(path: Path) -> dict:
+class Run(NamedTuple):
+    """A run folder as read once: its name, config, history and what a record counts."""
+    name: str
+    config: Config
+    history: list[dict]
+    unit: str  # "epoch", or "round" for a federated run
+
+
+def read_runs(paths: list[Path]) -> list[Run]:
+    if not paths:
+        raise UserError("name at least one run folder")
+    runs = []
+    for path in map(Path, paths):
+        run = RunDir.open(path)
+        config = run.config()
+        runs.append(Run(path.name, config, run.history(),
+                        "round" if config.train.mode == "federated" else "epoch"))
+    return runs
+
+
+def summary(run: Run) -> dict:
     """One run's row: its last record's metrics, the best of each over its history (in the
     metric's direction), what it protects and the epsilon it has spent."""
-    run = RunDir.open(path)
-    config = run.config()
-    history = run.history()
-    unit = "round" if config.train.mode == "federated" else "epoch"
+    config, history, unit = run.config, run.history, run.unit
     total = config.federated.rounds if unit == "round" else config.train.epochs
     last = history[-1] if history else {}
-    row = {"run": path.name, "mode": config.train.mode,
+    row = {"run": run.name, "mode": config.train.mode,
            "private": privacy_facts(config)["protects"],
            "done": f"{last.get(unit, 0)}/{total} {unit}s",
            "train_time_s": last.get("train_time_s", math.nan)}
@@ -45,24 +62,13 @@ def summary(path: Path) -> dict:
     return row
 
 
-def compare(paths: list[Path]) -> list[dict]:
-    if not paths:
-        raise UserError("name at least one run folder")
-    return [summary(Path(p)) for p in paths]
+def curve(run: Run, metric: str) -> list[tuple[int, float]]:
+    """The run's (epoch or round, value) points of `metric`."""
+    return [(r[run.unit], r[metric]) for r in run.history
+            if isinstance(r.get(metric), (int, float)) and run.unit in r]
 
 
-def curves(paths: list[Path], metric: str) -> dict[str, list[tuple[int, float]]]:
-    """Each run's (epoch or round, value) points of `metric`."""
-    out = {}
-    for path in paths:
-        run = RunDir.open(Path(path))
-        unit = "round" if run.config().train.mode == "federated" else "epoch"
-        out[Path(path).name] = [(r[unit], r[metric]) for r in run.history()
-                                if isinstance(r.get(metric), (int, float)) and unit in r]
-    return out
-
-
-def plot(paths: list[Path], rows: list[dict], out: Path, metric: str = "fid") -> None:
+def plot(runs: list[Run], rows: list[dict], out: Path, metric: str = "fid") -> None:
     """Three panels: `metric` per epoch (or round) for every run, final precision against
     recall, and final `metric` against epsilon (non-private runs at the right edge)."""
     import matplotlib
@@ -70,9 +76,10 @@ def plot(paths: list[Path], rows: list[dict], out: Path, metric: str = "fid") ->
     import matplotlib.pyplot as plt
 
     fig, (ax_curve, ax_pr, ax_eps) = plt.subplots(1, 3, figsize=(14, 4.2))
-    for i, (name, points) in enumerate(curves(paths, metric).items()):
+    for i, run in enumerate(runs):
+        points = curve(run, metric)
         if points:
-            ax_curve.plot(*zip(*points), "-o", ms=3, color=f"C{i}", label=name)
+            ax_curve.plot(*zip(*points), "-o", ms=3, color=f"C{i}", label=run.name)
     from matplotlib.ticker import MaxNLocator
 
     ax_curve.xaxis.set_major_locator(MaxNLocator(integer=True))

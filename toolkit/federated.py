@@ -30,7 +30,7 @@ from gankit.models import build_discriminator, build_generator
 from gankit.partition import class_histogram, histogram_table, partition, save_histogram
 from gankit.recorder import Recorder, sample_grid
 from gankit.runs import RunDir
-from gankit.trainer import Trainer, checkpoint_header, seed_everything, unwrapped
+from gankit.trainer import Trainer, checkpoint_header, generator_optimizer, seed_everything, unwrapped
 
 log = logging.getLogger("gankit")
 
@@ -264,11 +264,8 @@ class GlobalModel:
         self.recorder = Recorder(run, config, "round", config.federated.rounds)
         self._tick = time.perf_counter()
         # --sync d: G's optimizer lives on the server, across rounds and in the checkpoint.
-        self.g_opt = None
-        if config.federated.sync == "d":
-            o = config.optim
-            params = list(self.G.parameters()) + [p for p in self.prior.parameters() if p.requires_grad]
-            self.g_opt = torch.optim.Adam(params, lr=o.g_lr, betas=(o.g_beta1, o.g_beta2))
+        self.g_opt = (generator_optimizer(self.G, self.prior, config.optim)
+                      if config.federated.sync == "d" else None)
 
     @property
     def weights(self) -> dict[str, Tensor]:

@@ -86,10 +86,9 @@ class Recorder:
         return done % self.config.train.sample_every == 0 or done == self.total
 
     def end(self, record: dict, best: Optional[float], save: Callable[[str, Optional[float]], None],
-            grid: Optional[tuple[Tensor, int]] = None, note: str = "") -> Optional[float]:
+            grid: Optional[tuple[Tensor, int]] = None, note: str = "") -> None:
         """Write everything of one finished period. `save(name, best)` writes checkpoint
-        `name` holding `best`, the best value so far (this record's when it improved).
-        Returns that value."""
+        `name` holding `best`, the best value so far (this record's when it improved)."""
         done = record[self.unit]
         if grid is not None:
             from torchvision.utils import make_grid, save_image
@@ -113,7 +112,6 @@ class Recorder:
         save("last", best)
         if improved:
             save("best", best)
-        return best
 
     def _log(self, record: dict, done: int, note: str) -> None:
         shown = " ".join(f"{k}={v:.4g}" for k, v in record.items()

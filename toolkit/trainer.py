@@ -123,8 +123,7 @@ class Trainer:
         self.objective = get_objective(config.objective.loss)
         self.n_critic = n_critic(config)
         o = config.optim
-        g_params = list(self.G.parameters()) + [p for p in self.prior.parameters() if p.requires_grad]
-        self.g_opt = torch.optim.Adam(g_params, lr=o.g_lr, betas=(o.g_beta1, o.g_beta2))
+        self.g_opt = generator_optimizer(self.G, self.prior, o)
         self.d_opt = torch.optim.Adam(self.D.parameters(), lr=o.d_lr, betas=(o.d_beta1, o.d_beta2))
         self.schedulers = [self._scheduler(opt) for opt in (self.g_opt, self.d_opt)]
         self.ema = (AveragedModel(self.G, multi_avg_fn=ema_with_warmup(o.ema_decay),
@@ -380,6 +379,12 @@ class Trainer:
             return signal.signal(signal.SIGINT, handler)
         except ValueError:  # not the main thread (e.g. inside a Flower/Ray worker)
             return None
+
+
+def generator_optimizer(G: nn.Module, prior: nn.Module, o) -> torch.optim.Optimizer:
+    """G's Adam, which also trains a learnable prior (the mixture's means and scales)."""
+    params = list(G.parameters()) + [p for p in prior.parameters() if p.requires_grad]
+    return torch.optim.Adam(params, lr=o.g_lr, betas=(o.g_beta1, o.g_beta2))
 
 
 def resolve_device(name: str) -> torch.device:
