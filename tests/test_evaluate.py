@@ -98,6 +98,7 @@ def test_evaluate_writes_json_table_and_prd_plot(trained_run, capsys):
                 "downstream_accuracy"):
         assert np.isfinite(metrics[key]), key
     assert 0 <= metrics["downstream_accuracy"] <= 1
+    assert 0 <= metrics["class_share_min"] <= 0.1 <= metrics["class_share_max"] <= 1
     assert (trained_run / "eval" / "last" / "prd.png").stat().st_size > 0
     table = (trained_run / "eval" / "last" / "metrics.md").read_text()
     assert "| precision |" in table

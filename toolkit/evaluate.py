@@ -106,6 +106,9 @@ def evaluate_samples(ref: Reference, classifier, images: Tensor, labels: Optiona
     metrics["modes_covered"] = coverage["covered"]
     metrics["mode_kl"] = coverage["kl_from_uniform"]
     metrics["mode_tv"] = coverage["tv_to_uniform"]
+    # The rarest and the most frequent class among the samples, by the metric classifier.
+    metrics["class_share_min"] = min(coverage["fractions"])
+    metrics["class_share_max"] = max(coverage["fractions"])
     if labels is not None:
         # How often the metric classifier agrees with the label G was asked for.
         metrics["label_agreement"] = float((predicted.cpu() == labels.cpu()).float().mean())
