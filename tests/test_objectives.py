@@ -177,3 +177,44 @@ def test_every_registered_objective_decides_real_above_threshold():
 def test_unknown_loss_names_choices():
     with pytest.raises(KeyError, match="choose from"):
         get_objective("nope")
+
+
+def test_mode_seeking_penalty_is_latent_gap_over_image_gap():
+    from gankit.steps import mode_seeking_penalty
+    z_a, z_b = torch.zeros(3, 4), torch.full((3, 4), 2.0)         # latent gap 2
+    fake_a, fake_b = torch.zeros(3, 1, 2, 2), torch.full((3, 1, 2, 2), 0.5)  # image gap 0.5
+    assert mode_seeking_penalty(fake_a, fake_b, z_a, z_b).item() == pytest.approx(4.0, rel=1e-4)
+
+
+def test_mode_seeking_term_spreads_a_generator_that_ignores_z(tmp_path):
+    """D gives G no signal (a constant score), so only the term moves G: it must grow the
+    weight through which z reaches the image, and leave G alone at weight 0."""
+    from gankit.config import Config
+    from gankit.latent import build_prior
+    from gankit.steps import StepContext, generator_step
+
+    class TinyG(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.z_path = nn.Linear(4, 4, bias=False)
+            nn.init.constant_(self.z_path.weight, 1e-3)
+
+        def forward(self, z, labels):
+            return self.z_path(z).view(-1, 1, 2, 2)
+
+    class ConstantD(nn.Module):
+        def forward(self, x, labels):
+            return 0.0 * x.flatten(1).sum(1)
+
+    spreads = {}
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        config = Config().updated({"latent_dim": 4, "mode_seeking": weight})
+        G, D = TinyG(), ConstantD()
+        ctx = StepContext(G, build_prior(config.latent), get_objective("bce"), config, 0, torch.device("cpu"))
+        g_opt = torch.optim.Adam(G.parameters(), lr=1e-2)
+        stats = generator_step(ctx, D, g_opt, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0), 64)
+        assert ("mode_seeking" in stats) == bool(weight)
+        spreads[weight] = G.z_path.weight.abs().mean().item()
+    assert spreads[0.0] == pytest.approx(1e-3)
+    assert spreads[1.0] > 5e-3

@@ -10,6 +10,7 @@ resumed from its folder alone.
 import dataclasses
 import importlib.util
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -122,6 +123,9 @@ class ObjectiveConfig:
                                            "on fresh fakes is at or below this")
     d_steps_grace: int = option(200, "adaptive D steps: G steps at a rate before it may climb")
     d_steps_beta: float = option(0.99, "adaptive D steps: moving-average factor of D's accuracy")
+    mode_seeking: float = option(
+        0.0, "weight of the mode-seeking term in G's loss (Mao et al. 2019): fakes from two "
+             "latents with the same label are pushed apart, against a G that ignores z (0 = off)")
     clip_value: float = option(0.01, "wgan: clip every discriminator weight to [-c, c]")
     gp_weight: float = option(10.0, "wgan-gp: gradient penalty weight lambda")
     label_smoothing: float = option(
@@ -485,6 +489,8 @@ def validate(config: Config, num_classes: Optional[int] = None) -> None:
                                       o.fake_label_max) != (1.0, 1.0, 0.0, 0.0)
     if smoothing and o.loss in OBJECTIVES and not OBJECTIVES[o.loss].uses_targets:
         problems.append(f"label smoothing and soft labels apply to bce and lsgan, not '{o.loss}'")
+    if not (o.mode_seeking >= 0 and math.isfinite(o.mode_seeking)):
+        problems.append(f"mode-seeking must be a finite weight >= 0, got {o.mode_seeking}")
     if not 0 <= o.label_smoothing < 0.5:
         problems.append(f"label-smoothing must be in [0, 0.5), got {o.label_smoothing}")
     if o.label_smoothing and (o.real_label_min, o.real_label_max) != (1.0, 1.0):

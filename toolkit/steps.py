@@ -90,16 +90,26 @@ def generator_step(ctx: StepContext, D: nn.Module, g_opt: torch.optim.Optimizer,
     D has never seen them, and they depend on no real data, so it is a private statistic
     (the adaptive D-step schedule reads it).
     """
-    objective = ctx.objective
+    objective, weight = ctx.objective, ctx.config.objective.mode_seeking
+    pairs = n // 2 if weight else 0
     labels = ctx.fake_labels(n)
-    fake = ctx.G(ctx.prior.sample(n, device=ctx.device), labels)
+    if pairs and labels is not None:
+        labels[pairs:2 * pairs] = labels[:pairs]  # each pair shares its label
+    z = ctx.prior.sample(n, device=ctx.device)
+    fake = ctx.G(z, labels)
     scores = D(fake, labels)
     loss = objective.g_loss(scores, minimax=ctx.config.objective.minimax_g).mean()
+    stats = {}
+    if pairs:
+        penalty = mode_seeking_penalty(fake[:pairs], fake[pairs:2 * pairs], z[:pairs], z[pairs:2 * pairs])
+        loss = loss + weight * penalty
+        stats["mode_seeking"] = penalty.detach()
     if ctx.config.latent.mixture_sigma_reg:
         loss = loss + ctx.config.latent.mixture_sigma_reg * ctx.prior.regularizer()
     g_opt.zero_grad(set_to_none=True)
     loss.backward()
-    stats = {"g_grad_norm": grad_norm(ctx.G)} if measure else {}
+    if measure:
+        stats["g_grad_norm"] = grad_norm(ctx.G)
     g_opt.step()
     # G's backward pass also filled D's gradients (and, under Opacus, per-sample gradients);
     # drop them so they never leak into D's next step.
@@ -107,6 +117,15 @@ def generator_step(ctx: StepContext, D: nn.Module, g_opt: torch.optim.Optimizer,
     with torch.no_grad():
         fooled = objective.says_real(scores.detach()).float().mean()
     return {**stats, "g_loss": loss.detach(), "d_acc_g_fakes": 1.0 - fooled}
+
+
+def mode_seeking_penalty(fake_a: Tensor, fake_b: Tensor, z_a: Tensor, z_b: Tensor,
+                         eps: float = 1e-5) -> Tensor:
+    """Mao et al. 2019 (MSGAN): 1 / (mean |G(z_a) - G(z_b)| / mean |z_a - z_b|), averaged over
+    pairs. Small when G's output moves with z; it grows without bound as G ignores z."""
+    image_gap = (fake_a - fake_b).abs().flatten(1).mean(1)
+    latent_gap = (z_a - z_b).abs().flatten(1).mean(1)
+    return (1.0 / (image_gap / latent_gap + eps)).mean()
 
 
 def grad_norm(module: nn.Module) -> float:
