@@ -21,23 +21,20 @@ bk-public). Only correct modes are timed. Goal: the D step at most 1.3x the stan
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gankit.config import Config  # noqa: E402
-from gankit.presets import preset  # noqa: E402
-from gankit.data import ImageData  # noqa: E402
-from gankit.models import build_discriminator  # noqa: E402
-from gankit.runs import RunDir  # noqa: E402
-from gankit.steps import generator_step  # noqa: E402
-from gankit.trainer import Trainer, unwrapped  # noqa: E402
+from gankit.config import Config
+from gankit.presets import preset
+from gankit.data import ImageData
+from gankit.models import build_discriminator
+from gankit.runs import RunDir
+from gankit.steps import generator_step
+from gankit.trainer import Trainer, unwrapped
 
 
 def make_data(n: int) -> ImageData:

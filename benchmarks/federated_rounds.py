@@ -20,16 +20,14 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gankit.config import Config  # noqa: E402
-from gankit.data import load_data  # noqa: E402
-from gankit.runs import RunDir  # noqa: E402
-from gankit.trainer import Trainer  # noqa: E402
+from gankit.config import Config
+from gankit.data import load_data
+from gankit.runs import RunDir
+from gankit.trainer import Trainer
 
 
 def federated_seconds(config: Config, data) -> float:

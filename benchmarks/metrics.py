@@ -20,13 +20,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # Peak resident memory during prdc minus the resident memory just before it, sampled every
 # 5 ms (the process's lifetime maximum would be the imports', not prdc's).
 MEMORY_PROBE = """
 import sys, threading, time, torch
-sys.path.insert(0, {root!r})
 from gankit.metrics import prdc
 def rss_mb():
     with open("/proc/self/statm") as f:
@@ -85,7 +83,7 @@ def main() -> None:
     print(f"  fake features + metrics  {t_metrics:6.1f} s  ({', '.join(sorted(metrics))})")
     print(f"  total                    {total:6.1f} s  = {total / 30:.2f} of the 30 s goal")
 
-    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE.format(root=str(ROOT), n=args.memory_n)],
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE.format(n=args.memory_n)],
                          capture_output=True, text=True, check=True)
     added_mb = float(out.stdout.strip())
     print(f"\nprdc on {args.memory_n:,} vs {args.memory_n:,} 128-d features: peak memory "

@@ -12,22 +12,19 @@ the wall time of the whole epoch is printed beside it. Goal: ratio <= 1.10 on CP
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gankit.config import Config  # noqa: E402
-from gankit.data import ImageData  # noqa: E402
-from gankit.models import build_discriminator, build_generator  # noqa: E402
-from gankit.objectives import OBJECTIVES  # noqa: E402
-from gankit.runs import RunDir  # noqa: E402
-from gankit.trainer import Trainer  # noqa: E402
+from gankit.config import Config
+from gankit.data import ImageData
+from gankit.models import build_discriminator, build_generator
+from gankit.objectives import OBJECTIVES
+from gankit.runs import RunDir
+from gankit.trainer import Trainer
 
 
 def make_data(steps: int, batch: int) -> ImageData:

@@ -21,10 +21,9 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gankit.evaluate import markdown_table  # noqa: E402
-from gankit.privacy import client_level_epsilon, resolve_delta  # noqa: E402
+from gankit.evaluate import markdown_table
+from gankit.privacy import client_level_epsilon, resolve_delta
 
 # Trained weights per network (the toolkit's conditional DCGAN on 28x28, 10 classes).
 SIZES = {"D w8": 10_857, "D w16": 25_809, "D w32": 68_001, "G+D w32": 531_970}

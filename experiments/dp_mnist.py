@@ -34,18 +34,17 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
-import torch  # noqa: E402
+import torch
 
-from experiments.studies import parse_value, row_configs, study_out, study_parser, train_row, write_csv  # noqa: E402
-from gankit.data import load_data  # noqa: E402
-from gankit.evaluate import Reference, evaluate_samples, markdown_table, metric_classifier  # noqa: E402
-from gankit.metrics.downstream import synthetic_to_real  # noqa: E402
-from gankit.presets import preset  # noqa: E402
-from gankit.runs import RunDir  # noqa: E402
-from gankit.sampling import export_generator, load_generator  # noqa: E402
+from gankit.studies import parse_value, row_configs, study_out, study_parser, train_row, write_csv
+from gankit.data import load_data
+from gankit.evaluate import Reference, evaluate_samples, markdown_table, metric_classifier
+from gankit.metrics.downstream import synthetic_to_real
+from gankit.presets import preset
+from gankit.runs import RunDir
+from gankit.sampling import export_generator, load_generator
 
 log = logging.getLogger("gankit")
 
@@ -149,7 +148,7 @@ def plot_metrics(path: Path, table: list[dict]) -> None:
 
 
 def main() -> int:
-    parser = study_parser(__doc__.splitlines()[0], "dp_mnist_cpu.json", seed=False, samples=False, parallel=False)
+    parser = study_parser(__doc__.splitlines()[0], CONFIGS / "dp_mnist_cpu.json", seed=False, samples=False, parallel=False)
     parser.add_argument("--eval-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override an evaluation setting (repeatable)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the DP-SGD baseline")

@@ -30,16 +30,15 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
-from gankit.audit import audit_discriminator  # noqa: E402
-from gankit.data import load_data  # noqa: E402
-from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,  # noqa: E402
+from gankit.audit import audit_discriminator
+from gankit.data import load_data
+from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,
                               metric_classifier)
-from gankit.sampling import load_discriminator, load_generator  # noqa: E402
-from experiments.studies import row_configs, study_out, study_parser, train_rows, write_csv  # noqa: E402
-from gankit.runs import RunDir  # noqa: E402
+from gankit.sampling import load_discriminator, load_generator
+from gankit.studies import row_configs, study_out, study_parser, train_rows, write_csv
+from gankit.runs import RunDir
 
 log = logging.getLogger("gankit")
 
@@ -110,7 +109,7 @@ def plot_metrics(path: Path, table: list[dict]) -> None:
 
 
 def main() -> int:
-    args = study_parser(__doc__.splitlines()[0], "dp_sweep_small.json").parse_args()
+    args = study_parser(__doc__.splitlines()[0], CONFIGS / "dp_sweep_small.json").parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     spec = json.loads(Path(args.config).read_text())

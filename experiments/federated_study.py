@@ -29,16 +29,15 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
-from experiments.studies import row_configs, study_out, study_parser, same_training, write_csv  # noqa: E402
-from gankit.config import Config  # noqa: E402
-from gankit.data import load_data  # noqa: E402
-from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,  # noqa: E402
+from gankit.studies import row_configs, study_out, study_parser, same_training, write_csv
+from gankit.config import Config
+from gankit.data import load_data
+from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,
                               metric_classifier)
-from gankit.runs import RunDir  # noqa: E402
-from gankit.sampling import load_generator  # noqa: E402
+from gankit.runs import RunDir
+from gankit.sampling import load_generator
 
 log = logging.getLogger("gankit")
 
@@ -164,7 +163,7 @@ def plot_fid_per_round(path: Path, runs: dict[str, Path], configs: dict[str, Con
 
 
 def main() -> int:
-    args = study_parser(__doc__.splitlines()[0], "federated_small.json", device=False, parallel=False).parse_args()
+    args = study_parser(__doc__.splitlines()[0], CONFIGS / "federated_small.json", device=False, parallel=False).parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     spec = json.loads(Path(args.config).read_text())

@@ -29,15 +29,14 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
-from gankit.data import load_data  # noqa: E402
-from gankit.errors import UserError  # noqa: E402
-from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,  # noqa: E402
+from gankit.data import load_data
+from gankit.errors import UserError
+from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,
                               metric_classifier, plot_truncation, truncation_sweep)
-from gankit.sampling import load_discriminator, load_generator  # noqa: E402
-from experiments.studies import (equal_generator_steps, row_configs, study_out, study_parser,  # noqa: E402
+from gankit.sampling import load_discriminator, load_generator
+from gankit.studies import (equal_generator_steps, row_configs, study_out, study_parser,
                                  train_rows, write_csv)
 
 log = logging.getLogger("gankit")
@@ -102,7 +101,7 @@ def plot_results(out: Path, table: list[dict], trajectories: list[dict]) -> None
 
 
 def main() -> int:
-    parser = study_parser(__doc__.splitlines()[0], "objective_study_small.json", samples=False)
+    parser = study_parser(__doc__.splitlines()[0], CONFIGS / "objective_study_small.json", samples=False)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 

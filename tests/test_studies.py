@@ -1,18 +1,16 @@
-"""The studies' shared runner (experiments/studies.py): rows train as Ray tasks, a finished
+"""The studies' shared runner (gankit.studies): rows train as Ray tasks, a finished
 row is reused, never trained twice."""
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import tiny_config  # noqa: E402
-from experiments.studies import study_out, study_parser, train_rows  # noqa: E402
-from gankit.data import load_data  # noqa: E402
-from gankit.runs import RunDir  # noqa: E402
+from conftest import tiny_config
+from gankit.studies import study_out, study_parser, train_rows
+from gankit.data import load_data
+from gankit.runs import RunDir
 
 
 def test_rows_train_in_parallel_on_ray_and_a_finished_row_is_reused(tmp_path):
@@ -34,14 +32,14 @@ def test_rows_train_in_parallel_on_ray_and_a_finished_row_is_reused(tmp_path):
 
 
 def test_studies_write_under_runs_unless_told_otherwise():
-    parser = study_parser("x", "dp_sweep_small.json")
+    parser = study_parser("x", Path("experiments/configs/dp_sweep_small.json"))
     assert study_out(parser.parse_args([])) == Path("runs/dp_sweep_small")
     assert study_out(parser.parse_args(["--out", "experiments/results/dp_sweep_small"])) == \
         Path("experiments/results/dp_sweep_small")
 
 
 def test_equal_generator_steps_gives_wgan_five_times_the_epochs(tmp_path):
-    from experiments.studies import equal_generator_steps
+    from gankit.studies import equal_generator_steps
 
     configs = {"bce": tiny_config(tmp_path, loss="bce", batch_size=100),
                "wgan": tiny_config(tmp_path, loss="wgan", batch_size=100)}

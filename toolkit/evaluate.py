@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -284,7 +285,7 @@ def evaluate_run(run: str, checkpoint: str = "last", num: int = 10000, seed: int
                  sigma: Optional[float] = None, truncation: Optional[float] = None, drs: bool = False,
                  drs_target_rate: float = 0.2, drs_percentile: Optional[float] = None,
                  downstream_epochs: int = 5, data_root: str = "", classifier: str = "", k: int = 3,
-                 sigmas: str = "", no_ema: bool = False, out: str = "") -> tuple[dict, "Path"]:
+                 sigmas: str = "", no_ema: bool = False, out: str = "") -> tuple[dict, Path]:
     """What `gankit evaluate` does (the options are its own): draw `num` samples of a run's
     generator, measure them against the reference split and write metrics.json, metrics.md,
     prd.png and, with `sigmas`, truncation.csv and truncation.png into `out` (default
@@ -292,7 +293,6 @@ def evaluate_run(run: str, checkpoint: str = "last", num: int = 10000, seed: int
     import dataclasses
     import json
     import time
-    from pathlib import Path
 
     from gankit.data import load_data
     from gankit.metrics import plot_prd

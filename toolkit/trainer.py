@@ -319,7 +319,7 @@ class Trainer:
         return s.means()
 
     def _end_epoch(self) -> None:
-        t, s = self.config.train, self.state
+        s = self.state
         # The learning rates this epoch trained with, read before the decay steps.
         lrs = {"lr_g": self.g_opt.param_groups[0]["lr"], "lr_d": self.d_opt.param_groups[0]["lr"]}
         for sch in self.schedulers:

@@ -13,15 +13,13 @@ from gankit.trainer import Trainer
 
 log = logging.getLogger("gankit")
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def study_parser(description: str, default_config: str, *, device: bool = True, seed: bool = True,
+def study_parser(description: str, default_config: Path, *, device: bool = True, seed: bool = True,
                  samples: bool = True, parallel: bool = True) -> argparse.ArgumentParser:
     """The options every study has. Outputs go to runs/<config name> unless --out names
     another folder: committed results (experiments/results/...) change only when asked."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default=str(ROOT / "experiments" / "configs" / default_config))
+    parser.add_argument("--config", default=str(default_config))
     parser.add_argument("--out", default="", help="default: runs/<config name>; pass "
                         "experiments/results/<config name> to update the committed results")
     parser.add_argument("--data-root", default="", help="overrides the base data root")
@@ -63,8 +61,17 @@ def same_training(saved: dict, config: Config) -> bool:
 def train_row(name: str, config: Config, data, runs_dir: Path) -> float:
     """Train (or reuse) one row's run; returns its training seconds. A row's folder is locked
     while it trains, so two studies (or Ray tasks) never train the same row at once."""
-    run_path = runs_dir / name
-    run = RunDir(run_path)
+    run = RunDir(runs_dir / name)
+    try:
+        return _train_row(name, config, data, run)
+    finally:
+        # Released at once, not when the process exits: a Ray worker outlives its task
+        # (and ray.shutdown), and a later study in this machine must be able to reuse the row.
+        run.unlock()
+
+
+def _train_row(name: str, config: Config, data, run: RunDir) -> float:
+    run_path = run.path
     if run.checkpoint_path("last").exists():
         run.lock()
         ckpt = run.load_checkpoint()
