@@ -49,6 +49,7 @@ from gankit.sampling import export_generator, load_generator
 log = logging.getLogger("gankit")
 
 TABLE_COLUMNS = ["row", "epochs_done", "epsilon", "epsilon_prv", "delta", "downstream_accuracy",
+                 "within_class_spread", "label_agreement",
                  "dp_sgd_baseline_accuracy", "fid", "precision", "recall", "density", "coverage",
                  "downstream_epoch", "noise_multiplier", "dp_steps", "d_steps_per_g_step",
                  "g_steps", "seed", "train_time_s", "device"]
@@ -250,6 +251,9 @@ def main() -> int:
         f"{ev['metric_samples']:,} samples vs the real test split, in the shipped classifier's "
         "features (comparable among themselves, not with Inception FIDs). epsilon: RDP (as the "
         "papers), epsilon_prv: PRV, both from each run's accountant history. "
+        "within_class_spread: the samples' per-pixel std within a class over the real test "
+        "images' (1 = as diverse as real digits, near 0 = one image per class); "
+        "label_agreement: how often the shipped classifier reads the label G was asked for. "
         f"dp_sgd_baseline_accuracy: a classifier trained with DP-SGD directly on the real "
         f"training images at the row's epsilon ({ev['baseline_epochs']} epochs). "
         f"Evaluation time {(time.perf_counter() - started) / 60:.1f} min.\n\n"

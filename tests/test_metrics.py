@@ -281,3 +281,14 @@ def test_mode_coverage_threshold_and_validation():
         mode_coverage([0, 10], num_classes=10)
     with pytest.raises(ValueError):
         mode_coverage([], num_classes=10)
+
+
+def test_within_class_spread_is_the_mean_per_pixel_std_of_each_class():
+    from gankit.metrics import within_class_spread
+    images = torch.tensor([[0.0, 0.0], [2.0, 2.0],      # class 0: std sqrt(2) at each pixel
+                           [1.0, 1.0], [1.0, 1.0],      # class 1: identical images, std 0
+                           [5.0, -5.0]])                # class 2: one image, left out
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    assert within_class_spread(images, labels) == pytest.approx(math.sqrt(2) / 2)
+    with pytest.raises(ValueError):
+        within_class_spread(images[4:], labels[4:])

@@ -22,7 +22,8 @@ from torch import Tensor
 from gankit.config import Config
 from gankit.data import ImageData
 from gankit.errors import UserError
-from gankit.metrics import classifier_score, fid, kid, mode_coverage, prd, prd_f_beta, prdc
+from gankit.metrics import (classifier_score, fid, kid, mode_coverage, prd, prd_f_beta, prdc,
+                            within_class_spread)
 from gankit.metrics.classifier import extract, load_classifier
 from gankit.metrics.downstream import downstream_accuracy, label_with_classifier
 from gankit.sampling import LoadedGenerator
@@ -113,6 +114,11 @@ def evaluate_samples(ref: Reference, classifier, images: Tensor, labels: Optiona
     if labels is not None:
         # How often the metric classifier agrees with the label G was asked for.
         metrics["label_agreement"] = float((predicted.cpu() == labels.cpu()).float().mean())
+        if ref.labels is not None:
+            # Diversity within a class, relative to the real images' (1 = as diverse; a G
+            # that ignores z is near 0, whatever its precision).
+            metrics["within_class_spread"] = (within_class_spread(images, labels)
+                                              / within_class_spread(ref.images, ref.labels))
     curve = prd(ref.features, features, seed=seed)
     metrics["prd_f8"], metrics["prd_f1_8"] = prd_f_beta(curve)
     if downstream_epochs and ref.labels is not None:

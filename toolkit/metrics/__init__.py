@@ -17,7 +17,7 @@ data with known answers.
 from .fid import fid, frechet_distance, kid
 from .prd import PRDCurve, plot_prd, prd, prd_f_beta, prd_from_histograms
 from .prdc import prdc
-from .scores import classifier_score, mode_coverage
+from .scores import classifier_score, mode_coverage, within_class_spread
 
 __all__ = [
     "frechet_distance", "fid", "kid",

@@ -73,3 +73,18 @@ def mode_coverage(predicted_labels, num_classes: int) -> dict:
     covered = int(np.sum(10 * num_classes * counts >= n))
     return dict(counts=[int(c) for c in counts], fractions=[float(f) for f in fractions],
                 num_samples=n, kl_from_uniform=max(kl, 0.0), tv_to_uniform=tv, covered=covered)
+
+
+def within_class_spread(images, labels) -> float:
+    """Per-pixel standard deviation across the images of one label, averaged over pixels and
+    then over the labels present (at least 2 images each). Near 0 when a conditional G ignores
+    z and draws one image per class; compare it with the real images' value."""
+    images = torch.as_tensor(images).detach().float().cpu().flatten(1)
+    labels = torch.as_tensor(labels).detach().cpu().reshape(-1)
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    spreads = [images[labels == c].std(0).mean().item() for c in labels.unique().tolist()
+               if int((labels == c).sum()) >= 2]
+    if not spreads:
+        raise ValueError("within-class spread needs a label with at least 2 images")
+    return float(np.mean(spreads))
