@@ -45,3 +45,24 @@ def test_equal_generator_steps_gives_wgan_five_times_the_epochs(tmp_path):
                "wgan": tiny_config(tmp_path, loss="wgan", batch_size=100)}
     epochs = {n: c.train.epochs for n, c in equal_generator_steps(configs, 60_000, 3_000).items()}
     assert epochs == {"bce": 5, "wgan": 25}  # 600 batches an epoch; n_critic 1 and 5
+
+
+def test_every_committed_study_config_validates():
+    """A typo in a committed config's option would otherwise surface hours into a study."""
+    import json
+
+    from gankit.presets import preset
+    from gankit.studies import row_configs
+
+    configs = sorted(Path("experiments/configs").glob("*.json"))
+    assert configs
+    for path in configs:
+        spec = json.loads(path.read_text())
+        base = dict(spec["base"])
+        if path.name.startswith("federated"):
+            base["mode"] = "federated"  # what federated_study.py adds
+        rows = {name: ({**preset(o["preset"]), **base, **{k: v for k, v in o.items() if k != "preset"}}
+                       if "preset" in o else {k: v for k, v in o.items() if k != "centralized"})
+                for name, o in spec["rows"].items()}
+        built = row_configs({**spec, "rows": rows}, base, "", [], Path("runs") / path.stem)
+        assert set(built) == set(spec["rows"]), path.name
