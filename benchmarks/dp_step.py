@@ -27,7 +27,6 @@ import warnings
 
 import torch
 
-
 from gankit.config import Config
 from gankit.presets import preset
 from gankit.data import ImageData

@@ -23,7 +23,6 @@ import time
 
 import torch
 
-
 from gankit.config import Config
 from gankit.data import load_data
 from gankit.runs import RunDir

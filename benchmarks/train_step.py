@@ -18,7 +18,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-
 from gankit.config import Config
 from gankit.data import ImageData
 from gankit.models import build_discriminator, build_generator

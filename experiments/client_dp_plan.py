@@ -21,7 +21,6 @@ import math
 import sys
 from pathlib import Path
 
-
 from gankit.evaluate import markdown_table
 from gankit.privacy import client_level_epsilon, resolve_delta
 

@@ -34,18 +34,16 @@ import sys
 import time
 from pathlib import Path
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
-
 import torch
 
 from gankit.studies import parse_value, row_configs, study_out, study_parser, train_row, write_csv
 from gankit.data import load_data
 from gankit.evaluate import Reference, evaluate_samples, markdown_table, metric_classifier
 from gankit.metrics.downstream import synthetic_to_real
-from gankit.presets import preset
 from gankit.runs import RunDir
 from gankit.sampling import export_generator, load_generator
 
+CONFIGS = Path(__file__).resolve().parent / "configs"
 log = logging.getLogger("gankit")
 
 TABLE_COLUMNS = ["row", "epochs_done", "epsilon", "epsilon_prv", "delta", "downstream_accuracy",
@@ -170,10 +168,7 @@ def main() -> int:
     base = {**spec["base"], "device": args.device}
     if args.data_root:
         base["data_root"] = args.data_root
-    # A row's preset goes under the base options and the row's own: {preset, base, row}.
-    rows = {name: ({**preset(o["preset"]), **base, **{k: v for k, v in o.items() if k != "preset"}}
-                   if "preset" in o else o) for name, o in spec["rows"].items()}
-    configs = row_configs({**spec, "rows": rows}, base, args.rows, args.set, out / "runs")
+    configs = row_configs(spec, base, args.rows, args.set, out / "runs")
     data = load_data(next(iter(configs.values())).data)
     log.info("data: %s", data.description)
     if len(data.train_x) != 60000:

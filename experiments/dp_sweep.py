@@ -30,8 +30,6 @@ import sys
 import time
 from pathlib import Path
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
-
 from gankit.audit import audit_discriminator
 from gankit.data import load_data
 from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,
@@ -40,6 +38,7 @@ from gankit.sampling import load_discriminator, load_generator
 from gankit.studies import row_configs, study_out, study_parser, train_rows, write_csv
 from gankit.runs import RunDir
 
+CONFIGS = Path(__file__).resolve().parent / "configs"
 log = logging.getLogger("gankit")
 
 TABLE_COLUMNS = ["row", "epsilon", "delta", "noise_multiplier", "dp_steps", "precision", "recall",

@@ -29,8 +29,6 @@ import sys
 import time
 from pathlib import Path
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
-
 from gankit.studies import row_configs, study_out, study_parser, same_training, write_csv
 from gankit.config import Config
 from gankit.data import load_data
@@ -39,6 +37,7 @@ from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown
 from gankit.runs import RunDir
 from gankit.sampling import load_generator
 
+CONFIGS = Path(__file__).resolve().parent / "configs"
 log = logging.getLogger("gankit")
 
 TABLE_COLUMNS = ["row", "partition", "alpha", "clients", "client_dp", "client_dp_noise", "client_optimizer",

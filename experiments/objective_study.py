@@ -29,8 +29,6 @@ from pathlib import Path
 
 import torch
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
-
 from gankit.data import load_data
 from gankit.errors import UserError
 from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,
@@ -39,6 +37,7 @@ from gankit.sampling import load_discriminator, load_generator
 from gankit.studies import (equal_generator_steps, row_configs, study_out, study_parser,
                                  train_rows, write_csv)
 
+CONFIGS = Path(__file__).resolve().parent / "configs"
 log = logging.getLogger("gankit")
 
 TABLE_COLUMNS = ["row", "drs", "precision", "recall", "f1", "density", "coverage", "fid",

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 from conftest import tiny_config
 from gankit.studies import study_out, study_parser, train_rows
 from gankit.data import load_data
@@ -51,7 +50,6 @@ def test_every_committed_study_config_validates():
     """A typo in a committed config's option would otherwise surface hours into a study."""
     import json
 
-    from gankit.presets import preset
     from gankit.studies import row_configs
 
     configs = sorted(Path("experiments/configs").glob("*.json"))
@@ -61,8 +59,7 @@ def test_every_committed_study_config_validates():
         base = dict(spec["base"])
         if path.name.startswith("federated"):
             base["mode"] = "federated"  # what federated_study.py adds
-        rows = {name: ({**preset(o["preset"]), **base, **{k: v for k, v in o.items() if k != "preset"}}
-                       if "preset" in o else {k: v for k, v in o.items() if k != "centralized"})
+        rows = {name: {k: v for k, v in o.items() if k != "centralized"}  # as federated_study.py
                 for name, o in spec["rows"].items()}
         built = row_configs({**spec, "rows": rows}, base, "", [], Path("runs") / path.stem)
         assert set(built) == set(spec["rows"]), path.name

@@ -59,7 +59,8 @@ def metric_classifier(path: str, image_shape, num_classes: int, device="cpu",
 
 @dataclass
 class Reference:
-    """Classifier features of the real reference split, computed once.
+    """Classifier features of the real reference split (and, when it is labelled, its
+    within-class spread), computed once.
 
     Stored in a fixed random order (splits may be sorted by class), so that any prefix is
     an unbiased subset.
@@ -68,13 +69,17 @@ class Reference:
     labels: Optional[Tensor]
     features: Tensor
     logits: Tensor
+    spread: Optional[float] = None  # within_class_spread of the real images
 
     @classmethod
     def of(cls, classifier, images: Tensor, labels: Optional[Tensor]) -> "Reference":
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
         images, labels = images[order], None if labels is None else labels[order]
         features, logits = extract(classifier, images)
-        return cls(images, labels, features, logits)
+        spread = None
+        if labels is not None and int(torch.bincount(labels).max()) >= 2:  # a class to measure
+            spread = within_class_spread(images, labels)
+        return cls(images, labels, features, logits, spread)
 
 
 def core_metrics(ref: Reference, fake_features: Tensor, k: int = 3) -> dict:
@@ -114,11 +119,10 @@ def evaluate_samples(ref: Reference, classifier, images: Tensor, labels: Optiona
     if labels is not None:
         # How often the metric classifier agrees with the label G was asked for.
         metrics["label_agreement"] = float((predicted.cpu() == labels.cpu()).float().mean())
-        if ref.labels is not None:
+        if ref.spread:
             # Diversity within a class, relative to the real images' (1 = as diverse; a G
             # that ignores z is near 0, whatever its precision).
-            metrics["within_class_spread"] = (within_class_spread(images, labels)
-                                              / within_class_spread(ref.images, ref.labels))
+            metrics["within_class_spread"] = within_class_spread(images, labels) / ref.spread
     curve = prd(ref.features, features, seed=seed)
     metrics["prd_f8"], metrics["prd_f1_8"] = prd_f_beta(curve)
     if downstream_epochs and ref.labels is not None:

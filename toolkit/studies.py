@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from gankit.config import RESUMABLE_CHANGES, Config, validate
+from gankit.presets import preset
 from gankit.runs import RunDir
 from gankit.trainer import Trainer
 
@@ -179,8 +180,9 @@ def parse_value(text: str):
 
 
 def row_configs(spec: dict, base: dict, rows_arg: str, sets: list[str], runs_dir: Path) -> dict[str, Config]:
-    """Each wanted row's validated config: the study's base options, then the row's own, then
-    the --set overrides (last, so that a quick check shrinks every row alike)."""
+    """Each wanted row's validated config: the row's `preset` (if it names one), the study's
+    base options, then the row's own, then the --set overrides (last, so that a quick check
+    shrinks every row alike)."""
     wanted = [r for r in rows_arg.split(",") if r]
     unknown = set(wanted) - set(spec["rows"])
     if unknown:
@@ -190,8 +192,10 @@ def row_configs(spec: dict, base: dict, rows_arg: str, sets: list[str], runs_dir
     for name, options in spec["rows"].items():
         if wanted and name not in wanted:
             continue
-        configs[name] = Config().updated({**base, **options, **overrides, "out_dir": str(runs_dir),
-                                          "name": name})
+        options = dict(options)
+        under = preset(options.pop("preset")) if "preset" in options else {}
+        configs[name] = Config().updated({**under, **base, **options, **overrides,
+                                          "out_dir": str(runs_dir), "name": name})
         validate(configs[name])
     return configs
 

@@ -23,5 +23,5 @@ __all__ = [
     "frechet_distance", "fid", "kid",
     "prdc",
     "PRDCurve", "prd", "prd_from_histograms", "prd_f_beta", "plot_prd",
-    "classifier_score", "mode_coverage",
+    "classifier_score", "mode_coverage", "within_class_spread",
 ]
