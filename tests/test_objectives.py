@@ -218,3 +218,80 @@ def test_mode_seeking_term_spreads_a_generator_that_ignores_z(tmp_path):
         spreads[weight] = G.z_path.weight.abs().mean().item()
     assert spreads[0.0] == pytest.approx(1e-3)
     assert spreads[1.0] > 5e-3
+
+
+def test_auxiliary_classifier_teaches_g_the_labels_d_reads():
+    """D's class head is fixed (class k = an image of mean (k - 4.5) / 5) and its score gives
+    no signal, so only the class term moves G: G must learn one image level per label, and
+    `g_class_acc` must say how often the head reads the label G was asked for."""
+    from gankit.config import Config
+    from gankit.latent import build_prior
+    from gankit.steps import StepContext, generator_step
+
+    class LabelG(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.level = nn.Embedding(10, 1)
+            nn.init.zeros_(self.level.weight)
+
+        def forward(self, z, labels):
+            return self.level(labels).view(-1, 1, 1, 1).expand(-1, 1, 2, 2)
+
+    centres = (torch.arange(10.0) - 4.5) / 5
+
+    def fixed_d(x, labels, classes=False):
+        mean = x.flatten(1).mean(1)
+        logits = -20 * (mean[:, None] - centres[None]) ** 2
+        score = 0.0 * mean
+        return (score, logits) if classes else score
+
+    torch.manual_seed(0)
+    config = Config().updated({"latent_dim": 4, "conditional": True, "aux_classifier": 1.0})
+    G = LabelG()
+    ctx = StepContext(G, build_prior(config.latent), get_objective("bce"), config, 10, torch.device("cpu"))
+    g_opt = torch.optim.Adam(G.parameters(), lr=0.05)
+    no_d = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0)
+    first = generator_step(ctx, fixed_d, g_opt, no_d, 256)
+    for _ in range(150):
+        last = generator_step(ctx, fixed_d, g_opt, no_d, 256)
+    assert first["g_class_acc"] < 0.3
+    assert last["g_class_acc"] == 1.0
+    assert last["g_class_loss"] < first["g_class_loss"]
+    # Inner labels settle on their centre; the outermost two may run on past it, where the
+    # head is even more certain.
+    assert torch.allclose(G.level.weight.squeeze(1)[1:-1], centres[1:-1], atol=0.05)
+
+
+def test_auxiliary_classifier_d_stats_are_the_cross_entropy_on_real_labels(tmp_path):
+    """`d_class_loss` is the mean cross-entropy of D's class head on the real batch, before
+    the update, and D's loss is the adversarial loss plus weight x that."""
+    from conftest import synthetic_data, tiny_config
+    from gankit.latent import build_prior
+    from gankit.models import build_discriminator, build_generator
+    from gankit.steps import StepContext, discriminator_step
+
+    torch.manual_seed(0)
+    data = synthetic_data()
+    config = tiny_config(tmp_path, conditional=True, aux_classifier=0.7, loss="hinge")
+    G = build_generator(config.model, 16, data.image_shape, 10)
+    D = build_discriminator(config.model, data.image_shape, 10, class_head=True)
+    real, labels = data.train_x[:32], data.train_y[:32]
+    with torch.no_grad():
+        _, logits = D(real, labels, classes=True)
+        want = nn.functional.cross_entropy(logits, labels)
+    ctx = StepContext(G, build_prior(config.latent), get_objective("hinge"), config, 10, torch.device("cpu"))
+    stats = discriminator_step(ctx, D, torch.optim.SGD(D.parameters(), lr=0.0), real, labels)
+    assert stats["d_class_loss"].item() == pytest.approx(want.item(), rel=1e-6)
+    assert stats["d_class_acc"].item() == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+    assert stats["d_loss"].item() > 0.7 * want.item()
+
+
+def test_auxiliary_classifier_needs_a_conditional_model_with_a_head():
+    from gankit.config import Config, validate
+    from gankit.errors import ConfigError
+    for overrides, message in [({"aux_classifier": 1.0}, "--conditional"),
+                               ({"aux_classifier": -1.0, "conditional": True}, "finite weight"),
+                               ({"aux_classifier": 1.0, "conditional": True, "d_arch": "cdcgan",
+                                 "g_arch": "cdcgan", "d_norm": "none", "g_norm": "none"}, "output head")]:
+        with pytest.raises(ConfigError, match=message):
+            validate(Config().updated(overrides), 10)

@@ -126,6 +126,10 @@ class ObjectiveConfig:
     mode_seeking: float = option(
         0.0, "weight of the mode-seeking term in G's loss (Mao et al. 2019): fakes from two "
              "latents with the same label are pushed apart, against a G that ignores z (0 = off)")
+    aux_classifier: float = option(
+        0.0, "weight of an auxiliary classifier (AC-GAN, Odena et al. 2017): D also learns the "
+             "real images' classes, and G is trained to have its fakes read as the label asked "
+             "for (conditional models; 0 = off)")
     clip_value: float = option(0.01, "wgan: clip every discriminator weight to [-c, c]")
     gp_weight: float = option(10.0, "wgan-gp: gradient penalty weight lambda")
     label_smoothing: float = option(
@@ -491,6 +495,13 @@ def validate(config: Config, num_classes: Optional[int] = None) -> None:
         problems.append(f"label smoothing and soft labels apply to bce and lsgan, not '{o.loss}'")
     if not (o.mode_seeking >= 0 and math.isfinite(o.mode_seeking)):
         problems.append(f"mode-seeking must be a finite weight >= 0, got {o.mode_seeking}")
+    if not (o.aux_classifier >= 0 and math.isfinite(o.aux_classifier)):
+        problems.append(f"aux-classifier must be a finite weight >= 0, got {o.aux_classifier}")
+    elif o.aux_classifier and not m.conditional:
+        problems.append("aux-classifier trains D to predict labels: add --conditional")
+    elif o.aux_classifier and m.d_arch == "cdcgan":
+        problems.append("aux-classifier needs a discriminator with an output head (dcgan, mlp or "
+                        "maxout); the cdcgan discriminator ends in a convolution")
     if not 0 <= o.label_smoothing < 0.5:
         problems.append(f"label-smoothing must be in [0, 0.5), got {o.label_smoothing}")
     if o.label_smoothing and (o.real_label_min, o.real_label_max) != (1.0, 1.0):

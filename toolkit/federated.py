@@ -253,7 +253,8 @@ class GlobalModel:
         seed_everything(config.train.seed)
         self.G = build_generator(config.model, config.latent.latent_dim, data.image_shape,
                                  self.num_classes)
-        self.D = build_discriminator(config.model, data.image_shape, self.num_classes)
+        self.D = build_discriminator(config.model, data.image_shape, self.num_classes,
+                                     class_head=config.objective.aux_classifier > 0)
         self.prior = build_prior(config.latent, config.train.seed)
         self.round = 0
         self.best: Optional[float] = None

@@ -36,6 +36,7 @@ released model private, and pick an unguessable --seed for a release.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -118,8 +119,19 @@ def planned_noise_multiplier(p, n: int, batch_size: int, steps: int) -> float:
 @functools.lru_cache(maxsize=256)
 def _noise_for(epsilon: float, delta: float, q: float, steps: int, accountant: str) -> float:
     # A bisection over the accountant (seconds with PRV); a client asks again every round.
-    return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q,
-                                      steps=steps, accountant=accountant))
+    with quiet_noise_search():
+        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
+                                          sample_rate=q, steps=steps, accountant=accountant))
+
+
+@contextlib.contextmanager
+def quiet_noise_search():
+    """The noise bisection probes noise levels far below its answer, where RDP's best order is
+    the largest one tried; Opacus warns about each such probe, which says nothing about the
+    bound finally used."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        yield
 
 
 def client_level_epsilon(noise_multiplier: float, rounds: int, delta: float,
@@ -258,10 +270,11 @@ class PrivateMode:
         sigma = p.noise_multiplier
         if p.target_epsilon:
             try:
-                sigma = float(get_noise_multiplier(
-                    target_epsilon=p.target_epsilon, target_delta=self.delta,
-                    sample_rate=self.sample_rate, epochs=config.train.epochs,
-                    accountant=p.accountant))
+                with quiet_noise_search():
+                    sigma = float(get_noise_multiplier(
+                        target_epsilon=p.target_epsilon, target_delta=self.delta,
+                        sample_rate=self.sample_rate, epochs=config.train.epochs,
+                        accountant=p.accountant))
             except ValueError as err:
                 raise self._budget_error(config, err) from None
         self._accountant = accountant
@@ -286,9 +299,10 @@ class PrivateMode:
                       grad_sample_mode=p.grad_sample_mode)
         if p.target_epsilon:
             try:
-                D, d_opt, _ = self.engine.make_private_with_epsilon(
-                    target_epsilon=p.target_epsilon, target_delta=self.delta,
-                    epochs=config.train.epochs, **common)
+                with quiet_noise_search():
+                    D, d_opt, _ = self.engine.make_private_with_epsilon(
+                        target_epsilon=p.target_epsilon, target_delta=self.delta,
+                        epochs=config.train.epochs, **common)
             except ValueError as err:  # Opacus: "The privacy budget is too low."
                 raise self._budget_error(config, err) from None
         else:

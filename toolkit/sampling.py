@@ -94,7 +94,8 @@ def load_discriminator(path, checkpoint: str = "last", device="cpu") -> nn.Modul
     if "D" not in ckpt:
         raise UserError(f"{path} holds a released generator without its discriminator; "
                         "rejection sampling needs the run's own checkpoint")
-    D = build_discriminator(config.model, tuple(info["image_shape"]), info["num_classes"]).to(device)
+    D = build_discriminator(config.model, tuple(info["image_shape"]), info["num_classes"],
+                            class_head=config.objective.aux_classifier > 0).to(device)
     D.load_state_dict(ckpt["D"])
     return D.eval()
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, ContextManager, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gankit.config import Config
@@ -51,7 +52,13 @@ def discriminator_step(ctx: StepContext, D: nn.Module, d_opt: torch.optim.Optimi
     fake_labels = ctx.fake_labels(n) if labels is not None else None
     with torch.no_grad():
         fake = ctx.G(ctx.prior.sample(n, device=real.device), fake_labels)
-    v_real = D(real, labels)
+    # The auxiliary classifier learns classes from real images only: fakes with wrong labels
+    # would teach it wrong classes while G is still poor.
+    aux = ctx.config.objective.aux_classifier if labels is not None else 0.0
+    if aux:
+        v_real, class_logits = D(real, labels, classes=True)
+    else:
+        v_real = D(real, labels)
     with ctx.public_pass():
         v_fake = D(fake, fake_labels)
     real_target = fake_target = None
@@ -61,6 +68,12 @@ def discriminator_step(ctx: StepContext, D: nn.Module, d_opt: torch.optim.Optimi
         real_target = sample_targets(n, low, high, v_real)
         fake_target = sample_targets(n, o.fake_label_min, o.fake_label_max, v_fake)
     loss = objective.d_real(v_real, real_target).mean() + objective.d_fake(v_fake, fake_target).mean()
+    class_stats = {}
+    if aux:
+        class_loss = F.cross_entropy(class_logits, labels)
+        loss = loss + aux * class_loss
+        class_stats = {"d_class_loss": class_loss.detach(),
+                       "d_class_acc": (class_logits.detach().argmax(1) == labels).float().mean()}
     if objective.gradient_penalty:
         loss = loss + o.gp_weight * gradient_penalty(D, real, fake, labels).mean()
     d_opt.zero_grad(set_to_none=True)
@@ -74,6 +87,7 @@ def discriminator_step(ctx: StepContext, D: nn.Module, d_opt: torch.optim.Optimi
     with torch.no_grad():
         return {
             **stats,
+            **class_stats,
             "d_loss": loss.detach(),
             "d_real": objective.activation(v_real).mean(),
             "d_fake": objective.activation(v_fake).mean(),
@@ -88,7 +102,8 @@ def generator_step(ctx: StepContext, D: nn.Module, g_opt: torch.optim.Optimizer,
 
     Also returns `d_acc_g_fakes`, D's accuracy on these fakes before G learns from them:
     D has never seen them, and they depend on no real data, so it is a private statistic
-    (the adaptive D-step schedule reads it).
+    (the adaptive D-step schedule reads it). With the auxiliary classifier, `g_class_acc` is
+    how often D's class head reads these fakes as the label G was asked for.
     """
     objective, weight = ctx.objective, ctx.config.objective.mode_seeking
     pairs = n // 2 if weight else 0
@@ -97,9 +112,18 @@ def generator_step(ctx: StepContext, D: nn.Module, g_opt: torch.optim.Optimizer,
         labels[pairs:2 * pairs] = labels[:pairs]  # each pair shares its label
     z = ctx.prior.sample(n, device=ctx.device)
     fake = ctx.G(z, labels)
-    scores = D(fake, labels)
+    aux = ctx.config.objective.aux_classifier if labels is not None else 0.0
+    if aux:
+        scores, class_logits = D(fake, labels, classes=True)
+    else:
+        scores = D(fake, labels)
     loss = objective.g_loss(scores, minimax=ctx.config.objective.minimax_g).mean()
     stats = {}
+    if aux:
+        class_loss = F.cross_entropy(class_logits, labels)
+        loss = loss + aux * class_loss
+        stats["g_class_loss"] = class_loss.detach()
+        stats["g_class_acc"] = (class_logits.detach().argmax(1) == labels).float().mean()
     if pairs:
         penalty = mode_seeking_penalty(fake[:pairs], fake[pairs:2 * pairs], z[:pairs], z[pairs:2 * pairs])
         loss = loss + weight * penalty

@@ -118,7 +118,8 @@ class Trainer:
         self.num_classes = data.num_classes if config.model.conditional else 0
         self.G = build_generator(config.model, config.latent.latent_dim, data.image_shape,
                                  self.num_classes).to(self.device)
-        self.D = build_discriminator(config.model, data.image_shape, self.num_classes).to(self.device)
+        self.D = build_discriminator(config.model, data.image_shape, self.num_classes,
+                                     class_head=config.objective.aux_classifier > 0).to(self.device)
         self.prior = build_prior(config.latent, t.seed).to(self.device)
         self.objective = get_objective(config.objective.loss)
         self.n_critic = n_critic(config)

@@ -1,7 +1,8 @@
 """Generators and discriminators, chosen by name from `ModelConfig`.
 
 Every generator is called as `G(z, y=None)` and returns images (N, C, H, W) in [-1, 1];
-every discriminator as `D(x, y=None)` and returns raw scores (N,). `y` holds class indices
+every discriminator as `D(x, y=None)` and returns raw scores (N,) (with a class head,
+`D(x, y, classes=True)` returns (scores, class logits)). `y` holds class indices
 and is required by conditional models (ValueError without it); unconditional ones ignore it.
 Build models through these functions: they also initialize the weights and add spectral
 norm, which the classes alone do not.
@@ -55,10 +56,13 @@ def build_generator(cfg: ModelConfig, latent_dim: int, image_shape: tuple[int, i
 
 
 def build_discriminator(cfg: ModelConfig, image_shape: tuple[int, int, int],
-                        num_classes: int) -> nn.Module:
-    """`D.noise` is the instance-noise layer (anneal it through `D.noise.std`) or None."""
+                        num_classes: int, class_head: bool = False) -> nn.Module:
+    """`D.noise` is the instance-noise layer (anneal it through `D.noise.std`) or None.
+    `class_head` adds the auxiliary classifier (`--aux-classifier`)."""
     model = _lookup(DISCRIMINATORS, cfg.d_arch, "discriminator")(
         cfg, _check_image_shape(image_shape), num_classes)
+    if class_head:
+        model.add_class_head()
     init_weights(model)  # before spectral norm, which reparametrizes the weights it finds
     if cfg.spectral_norm:
         apply_spectral_norm(model)

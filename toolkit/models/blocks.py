@@ -233,12 +233,13 @@ class OutputHead(nn.Module):
         self.num_classes = num_classes
         self.linear = nn.Linear(features, 1)
         self.projection = nn.Linear(num_classes, features, bias=False) if num_classes else None
+        self.classes: Optional[nn.Linear] = None  # the auxiliary classifier, when added
 
-    def forward(self, h: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, y: Optional[torch.Tensor] = None, classes: bool = False):
         score = self.linear(h).squeeze(1)
         if self.projection is not None:
             score = score + (self.projection(one_hot(y, self.num_classes, h)) * h).sum(dim=1)
-        return score
+        return (score, self.classes(h)) if classes else score
 
 
 class Discriminator(nn.Module):
@@ -275,6 +276,14 @@ class Discriminator(nn.Module):
         projection = self.conditioning == "projection"
         self.head = OutputHead(features, self.num_classes if projection else 0)
 
+    def add_class_head(self) -> None:
+        """An auxiliary classifier on D's features (Odena et al. 2017, AC-GAN): class logits
+        (N, K) beside the score, returned by `D(x, y, classes=True)`."""
+        if self.head is None or not self.num_classes:
+            raise ConfigError(f"{type(self).__name__} has no class head: the auxiliary classifier "
+                              "needs a conditional dcgan, mlp or maxout discriminator")
+        self.head.classes = nn.Linear(self.head.linear.in_features, self.num_classes)
+
     def checked_input(self, x: torch.Tensor, y: Optional[torch.Tensor]):
         """(x with instance noise, y as class indices or None), or a ValueError saying what
         is wrong with them."""
@@ -285,7 +294,8 @@ class Discriminator(nn.Module):
         y = check_labels(y, x.shape[0], self.num_classes, "discriminator")
         return (self.noise(x) if self.noise is not None else x), y
 
-    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, classes: bool = False):
+        """Scores (N,), or (scores, class logits (N, K)) with `classes` (see add_class_head)."""
         x, y = self.checked_input(x, y)
         if self.conditioning == "concat":
             labels = one_hot(y, self.num_classes, x)
@@ -294,4 +304,4 @@ class Discriminator(nn.Module):
                 x = torch.cat([x, planes], dim=1)
             else:
                 x = torch.cat([x.flatten(1), labels], dim=1)
-        return self.head(self.body(x), y)
+        return self.head(self.body(x), y, classes)
