@@ -1,5 +1,7 @@
-"""Federated training on one machine: Flower's simulation engine (Ray), one virtual
-SuperNode per client, the same ClientApp and server as a real deployment."""
+"""Federated training on one machine: one virtual SuperNode per client, the same ClientApp
+and server as a real deployment. `--simulation ray` (default) runs them on Flower's
+simulation engine, clients in parallel Ray actors; `--simulation inline` calls them in this
+process one after another (server/inline_grid.py), for many small clients."""
 
 from __future__ import annotations
 
@@ -80,6 +82,9 @@ def simulate(config: Config, data: ImageData, run: RunDir, resume: bool = False,
             outcome["error"] = err
             raise
 
+    if f.simulation == "inline":
+        return simulate_inline(config, data, run, resume, classifier, client_app or project_client_app,
+                               stop)
     cpus = os.cpu_count() or 1
     previous = catch_sigint(stop)
     watchdog = start_for_this_process()  # ends Ray's agents should this process be killed
@@ -97,12 +102,32 @@ def simulate(config: Config, data: ImageData, run: RunDir, resume: bool = False,
         if watchdog is not None:
             watchdog.terminate()
     if isinstance(outcome.get("error"), RoundsStopped):
-        log.info("interrupted after round %s; checkpoint saved. Continue with: gankit train "
-                 "--resume %s", outcome["error"].args[0], run.path)
-        raise Interrupted(run.path)
+        interrupted(run, outcome["error"])
     if "error" in outcome:
         raise outcome["error"]
     model: Optional[GlobalModel] = outcome.get("model")
     if model is None:
         raise UserError("the federated simulation ended without finishing its rounds (see the log above)")
     return model
+
+
+def interrupted(run: RunDir, stopped: Exception):
+    log.info("interrupted after round %s; checkpoint saved. Continue with: gankit train "
+             "--resume %s", stopped.args[0], run.path)
+    raise Interrupted(run.path)
+
+
+def simulate_inline(config: Config, data: ImageData, run: RunDir, resume: bool, classifier,
+                    client_app, stop: threading.Event) -> GlobalModel:
+    from gankit.server.app import RoundsStopped, serve
+    from gankit.server.inline_grid import InlineGrid
+
+    grid = InlineGrid(client_app, config.federated.clients)
+    previous = catch_sigint(stop)
+    try:
+        return serve(grid, config, run, data, resume=resume, classifier=classifier, stop=stop)
+    except RoundsStopped as stopped:
+        interrupted(run, stopped)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)

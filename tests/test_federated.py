@@ -264,7 +264,8 @@ def test_fedadam_resumes_with_its_server_moments(tmp_path):
     assert not np.allclose(resumed({}), expected)  # restarting the moments changes the step
 
 
-def test_simulated_rounds_survive_a_failing_client_and_resume_from_the_last_round(tmp_path):
+@pytest.mark.parametrize("simulation", ["ray", "inline"])
+def test_simulated_rounds_survive_a_failing_client_and_resume_from_the_last_round(tmp_path, simulation):
     from flwr.clientapp import ClientApp
 
     from gankit.clients.app import identify, local_training
@@ -281,7 +282,8 @@ def test_simulated_rounds_survive_a_failing_client_and_resume_from_the_last_roun
         return local_training(msg, context)
 
     # With sample-level DP on, so the privacy account travels through Flower and the resume.
-    config = npz_config(tmp_path, clients=3, rounds=1, name="fl", sample_dp=True, noise_multiplier=1.0)
+    config = npz_config(tmp_path, clients=3, rounds=1, name="fl", sample_dp=True, noise_multiplier=1.0,
+                        simulation=simulation)
     data = load_data(config.data)
     run = RunDir.create(config)
     simulate(config, data, run, client_app=flaky)
@@ -298,6 +300,34 @@ def test_simulated_rounds_survive_a_failing_client_and_resume_from_the_last_roun
     eps = run.history()[1]["epsilon_per_client"]
     assert eps["0"] == eps["1"] == eps["2"] > first[0]["epsilon_per_client"]["0"]
     assert run.history()[1]["epsilon"] == pytest.approx(max(eps.values()), abs=1e-4)
+
+
+def test_inline_simulation_trains_the_model_ray_trains(tmp_path):
+    """The same clients, strategy and seeds in one process: the global model after two rounds
+    (here with client-level DP, whose noise the server draws) is the one Flower's Ray engine
+    gives, up to the order in which replies are summed (Ray's is the order they arrive in)."""
+    from gankit.data import load_data
+    from gankit.server.simulation import simulate
+
+    weights, histories = {}, {}
+    for simulation in ("ray", "inline"):
+        (tmp_path / simulation).mkdir()
+        config = npz_config(tmp_path / simulation, clients=3, rounds=2, name="fl", simulation=simulation,
+                            client_dp="server", client_dp_noise=0.5, client_dp_clip=1.0)
+        run = RunDir.create(config)
+        model = simulate(config, load_data(config.data), run)
+        weights[simulation] = model.weights
+        histories[simulation] = [{k: v for k, v in r.items() if "time" not in k and k != "eta_s"}
+                                 for r in run.history()]
+    assert weights["ray"].keys() == weights["inline"].keys()
+    for key in weights["ray"]:
+        assert torch.allclose(weights["ray"][key].double(), weights["inline"][key].double(),
+                              rtol=1e-4, atol=1e-6), key
+    assert len(histories["ray"]) == len(histories["inline"]) == 2
+    for ray, inline in zip(histories["ray"], histories["inline"]):
+        assert ray.keys() == inline.keys()
+        for key, value in ray.items():
+            assert inline[key] == (pytest.approx(value, rel=1e-3) if isinstance(value, float) else value), key
 
 
 def test_ctrl_c_in_a_simulation_stops_after_the_round_saves_and_exits(tmp_path):

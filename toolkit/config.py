@@ -37,6 +37,7 @@ PARTITIONS = ("iid", "dirichlet", "pathological")
 CLIENT_DP = ("none", "server", "client", "poisson")
 CLIENT_OPTIMIZERS = ("reset", "keep")
 SYNCS = ("both", "d")
+SIMULATIONS = ("ray", "inline")
 D_STEPS_SCHEDULES = ("fixed", "adaptive")  # toolkit/schedule.py
 FAKE_GRADIENTS = ("paired", "public")
 # The metrics --best-metric can follow, each with the direction that is better.
@@ -246,6 +247,10 @@ class FederatedConfig:
     client_dp_noise: float = option(1.0, "federated: client-level DP noise multiplier")
     client_dp_clip: float = option(1.0, "federated: client-level DP clipping norm of a client's update")
     client_cpus: float = option(1.0, "federated: CPU cores per simulated client (Ray)")
+    simulation: str = option(
+        "ray", "federated: simulation engine: ray (clients in parallel Ray actors) | inline (every "
+               "client in this process, one after another: no per-message cost, for many small "
+               "clients)")
     sync: str = option(
         "both", "federated: what the clients train and send: both (G and D, averaged) | d (D "
                 "alone; the server trains G against the aggregated D, as Augenstein et al. 2020)")
@@ -285,7 +290,8 @@ GROUPS = {
 
 # Options that a resumed run may change; every other change is refused.
 RESUMABLE_CHANGES = {"epochs", "progress", "tensorboard", "log_every", "sample_every", "device",
-                     "eval_every", "eval_samples", "rounds", "client_cpus", "pr_curves"}
+                     "eval_every", "eval_samples", "rounds", "client_cpus", "pr_curves",
+                     "simulation"}
 
 
 @dataclass
@@ -375,7 +381,7 @@ def federated_problems(f: FederatedConfig) -> list[str]:
     for value, allowed, what in [(f.strategy, STRATEGIES, "strategy"), (f.partition, PARTITIONS, "partition"),
                                  (f.client_dp, CLIENT_DP, "client-dp"),
                                  (f.client_optimizer, CLIENT_OPTIMIZERS, "client optimizer"),
-                                 (f.sync, SYNCS, "sync")]:
+                                 (f.sync, SYNCS, "sync"), (f.simulation, SIMULATIONS, "simulation")]:
         if value not in allowed:
             problems.append(f"unknown {what} '{value}' (choose from {', '.join(allowed)})")
     for value, what in [(f.clients, "clients"), (f.rounds, "rounds"), (f.local_steps, "local-steps"),
