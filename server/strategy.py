@@ -1,6 +1,8 @@
 """The server's aggregation: a Flower strategy chosen by --strategy, inside a reply guard.
 
-    fedavg, fedprox, fedadam        (FedProx's proximal term is applied by the clients)
+    fedavg, fedavgm, fedprox, fedadam
+                                    (FedProx's proximal term is applied by the clients;
+                                    FedAvgM: --server-step, --server-momentum)
     fedmedian, trimmed-mean, krum   robust to a minority of bad clients
     --client-dp server|client       Flower's DP-FedAvg wrappers (fixed clipping) around
                                     fedavg/fedprox; the server reports epsilon
@@ -398,8 +400,10 @@ def mean_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
 
 
 # Beyond the global weights, the FedOpt family (FedAdam) carries the server optimizer's
-# moments from round to round; a resumed run must continue them, not restart from zero.
+# moments from round to round, and FedAvgM its momentum (a list, in the arrays' order); a
+# resumed run must continue them, not restart from zero.
 SERVER_OPTIMIZER_STATE = ("m_t", "v_t")
+SERVER_MOMENTUM = "momentum_vector"
 
 
 def innermost(strategy):
@@ -412,14 +416,21 @@ def innermost(strategy):
 def strategy_state(strategy) -> dict:
     """The strategy's state between rounds (as tensors, for the checkpoint)."""
     inner = innermost(strategy)
-    return {name: {k: torch.from_numpy(np.array(v)) for k, v in getattr(inner, name).items()}
-            for name in SERVER_OPTIMIZER_STATE if getattr(inner, name, None)}
+    state = {name: {k: torch.from_numpy(np.array(v)) for k, v in getattr(inner, name).items()}
+             for name in SERVER_OPTIMIZER_STATE if getattr(inner, name, None)}
+    if getattr(inner, SERVER_MOMENTUM, None) is not None:
+        state[SERVER_MOMENTUM] = {str(i): torch.from_numpy(np.array(v))
+                                  for i, v in enumerate(getattr(inner, SERVER_MOMENTUM))}
+    return state
 
 
 def load_strategy_state(strategy, state: dict) -> None:
     inner = innermost(strategy)
     for name, arrays in (state or {}).items():
-        setattr(inner, name, {k: v.numpy() for k, v in arrays.items()})
+        if name == SERVER_MOMENTUM:
+            setattr(inner, name, [arrays[str(i)].numpy() for i in range(len(arrays))])
+        else:
+            setattr(inner, name, {k: v.numpy() for k, v in arrays.items()})
 
 
 def build_strategy(config: Config, global_arrays: ArrayRecord, partition_sizes: list[int],
@@ -433,6 +444,8 @@ def build_strategy(config: Config, global_arrays: ArrayRecord, partition_sizes: 
     common = dict(fraction_train=f.fraction_train, fraction_evaluate=0.0, min_train_nodes=sampled,
                   min_evaluate_nodes=0, min_available_nodes=f.clients, train_metrics_aggr_fn=mean_metrics)
     base = {"fedavg": (flwr_strategies.FedAvg, {}),
+            "fedavgm": (flwr_strategies.FedAvgM, {"server_learning_rate": f.server_step,
+                                                  "server_momentum": f.server_momentum}),
             "fedprox": (flwr_strategies.FedProx, {"proximal_mu": f.proximal_mu}),
             "fedadam": (flwr_strategies.FedAdam, {"eta": f.server_lr}),
             "fedmedian": (flwr_strategies.FedMedian, {}),

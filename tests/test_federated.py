@@ -232,14 +232,19 @@ def test_guard_drops_nan_replies_and_robust_aggregation_survives_a_poisoned_clie
         assert np.abs(w).max() <= 3.0, robust  # ...a robust aggregate is not
 
 
-def test_fedadam_resumes_with_its_server_moments(tmp_path):
+@pytest.mark.parametrize("strategy_options", [
+    dict(strategy="fedadam", server_lr=0.1),
+    dict(strategy="fedavgm", server_step=2.0, server_momentum=0.9)], ids=["fedadam", "fedavgm"])
+def test_server_optimizers_resume_with_their_state(tmp_path, strategy_options):
+    """FedAdam's moments and FedAvgM's momentum are saved with a round and loaded on resume:
+    the resumed round takes the step the uninterrupted run takes."""
     from test_hostile_replies import FakeGrid, honest_metrics, records, reply
 
     from flwr.app import ConfigRecord
 
     from gankit.server.strategy import build_strategy, load_strategy_state, strategy_state
 
-    config = tiny_config(tmp_path, mode="federated", clients=2, strategy="fedadam", server_lr=0.1)
+    config = tiny_config(tmp_path, mode="federated", clients=2, **strategy_options)
     grid = FakeGrid({1: 0, 2: 1}, 2)
 
     def round_of(strategy, server_round, global_w, values):
@@ -262,6 +267,23 @@ def test_fedadam_resumes_with_its_server_moments(tmp_path):
 
     assert np.array_equal(resumed(saved), expected)
     assert not np.allclose(resumed({}), expected)  # restarting the moments changes the step
+
+
+def test_fedavgm_moves_by_the_server_step_times_the_mean_update(tmp_path):
+    from test_hostile_replies import FakeGrid, honest_metrics, records, reply
+
+    from flwr.app import ConfigRecord
+
+    from gankit.server.strategy import build_strategy
+
+    config = tiny_config(tmp_path, mode="federated", clients=2, strategy="fedavgm", server_step=2.0)
+    strategy = build_strategy(config, records({"w": np.zeros(2, np.float32)}), [10, 10])
+    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(
+        1, records({"w": np.zeros(2, np.float32)}), ConfigRecord({}), FakeGrid({1: 0, 2: 1}, 2))}
+    replies = [reply(sent[node], {"w": np.array(v, np.float32)}, honest_metrics(config, sent[node], node - 1, examples=10))
+               for node, v in zip((1, 2), ([1.0, 2.0], [3.0, 0.0]))]
+    new = strategy.aggregate_train(1, replies)[0].to_numpy_ndarrays()[0]
+    assert np.allclose(new, [4.0, 2.0])  # 2 x the mean update (2, 1): the sum of the two
 
 
 @pytest.mark.parametrize("simulation", ["ray", "inline"])

@@ -32,7 +32,7 @@ ACCOUNTANTS = ("rdp", "prv", "gdp")
 # bk: toolkit/clipping.py (book-keeping); the others are Opacus' per-sample gradient modes.
 GRAD_SAMPLE_MODES = ("bk", "ew", "hooks", "functorch")
 DEVICES = ("cpu", "cuda", "auto")
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean", "krum")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedmedian", "trimmed-mean", "krum")
 PARTITIONS = ("iid", "dirichlet", "pathological")
 CLIENT_DP = ("none", "server", "client", "poisson")
 CLIENT_OPTIMIZERS = ("reset", "keep")
@@ -230,6 +230,11 @@ class FederatedConfig:
     strategy: str = option("fedavg", "federated: aggregation: " + " | ".join(STRATEGIES))
     proximal_mu: float = option(0.01, "federated: FedProx proximal term weight")
     server_lr: float = option(0.01, "federated: FedAdam server learning rate (eta)")
+    server_step: float = option(
+        1.0, "federated: fedavgm: server learning rate on the mean update (1 = FedAvg's step; K "
+             "moves the global model by the sum of K IID clients' updates)")
+    server_momentum: float = option(0.0, "federated: fedavgm: server momentum on the mean update "
+                                         "(Hsu et al. 2019)")
     trim_fraction: float = option(0.25, "federated: trimmed-mean share cut at each end")
     krum_malicious: int = option(1, "federated: Krum's assumed number of malicious clients")
     partition: str = option("iid", "federated: data split: " + " | ".join(PARTITIONS))
@@ -387,7 +392,7 @@ def federated_problems(f: FederatedConfig) -> list[str]:
     for value, what in [(f.clients, "clients"), (f.rounds, "rounds"), (f.local_steps, "local-steps"),
                         (f.dirichlet_alpha, "dirichlet-alpha"), (f.classes_per_client, "classes-per-client"),
                         (f.client_dp_clip, "client-dp-clip"), (f.client_cpus, "client-cpus"),
-                        (f.server_lr, "server-lr")]:
+                        (f.server_lr, "server-lr"), (f.server_step, "server-step")]:
         if value <= 0:
             problems.append(f"{what} must be positive, got {value}")
     for value, what in [(f.min_clients, "min-clients"), (f.proximal_mu, "proximal-mu"),
@@ -396,6 +401,8 @@ def federated_problems(f: FederatedConfig) -> list[str]:
             problems.append(f"{what} must be non-negative, got {value}")
     if not 0 < f.fraction_train <= 1:
         problems.append(f"fraction-train must be in (0, 1], got {f.fraction_train}")
+    if not 0 <= f.server_momentum < 1:
+        problems.append(f"server-momentum must be in [0, 1), got {f.server_momentum}")
     if f.client_dp == "poisson" and f.strategy != "fedavg":
         problems.append(f"--client-dp poisson is its own DP-FedAvg; it cannot run with strategy "
                         f"'{f.strategy}' (use fedavg)")
