@@ -66,8 +66,10 @@ def train_federated_row(name: str, config: Config, data, classifier, runs_dir: P
         run = RunDir.create(config)
     log.info("[%s] federated training: %s", name, run.path)
     started = time.perf_counter()
-    simulate(config, data, run, resume=resume, classifier=classifier)
-    times[name] = round(times.get(name, 0.0) + time.perf_counter() - started, 1)
+    try:
+        simulate(config, data, run, resume=resume, classifier=classifier)
+    finally:  # an interrupted segment counts too: the next run continues from its last round
+        times[name] = round(times.get(name, 0.0) + time.perf_counter() - started, 1)
 
 
 def train_centralized_row(name: str, config: Config, data, classifier, runs_dir: Path, times: dict) -> None:
@@ -188,10 +190,18 @@ def main() -> int:
     times_path = out / "train_times.json"
     times = json.loads(times_path.read_text()) if times_path.exists() else {}
     table, runs = [], {}
+    from gankit.server.simulation import Interrupted
+
     for name, config in configs.items():
         train = train_centralized_row if name in centralized else train_federated_row
-        train(name, config, data, classifier, out / "runs", times)
-        times_path.write_text(json.dumps(times, indent=1))
+        try:
+            train(name, config, data, classifier, out / "runs", times)
+        except Interrupted:
+            log.warning("[%s] stopped at a round's end (Ctrl-C), its checkpoint saved; run the "
+                        "same command to continue", name)
+            return 130
+        finally:
+            times_path.write_text(json.dumps(times, indent=1))
         runs[name] = out / "runs" / name
         row = evaluate_row(name, config, runs[name], ref, classifier, ev, args.seed, name in centralized)
         row["train_time_s"] = times.get(name, math.nan)

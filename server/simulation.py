@@ -114,7 +114,7 @@ def simulate(config: Config, data: ImageData, run: RunDir, resume: bool = False,
 def interrupted(run: RunDir, stopped: Exception):
     log.info("interrupted after round %s; checkpoint saved. Continue with: gankit train "
              "--resume %s", stopped.args[0], run.path)
-    raise Interrupted(run.path)
+    raise Interrupted(run.path) from None
 
 
 def simulate_inline(config: Config, data: ImageData, run: RunDir, resume: bool, classifier,
@@ -127,7 +127,7 @@ def simulate_inline(config: Config, data: ImageData, run: RunDir, resume: bool, 
     try:
         return serve(grid, config, run, data, resume=resume, classifier=classifier, stop=stop)
     except RoundsStopped as stopped:
-        interrupted(run, stopped)
+        interrupted(run, stopped)  # raises Interrupted
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
