@@ -229,7 +229,8 @@ def test_failed_replies_and_too_few_good_ones_keep_the_model_without_ending_the_
 
 
 STRATEGIES = [dict(strategy=s) for s in ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean", "krum")] + \
-             [dict(strategy="fedavg", client_dp="server"), dict(strategy="fedavg", client_dp="client")]
+             [dict(strategy="fedavgm", server_step=2.0, server_momentum=0.5),
+              dict(strategy="fedavg", client_dp="server"), dict(strategy="fedavg", client_dp="client")]
 
 
 @pytest.mark.parametrize("options", STRATEGIES, ids=lambda o: "+".join(map(str, o.values())))
