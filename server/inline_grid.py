@@ -14,7 +14,6 @@ reply, as Flower's engine reports it.
 
 from __future__ import annotations
 
-import logging
 import random
 from typing import Iterable, Optional
 from uuid import uuid4
@@ -22,18 +21,14 @@ from uuid import uuid4
 import numpy as np
 import torch
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
-
-log = logging.getLogger("gankit")
-
-CLIENT_APP_RAISED_EXCEPTION = 2  # flwr.common.constant.ErrorCode
-
 
 RUN_ID = 1
 
 
 class InlineGrid(Grid):
-    def __init__(self, client_app, num_nodes: int, run_config: Optional[dict] = None):
+    def __init__(self, client_app, num_nodes: int):
         # Flower's messages take their run from the process's task identity, which its own
         # runtimes set before a ServerApp starts; this process is the server's.
         from flwr.common.constant import SUPERLINK_NODE_ID
@@ -44,7 +39,7 @@ class InlineGrid(Grid):
         # Node ids start at 1: Flower keeps 0 for the server.
         self.contexts = {node: Context(run_id=RUN_ID, node_id=node,
                                        node_config={"partition-id": node - 1, "num-partitions": num_nodes},
-                                       state=RecordDict(), run_config=dict(run_config or {}))
+                                       state=RecordDict(), run_config={})
                          for node in range(1, num_nodes + 1)}
         self._replies: dict[str, Message] = {}
         self._run = None
@@ -84,7 +79,7 @@ class InlineGrid(Grid):
     def _deliver(self, message: Message) -> Message:
         node = message.metadata.dst_node_id
         if node not in self.contexts:
-            return Message(Error(code=5, reason=f"no node {node}"), reply_to=message)
+            return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=f"no node {node}"), reply_to=message)
         # What a client changes in this process is put back, as if it had run elsewhere: its
         # thread count (--client-cpus) and the global random streams, which it reseeds and
         # the server's DP noise draws from.
@@ -94,7 +89,7 @@ class InlineGrid(Grid):
             reply = self.client_app(message, self.contexts[node])
         except Exception as err:  # as Flower's engine: the client's failure is its reply
             reason = f"{type(err).__name__}: {err}"
-            return Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
         finally:
             torch.set_num_threads(threads)
             random.setstate(streams[0])

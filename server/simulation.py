@@ -69,9 +69,12 @@ def simulate(config: Config, data: ImageData, run: RunDir, resume: bool = False,
     from gankit.server.app import RoundsStopped, serve
 
     f = config.federated
+    stop = threading.Event()
+    if f.simulation == "inline":
+        return simulate_inline(config, data, run, resume, classifier, client_app or project_client_app,
+                               stop)
     outcome: dict = {}
     server_app = ServerApp()
-    stop = threading.Event()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
@@ -82,9 +85,6 @@ def simulate(config: Config, data: ImageData, run: RunDir, resume: bool = False,
             outcome["error"] = err
             raise
 
-    if f.simulation == "inline":
-        return simulate_inline(config, data, run, resume, classifier, client_app or project_client_app,
-                               stop)
     cpus = os.cpu_count() or 1
     previous = catch_sigint(stop)
     watchdog = start_for_this_process()  # ends Ray's agents should this process be killed

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from gankit.config import Config, n_critic
 from gankit.data import ImageData
 from gankit.latent import build_prior
-from gankit.models import build_discriminator, build_generator
+from gankit.models import build_generator, discriminator_for
 from gankit.partition import class_histogram, histogram_table, partition, save_histogram
 from gankit.recorder import Recorder, sample_grid
 from gankit.runs import RunDir
@@ -253,8 +253,7 @@ class GlobalModel:
         seed_everything(config.train.seed)
         self.G = build_generator(config.model, config.latent.latent_dim, data.image_shape,
                                  self.num_classes)
-        self.D = build_discriminator(config.model, data.image_shape, self.num_classes,
-                                     class_head=config.objective.aux_classifier > 0)
+        self.D = discriminator_for(config, data.image_shape, self.num_classes)
         self.prior = build_prior(config.latent, config.train.seed)
         self.round = 0
         self.best: Optional[float] = None

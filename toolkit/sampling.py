@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from gankit.config import Config, privacy_facts
 from gankit.errors import UserError
 from gankit.latent import build_prior
-from gankit.models import build_discriminator, build_generator
+from gankit.models import build_generator, discriminator_for
 from gankit.runs import find_checkpoint
 from gankit.statefile import load_state
 
@@ -94,8 +94,7 @@ def load_discriminator(path, checkpoint: str = "last", device="cpu") -> nn.Modul
     if "D" not in ckpt:
         raise UserError(f"{path} holds a released generator without its discriminator; "
                         "rejection sampling needs the run's own checkpoint")
-    D = build_discriminator(config.model, tuple(info["image_shape"]), info["num_classes"],
-                            class_head=config.objective.aux_classifier > 0).to(device)
+    D = discriminator_for(config, tuple(info["image_shape"]), info["num_classes"]).to(device)
     D.load_state_dict(ckpt["D"])
     return D.eval()
 

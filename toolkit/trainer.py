@@ -31,7 +31,7 @@ from gankit.config import Config, n_critic, privacy_facts, validate
 from gankit.data import ImageData, ShuffledBatches
 from gankit.errors import TrainingDiverged, UserError
 from gankit.latent import build_prior
-from gankit.models import build_discriminator, build_generator
+from gankit.models import build_generator, discriminator_for
 from gankit.modes import DiscriminatorParts, build_mode
 from gankit.objectives import get_objective
 from gankit.recorder import Recorder, sample_grid
@@ -118,8 +118,7 @@ class Trainer:
         self.num_classes = data.num_classes if config.model.conditional else 0
         self.G = build_generator(config.model, config.latent.latent_dim, data.image_shape,
                                  self.num_classes).to(self.device)
-        self.D = build_discriminator(config.model, data.image_shape, self.num_classes,
-                                     class_head=config.objective.aux_classifier > 0).to(self.device)
+        self.D = discriminator_for(config, data.image_shape, self.num_classes).to(self.device)
         self.prior = build_prior(config.latent, t.seed).to(self.device)
         self.objective = get_objective(config.objective.loss)
         self.n_critic = n_critic(config)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from gankit.config import ModelConfig
+from gankit.config import Config, ModelConfig
 from gankit.errors import ConfigError
 from gankit.models.blocks import GaussianNoise, apply_spectral_norm, init_weights
 from gankit.models.cdcgan import CDCGANDiscriminator, CDCGANGenerator
@@ -30,6 +30,7 @@ DISCRIMINATORS = {
 
 __all__ = [
     "GENERATORS", "DISCRIMINATORS", "GaussianNoise", "build_generator", "build_discriminator",
+    "discriminator_for",
 ]
 
 
@@ -67,3 +68,9 @@ def build_discriminator(cfg: ModelConfig, image_shape: tuple[int, int, int],
     if cfg.spectral_norm:
         apply_spectral_norm(model)
     return model
+
+
+def discriminator_for(config: Config, image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """The run's D: its model options, with the class head when the objective uses one."""
+    return build_discriminator(config.model, image_shape, num_classes,
+                               class_head=config.objective.aux_classifier > 0)
