@@ -182,6 +182,20 @@ def main() -> int:
     table, grids = [], {}
     for name, config in configs.items():
         run = RunDir(out / "runs" / name)
+        committed = out / "evaluations" / f"{name}.json"
+        if args.evaluate_only and not run.checkpoint_path("last").exists() and committed.is_file():
+            # A row trained on another machine: its run folder stays out of git, and its
+            # committed evaluation (sample grid, history, released generator beside it) is the
+            # evidence, if it measured what this table measures.
+            cached = json.loads(committed.read_text())
+            if cached["key"]["evaluation"] != ev or cached["key"]["baseline"] != (not args.no_baseline):
+                log.warning("[%s] its committed evaluation used other settings; skipped", name)
+                continue
+            row = cached["row"]
+            row["epochs_done"] = f"{cached['key']['checkpoint_epoch']}/{config.train.epochs}"
+            table.append(row)
+            log.info("[%s] no run folder here; its committed evaluation is tabled", name)
+            continue
         if args.evaluate_only:
             state = (run.load_checkpoint("last")["state"] if run.checkpoint_path("last").exists()
                      else {"epoch": 0})
