@@ -97,25 +97,28 @@ def evaluate_row(name, run_path: Path, data, classifier, ref, ev: dict, seed: in
     return row
 
 
-def plot_metrics(path: Path, table: list[dict]) -> None:
-    """Each metric against epsilon (log x), seeds as separate points and their mean as the
-    line; non-private rows and the DP-SGD baseline as references."""
+def plot_metrics(path: Path, table: list[dict], curve: dict) -> None:
+    """Each metric against epsilon (log x) for the recipe's rows (config "curve"): seeds as
+    points and their mean as the line, its non-private row and the DP-SGD baseline as
+    references; the exploratory rows of other recipes as grey points."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    private = [r for r in table if math.isfinite(r["epsilon"])]
-    public = [r for r in table if not math.isfinite(r["epsilon"])]
-    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(3.6 * len(PLOTTED), 3.1), squeeze=False)
+    ours = [r for r in table if r["row"] in curve.get("rows", ())]
+    private = [r for r in ours if math.isfinite(r["epsilon"])]
+    public = [r for r in ours if not math.isfinite(r["epsilon"])]
+    others = [r for r in table if r not in ours and math.isfinite(r["epsilon"])]
+    fig, axes = plt.subplots(2, (len(PLOTTED) + 1) // 2, figsize=(10, 7), squeeze=False)
     for ax, metric in zip(axes.flat, PLOTTED):
+        if others:
+            ax.scatter([r["epsilon"] for r in others], [r[metric] for r in others], s=10,
+                       color="0.6", alpha=0.6, label="other recipes (explorations)")
         targets = sorted({round(r["epsilon"]) if r["epsilon"] >= 1 else round(r["epsilon"], 1)
                           for r in private})
         by_target = {t: [r for r in private if abs(r["epsilon"] - t) / t < 0.1] for t in targets}
-        ax.scatter([r["epsilon"] for r in private], [r[metric] for r in private], s=14, color="C0",
-                   alpha=0.6, label="runs (seeds)")
-        for r in private:
-            ax.annotate(r["row"], (r["epsilon"], r[metric]), fontsize=6, alpha=0.8,
-                        xytext=(3, 3), textcoords="offset points")
+        ax.scatter([r["epsilon"] for r in private], [r[metric] for r in private], s=18, color="C0",
+                   label=f"{curve.get('label', 'recipe')} (each seed)")
         # The mean over the seeds of each epsilon, at their mean epsilon.
         means = sorted((sum(r["epsilon"] for r in rs) / len(rs), sum(r[metric] for r in rs) / len(rs))
                        for rs in by_target.values() if rs)
@@ -126,8 +129,8 @@ def plot_metrics(path: Path, table: list[dict]) -> None:
                           if r.get("dp_sgd_baseline_accuracy") is not None)
             if base:
                 ax.plot(*zip(*base), "--s", ms=3, color="C3", label="DP-SGD classifier on real")
-        for i, r in enumerate(public):
-            ax.axhline(r[metric], color=f"C{i + 1}", ls=":", lw=1, label=f"{r['row']} (eps=inf)")
+        for r in public:
+            ax.axhline(r[metric], color="C2", ls=":", lw=1.2, label="the recipe without DP")
         ax.set_xscale("log")
         # The budgets the field reports, as plain numbers (log-scale labels of nearby
         # epsilons otherwise print as overlapping mathtext).
@@ -140,7 +143,7 @@ def plot_metrics(path: Path, table: list[dict]) -> None:
         ax.set_xlabel("epsilon (RDP, delta 1e-5)")
         ax.set_title(metric + (" (lower is better)" if metric == "fid" else ""), fontsize=9)
         ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=7)
+    axes.flat[0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -267,7 +270,7 @@ def main() -> int:
         f"training images at the row's epsilon ({ev['baseline_epochs']} epochs). "
         f"Evaluation time {(time.perf_counter() - started) / 60:.1f} min.\n\n"
         f"Command: `{command}`\n\n" + markdown_table(table, TABLE_COLUMNS))
-    plot_metrics(out / "metrics_vs_epsilon.png", table)
+    plot_metrics(out / "metrics_vs_epsilon.png", table, spec.get("curve", {}))
     log.info("wrote %s", out / "table.md")
     return 0
 
