@@ -18,6 +18,10 @@ the committed results):
     fid_per_round.png     the global G's FID after every round, one line per row
     samples/<row>.png     a sample grid per row (one column per class)
     partitions/<row>.png  each row's per-client class histogram
+    evaluations/<row>.json, histories/<row>.jsonl
+                          what the committed results keep of each row: its table row (keyed by
+                          what it measured) and its history, so the table and the plot are
+                          rebuilt with --evaluate-only where the run folders are absent
     runs/<row>/           the runs (a finished run is reused, an interrupted one resumes)
 """
 
@@ -126,7 +130,7 @@ def evaluate_row(name: str, config: Config, run_path: Path, ref, classifier, ev:
     return row
 
 
-def plot_fid_per_round(path: Path, runs: dict[str, Path], configs: dict[str, Config],
+def plot_fid_per_round(path: Path, histories: dict[str, Path], configs: dict[str, Config],
                        centralized: set) -> None:
     """FID of the global G after every round; colour by partition, dashed with client DP."""
     import matplotlib
@@ -135,8 +139,9 @@ def plot_fid_per_round(path: Path, runs: dict[str, Path], configs: dict[str, Con
 
     colours: dict = {}
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, run_path in runs.items():
-        points = [(r["round"], r["fid"]) for r in RunDir(run_path).history() if "fid" in r]
+    for name, history in histories.items():
+        records = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+        points = [(r["round"], r["fid"]) for r in records if "fid" in r]
         if not points:
             continue
         f = configs[name].federated
@@ -164,7 +169,11 @@ def plot_fid_per_round(path: Path, runs: dict[str, Path], configs: dict[str, Con
 
 
 def main() -> int:
-    args = study_parser(__doc__.splitlines()[0], CONFIGS / "federated_small.json", device=False, parallel=False).parse_args()
+    parser = study_parser(__doc__.splitlines()[0], CONFIGS / "federated_small.json", device=False, parallel=False)
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="table the finished rows (and the committed evaluations of rows whose "
+                             "run folders are absent); never train")
+    args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     spec = json.loads(Path(args.config).read_text())
@@ -189,34 +198,64 @@ def main() -> int:
     started = time.perf_counter()
     times_path = out / "train_times.json"
     times = json.loads(times_path.read_text()) if times_path.exists() else {}
-    table, runs = [], {}
+    table, histories = [], {}
     from gankit.server.simulation import Interrupted
 
+    for sub in ("evaluations", "histories"):
+        (out / sub).mkdir(exist_ok=True)
     for name, config in configs.items():
-        train = train_centralized_row if name in centralized else train_federated_row
-        try:
-            train(name, config, data, classifier, out / "runs", times)
-        except Interrupted:
-            log.warning("[%s] stopped at a round's end (Ctrl-C), its checkpoint saved; run the "
-                        "same command to continue", name)
-            return 130
-        finally:
-            times_path.write_text(json.dumps(times, indent=1))
-        runs[name] = out / "runs" / name
-        row = evaluate_row(name, config, runs[name], ref, classifier, ev, args.seed, name in centralized)
-        row["train_time_s"] = times.get(name, math.nan)
+        run = RunDir(out / "runs" / name)
+        committed = out / "evaluations" / f"{name}.json"
+        key = {"evaluation": ev, "seed": args.seed, "rounds": config.federated.rounds}
+        if args.evaluate_only and not run.checkpoint_path("last").exists():
+            # A row trained on another machine: its committed evaluation and history are the
+            # evidence (run folders stay out of git), if they measured what this table does.
+            cached = json.loads(committed.read_text()) if committed.is_file() else {}
+            if cached.get("key") != key:
+                log.info("[%s] no run here%s; skipped", name,
+                         " and its committed evaluation used other settings" if cached else "")
+                continue
+            log.info("[%s] no run folder here; its committed evaluation is tabled", name)
+            table.append(cached["row"])
+            histories[name] = out / "histories" / f"{name}.jsonl"
+            continue
+        if args.evaluate_only:
+            ckpt = run.load_checkpoint("last")
+            if not same_training(ckpt["config"], config) or ckpt["round"] < config.federated.rounds:
+                log.info("[%s] not trained to its %d rounds yet; skipped", name, config.federated.rounds)
+                continue
+        else:
+            train = train_centralized_row if name in centralized else train_federated_row
+            try:
+                train(name, config, data, classifier, out / "runs", times)
+            except Interrupted:
+                log.warning("[%s] stopped at a round's end (Ctrl-C), its checkpoint saved; run the "
+                            "same command to continue", name)
+                return 130
+            finally:
+                times_path.write_text(json.dumps(times, indent=1))
+        cached = json.loads(committed.read_text()) if committed.is_file() else {}
+        if cached.get("key") == key and cached.get("train_time_s") == times.get(name):
+            row = cached["row"]  # the same run, already measured
+        else:
+            row = evaluate_row(name, config, run.path, ref, classifier, ev, args.seed, name in centralized)
+            row["train_time_s"] = times.get(name, math.nan)
+            committed.write_text(json.dumps({"key": key, "train_time_s": times.get(name),
+                                             "row": row}, indent=1))
         table.append(row)
+        shutil.copy(run.history_path, out / "histories" / f"{name}.jsonl")
+        histories[name] = out / "histories" / f"{name}.jsonl"
         # The final round's grid (toolkit/recorder.py: a column per class, fixed latents).
-        shutil.copy(runs[name] / "samples" / f"round_{config.federated.rounds:03d}.png",
+        shutil.copy(run.path / "samples" / f"round_{config.federated.rounds:03d}.png",
                     out / "samples" / f"{name}.png")
-        if (runs[name] / "partition.png").exists():  # not for a centralized row
-            shutil.copy(runs[name] / "partition.png", out / "partitions" / f"{name}.png")
+        if (run.path / "partition.png").exists():  # not for a centralized row
+            shutil.copy(run.path / "partition.png", out / "partitions" / f"{name}.png")
         log.info("[%s] epsilon=%.3g fid=%.3g precision=%.3g recall=%.3g downstream=%.3g", name,
                  row["epsilon"], row["fid"], row["precision"], row["recall"],
                  row.get("downstream_accuracy", math.nan))
 
     write_csv(out / "table.csv", table, TABLE_COLUMNS)
-    plot_fid_per_round(out / "fid_per_round.png", runs, configs, centralized)
+    plot_fid_per_round(out / "fid_per_round.png", histories, configs, centralized)
     total = time.perf_counter() - started
     command = "python " + " ".join(sys.argv)
     (out / "table.md").write_text(

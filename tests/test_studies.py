@@ -63,3 +63,31 @@ def test_every_committed_study_config_validates():
                 for name, o in spec["rows"].items()}
         built = row_configs({**spec, "rows": rows}, base, "", [], Path("runs") / path.stem)
         assert set(built) == set(spec["rows"]), path.name
+
+
+def test_federated_study_table_is_rebuilt_from_committed_evaluations(tmp_path):
+    """Run folders stay out of git: the committed evaluations and histories alone rebuild the
+    table and plot on another machine, with the same numbers, and never train."""
+    import json
+    import subprocess
+    import sys
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({
+        "base": {"dataset": "mnist-5k", "conditional": True, "g_width": 8, "d_width": 8,
+                 "batch_size": 16, "clients": 2, "rounds": 2, "local_steps": 2, "eval_every": 1,
+                 "eval_samples": 100, "tensorboard": False, "progress": False, "simulation": "inline"},
+        "evaluation": {"samples": 100, "downstream_epochs": 1},
+        "rows": {"iid": {"partition": "iid"}}}))
+    out = tmp_path / "out"
+    study = [sys.executable, "experiments/federated_study.py", "--config", str(config), "--out", str(out)]
+    subprocess.run(study, check=True, capture_output=True)
+    first = (out / "table.csv").read_text()
+    assert json.loads((out / "evaluations" / "iid.json").read_text())["row"]["rounds"] == 2
+    import shutil
+    shutil.rmtree(out / "runs")
+    (out / "table.csv").unlink()
+    done = subprocess.run(study + ["--evaluate-only"], check=True, capture_output=True, text=True)
+    assert "committed evaluation is tabled" in done.stderr
+    assert (out / "table.csv").read_text() == first
+    assert not (out / "runs").exists()  # nothing trained
