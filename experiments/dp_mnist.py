@@ -17,7 +17,10 @@ checkpoint is chosen on the real test split) is then evaluated:
 - classifier-space FID, precision, recall, density and coverage of `metric_samples`
   samples against the real test split;
 - the baseline users compare with: a classifier trained directly on the real training
-  images with DP-SGD at the row's epsilon (`gankit.privacy.dp_sgd_classifier_accuracy`).
+  images with DP-SGD at the row's epsilon (`gankit.privacy.dp_sgd_classifier_accuracy`);
+- for rows trained with an auxiliary classifier, downstream accuracy, label agreement, FID
+  and recall again on the samples D's own class head keeps (`gankit.class_filter`:
+  post-processing of the private D, no privacy cost), with the filter's acceptance.
 
 epsilon is reported under RDP (what the papers report) beside PRV, both from the run's own
 accountant history. Outputs in --out (default runs/<config name>; committed results change
@@ -38,6 +41,7 @@ import torch
 
 from gankit.studies import parse_value, row_configs, study_out, study_parser, train_row, write_csv
 from gankit.data import load_data
+from gankit.errors import UserError
 from gankit.evaluate import Reference, evaluate_samples, markdown_table, metric_classifier
 from gankit.metrics.downstream import synthetic_to_real
 from gankit.runs import RunDir
@@ -46,11 +50,14 @@ from gankit.sampling import export_generator, load_generator
 CONFIGS = Path(__file__).resolve().parent / "configs"
 log = logging.getLogger("gankit")
 
+# Measured again on the samples D's class head keeps (rows trained with an auxiliary classifier).
+FILTERED_COLUMNS = ["downstream_accuracy", "label_agreement", "fid", "recall"]
 TABLE_COLUMNS = ["row", "epochs_done", "epsilon", "epsilon_prv", "delta", "downstream_accuracy",
                  "within_class_spread", "label_agreement",
                  "dp_sgd_baseline_accuracy", "fid", "precision", "recall", "density", "coverage",
                  "downstream_epoch", "noise_multiplier", "dp_steps", "d_steps_per_g_step",
-                 "g_steps", "seed", "train_time_s", "device"]
+                 "g_steps", "seed", "train_time_s", "device", "filter_acceptance",
+                 *(f"filtered_{k}" for k in FILTERED_COLUMNS)]
 PLOTTED = ["downstream_accuracy", "fid", "precision", "recall"]
 
 
@@ -95,6 +102,37 @@ def evaluate_row(name, run_path: Path, data, classifier, ref, ev: dict, seed: in
            "d_steps_per_g_step": last.get("d_steps_per_g_step"), "g_steps": last.get("g_steps"),
            "seed": gen.config.train.seed}
     return row
+
+
+def filtered_evaluation(run_path: Path, data, classifier, ref, ev: dict, seed: int) -> dict:
+    """The same measurements on samples kept by D's own class head (gankit.class_filter:
+    post-processing of the private D, no privacy cost): for rows trained with an auxiliary
+    classifier, else nothing."""
+    from gankit.class_filter import has_class_head, sample_agreeing
+    from gankit.sampling import load_discriminator
+
+    D = load_discriminator(run_path, "last")
+    if not has_class_head(D):
+        return {}
+    gen = load_generator(run_path, "last")
+    sets = []
+    for n, offset in ((ev["train_samples"], 1), (ev["val_samples"], 2)):
+        labels = torch.arange(n) % gen.num_classes  # balanced, as labelled_samples draws them
+        labels = labels[torch.randperm(n, generator=torch.Generator().manual_seed(seed + offset))]
+        try:
+            sets.append(sample_agreeing(gen, D, labels, seed + offset, progress=True))
+        except UserError as err:  # a head that never reads some digit: the row has no filtered numbers
+            log.warning("%s: %s", run_path.name, err)
+            return {"filter_acceptance": math.nan}
+    (train_x, train_y, stats), (val_x, val_y, _) = sets
+    downstream = synthetic_to_real(train_x, train_y, val_x, val_y, data.ref_x, data.ref_y,
+                                   epochs=ev["downstream_epochs"], seed=seed)
+    n = ev["metric_samples"]
+    metrics, _ = evaluate_samples(ref, classifier, train_x[:n], train_y[:n], downstream_epochs=0,
+                                  seed=seed)
+    return {"filter_acceptance": stats.acceptance,
+            **{f"filtered_{k}": v for k, v in {**metrics, **downstream}.items()
+               if k in FILTERED_COLUMNS}}
 
 
 def plot_metrics(path: Path, table: list[dict], curve: dict) -> None:
@@ -217,6 +255,9 @@ def main() -> int:
         if cached.get("key") == key:
             row = cached["row"]
             log.info("[%s] evaluation reused from %s", name, cache)
+            if "filter_acceptance" not in row:  # evaluated before the class filter existed
+                row.update(filtered_evaluation(run.path, data, classifier, ref, ev, config.train.seed))
+                cache.write_text(json.dumps({"key": key, "row": row}, indent=1))
         else:
             row = evaluate_row(name, run.path, data, classifier, ref, ev, config.train.seed)
             if math.isfinite(row["epsilon"]) and not args.no_baseline:
@@ -228,6 +269,7 @@ def main() -> int:
                     epochs=ev["baseline_epochs"], accountant="rdp", seed=config.train.seed)
                 row["dp_sgd_baseline_accuracy"] = baseline["accuracy"]
                 row["dp_sgd_baseline_epsilon"] = baseline["epsilon"]
+            row.update(filtered_evaluation(run.path, data, classifier, ref, ev, config.train.seed))
             row["train_time_s"] = round(train_time, 1)
             row["device"] = device_name
             cache.write_text(json.dumps({"key": key, "row": row}, indent=1))

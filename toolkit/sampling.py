@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,15 +166,18 @@ def generate(run: str, mode: str = "random", num: int = 64, checkpoint: str = "l
              label: Optional[int] = None, seed: int = 0, no_ema: bool = False, nrow: int = 8,
              anchors: int = 4, steps: int = 8, span: float = 2.0, alpha: float = 1.0,
              drs: bool = False, drs_target_rate: float = 0.2,
-             drs_percentile: Optional[float] = None) -> tuple[Tensor, Optional[Tensor], int]:
+             drs_percentile: Optional[float] = None, class_filter: bool = False,
+             min_confidence: float = 0.0) -> tuple[Tensor, Optional[Tensor], int]:
     """Images of a run's (or a released) generator in one of GENERATE_MODES (the options are
     `gankit generate`'s): (images in [-1, 1], labels or None, images per grid row)."""
     if num <= 0 or anchors < 2 or steps < 2:
         raise UserError("--num must be positive, --anchors and --steps at least 2")
     if mode not in GENERATE_MODES:
         raise UserError(f"unknown --mode '{mode}' (choose from {', '.join(GENERATE_MODES)})")
-    if drs and mode != "random":
-        raise UserError("--drs applies to --mode random")
+    if (drs or class_filter) and mode != "random":
+        raise UserError("--drs and --class-filter apply to --mode random")
+    if drs and class_filter:
+        raise UserError("choose one of --drs and --class-filter")
     gen = load_generator(run, checkpoint, ema=not no_ema)
     if label is not None and not gen.num_classes:
         raise UserError("--label needs a conditional model; this run's generator is unconditional")
@@ -181,8 +185,6 @@ def generate(run: str, mode: str = "random", num: int = 64, checkpoint: str = "l
         raise UserError(f"--label {label} is not a class of this model (0 to {gen.num_classes - 1})")
     if mode == "random":
         if drs:
-            import logging
-
             from gankit.data import load_data
             from gankit.evaluate import draw_samples
 
@@ -195,6 +197,16 @@ def generate(run: str, mode: str = "random", num: int = 64, checkpoint: str = "l
             logging.getLogger("gankit").info(
                 "rejection sampling: %s", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                     for k, v in info.items()))
+        elif class_filter:
+            from gankit.class_filter import sample_agreeing
+
+            wanted = (torch.full((num,), label) if label is not None else
+                      torch.randint(gen.num_classes or 1, (num,), generator=torch.Generator().manual_seed(seed)))
+            images, labels, stats = sample_agreeing(gen, load_discriminator(run, checkpoint), wanted,
+                                                    seed, min_confidence, sigma=sigma,
+                                                    truncation=truncation)
+            logging.getLogger("gankit").info("class filter: kept %d of %d drawn (acceptance %.3f)",
+                                             stats.kept, stats.drawn, stats.acceptance)
         else:
             wanted = None if label is None else torch.full((num,), label)
             images, labels = gen.sample(num, seed, sigma, truncation, wanted)
