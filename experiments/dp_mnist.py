@@ -135,6 +135,31 @@ def filtered_evaluation(run_path: Path, data, classifier, ref, ev: dict, seed: i
                if k in FILTERED_COLUMNS}}
 
 
+def monotonicity(table: list[dict], curve: dict) -> str:
+    """Whether the recipe's curve rises with epsilon within the seeds' noise: for downstream
+    accuracy (higher is better) and FID (lower is better), each step between neighbouring
+    budgets' means set against the largest spread between seeds of one budget."""
+    rows = [r for r in table if r["row"] in curve.get("rows", ())]
+    by_eps: dict = {}
+    for r in rows:
+        by_eps.setdefault(round(r["epsilon"], 1) if math.isfinite(r["epsilon"]) else math.inf, []).append(r)
+    if len(by_eps) < 2:
+        return ""
+    lines = []
+    for metric, sign in (("downstream_accuracy", 1), ("fid", -1)):
+        spread = max((max(r[metric] for r in rs) - min(r[metric] for r in rs)
+                      for rs in by_eps.values()), default=0.0)
+        means = [(e, sum(r[metric] for r in rs) / len(rs)) for e, rs in sorted(by_eps.items())]
+        worst = min(sign * (b[1] - a[1]) for a, b in zip(means, means[1:]))
+        verdict = "monotone" if worst >= 0 else (
+            "monotone within the seeds' noise" if -worst <= spread else "NOT monotone")
+        path = ", ".join(f"{'inf' if math.isinf(e) else f'{e:g}'}: {m:.4g}" for e, m in means)
+        lines.append(f"{metric} by epsilon (mean over seeds) {path}: {verdict} (largest step "
+                     f"against the trend {max(0.0, -worst):.4g}; largest spread between seeds "
+                     f"{spread:.4g}).")
+    return "Curve (" + curve.get("label", "recipe") + "): " + " ".join(lines)
+
+
 def plot_metrics(path: Path, table: list[dict], curve: dict) -> None:
     """Each metric against epsilon (log x) for the recipe's rows (config "curve"): seeds as
     points and their mean as the line, its non-private row and the DP-SGD baseline as
@@ -311,6 +336,7 @@ def main() -> int:
         f"dp_sgd_baseline_accuracy: a classifier trained with DP-SGD directly on the real "
         f"training images at the row's epsilon ({ev['baseline_epochs']} epochs). "
         f"Evaluation time {(time.perf_counter() - started) / 60:.1f} min.\n\n"
+        f"{monotonicity(table, spec.get('curve', {}))}\n\n"
         f"Command: `{command}`\n\n" + markdown_table(table, TABLE_COLUMNS))
     plot_metrics(out / "metrics_vs_epsilon.png", table, spec.get("curve", {}))
     log.info("wrote %s", out / "table.md")

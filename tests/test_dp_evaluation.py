@@ -91,3 +91,29 @@ def test_an_exported_generator_holds_g_alone_with_what_the_run_protects_and_spen
     released, original = load_generator(tmp_path / "released"), load_generator(trainer.run.path)
     assert released.privacy == original.privacy
     assert torch.equal(released.sample(8, seed=3)[0], original.sample(8, seed=3)[0])  # the EMA G
+
+
+def test_the_dp_mnist_table_says_whether_its_curve_is_monotone_within_the_seeds_noise():
+    import importlib.util
+    import math
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "experiments" / "dp_mnist.py"
+    spec = importlib.util.spec_from_file_location("dp_mnist", path)
+    dp_mnist = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dp_mnist)
+
+    def row(name, eps, acc, fid):
+        return {"row": name, "epsilon": eps, "downstream_accuracy": acc, "fid": fid}
+
+    table = [row("a1", 1.0, 0.80, 60), row("b1", 1.0, 0.84, 64), row("a4", 4.0, 0.83, 50),
+             row("a10", 10.0, 0.88, 45), row("np", math.inf, 0.95, 10), row("other", 4.0, 0.1, 900)]
+    curve = {"label": "r", "rows": ["a1", "b1", "a4", "a10", "np"]}
+    note = dp_mnist.monotonicity(table, curve)
+    # accuracy means 0.82, 0.83, 0.88, 0.95: monotone; FID means 62, 50, 45, 10: monotone
+    assert "downstream_accuracy by epsilon (mean over seeds) 1: 0.82, 4: 0.83, 10: 0.88, inf: 0.95: monotone (" in note
+    assert "fid by epsilon (mean over seeds) 1: 62, 4: 50, 10: 45, inf: 10: monotone (" in note
+    table[2] = row("a4", 4.0, 0.80, 50)  # 0.02 below epsilon 1's mean, within its seeds' 0.04
+    assert "monotone within the seeds' noise (largest step against the trend 0.02" in dp_mnist.monotonicity(table, curve)
+    table[2] = row("a4", 4.0, 0.70, 50)
+    assert "NOT monotone" in dp_mnist.monotonicity(table, curve)
