@@ -132,7 +132,8 @@ def evaluate_row(name: str, config: Config, run_path: Path, ref, classifier, ev:
 
 def plot_fid_per_round(path: Path, histories: dict[str, Path], configs: dict[str, Config],
                        centralized: set) -> None:
-    """FID of the global G after every round; colour by partition, dashed with client DP."""
+    """FID of the global G after every round against the total D steps so far; colour by
+    partition, dashed with client DP."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -141,10 +142,13 @@ def plot_fid_per_round(path: Path, histories: dict[str, Path], configs: dict[str
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, history in histories.items():
         records = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
-        points = [(r["round"], r["fid"]) for r in records if "fid" in r]
+        f = configs[name].federated
+        # x: D steps of all clients together, so rows with other local steps (or the
+        # centralized row, whose "round" is that many steps) share the axis.
+        per_round = f.clients * f.local_steps
+        points = [(r["round"] * per_round, r["fid"]) for r in records if "fid" in r]
         if not points:
             continue
-        f = configs[name].federated
         if name in centralized:
             ax.plot(*zip(*points), "-", lw=2.2, color="black", label=f"{name} (same total steps)")
             continue
@@ -156,7 +160,7 @@ def plot_fid_per_round(path: Path, histories: dict[str, Path], configs: dict[str
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("round")
+    ax.set_xlabel("D steps, all clients together (a round of 4 clients x 50 local steps = 200)")
     ax.set_ylabel("FID (classifier features, lower is better)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
