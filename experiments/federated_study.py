@@ -160,7 +160,7 @@ def plot_fid_per_round(path: Path, histories: dict[str, Path], configs: dict[str
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("D steps, all clients together (a round of 4 clients x 50 local steps = 200)")
+    ax.set_xlabel("D steps, all clients together (clients x local steps a round)")
     ax.set_ylabel("FID (classifier features, lower is better)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
