@@ -132,8 +132,8 @@ def evaluate_row(name: str, config: Config, run_path: Path, ref, classifier, ev:
 
 def plot_fid_per_round(path: Path, histories: dict[str, Path], configs: dict[str, Config],
                        centralized: set) -> None:
-    """FID of the global G after every round against the total D steps so far; colour by
-    partition, dashed with client DP."""
+    """FID of the global G after every round against the total D steps so far: a colour per
+    row, squares for Dirichlet partitions, dashed with client DP."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -152,11 +152,10 @@ def plot_fid_per_round(path: Path, histories: dict[str, Path], configs: dict[str
         if name in centralized:
             ax.plot(*zip(*points), "-", lw=2.2, color="black", label=f"{name} (same total steps)")
             continue
-        key = (f.partition, f.dirichlet_alpha if f.partition == "dirichlet" else None,
-               f.client_optimizer)
-        colour = colours.setdefault(key, f"C{len(colours)}")
-        ax.plot(*zip(*points), "-o" if f.client_dp == "none" else "--s", ms=3.5, color=colour,
-                label=name)
+        colour = colours.setdefault(name, f"C{len(colours) % 10}")
+        marker = "s" if f.partition == "dirichlet" else "o"
+        ax.plot(*zip(*points), ("-" if f.client_dp == "none" else "--") + marker, ms=3.5,
+                color=colour, label=name)
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -165,8 +164,8 @@ def plot_fid_per_round(path: Path, histories: dict[str, Path], configs: dict[str
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    ax.set_title("Global generator after each round (solid: no DP, dashed: client-level DP;\n"
-                 "lines that coincide overlap)", fontsize=9)
+    ax.set_title("Global generator after each round (circles: IID, squares: Dirichlet;\n"
+                 "solid: no DP, dashed: client-level DP; lines that coincide overlap)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
