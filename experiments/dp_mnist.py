@@ -41,7 +41,8 @@ from pathlib import Path
 
 import torch
 
-from gankit.studies import parse_value, row_configs, study_out, study_parser, train_row, write_csv
+from gankit.studies import (parse_value, row_configs, same_training, study_out, study_parser,
+                            train_row, write_csv)
 from gankit.data import load_data
 from gankit.errors import UserError
 from gankit.evaluate import Reference, evaluate_samples, markdown_table, metric_classifier
@@ -259,6 +260,10 @@ def main() -> int:
             if cached["key"]["evaluation"] != ev or cached["key"]["baseline"] != (not args.no_baseline):
                 log.warning("[%s] its committed evaluation used other settings; skipped", name)
                 continue
+            # (Evaluations committed before the fifth session carry no config to compare.)
+            if "config" in cached and not same_training(cached["config"], config):
+                log.warning("[%s] its committed evaluation measured another configuration; skipped", name)
+                continue
             row = cached["row"]
             row["epochs_done"] = f"{cached['key']['checkpoint_epoch']}/{config.train.epochs}"
             table.append(row)
@@ -297,7 +302,8 @@ def main() -> int:
                 row.update(filtered_evaluation(run.path, data, classifier, ref, ev, config.train.seed))
             row["train_time_s"] = round(train_time, 1)
             row["device"] = device_name
-            cache.write_text(json.dumps({"key": key, "row": row}, indent=1))
+            cache.write_text(json.dumps({"key": key, "config": run.load_checkpoint("last")["config"],
+                                         "row": row}, indent=1))
         row["epochs_done"] = f"{key['checkpoint_epoch']}/{config.train.epochs}"
         # What the committed results keep of a run (its folder, with checkpoints, stays out of git).
         for sub in ("histories", "evaluations"):

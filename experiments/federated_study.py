@@ -214,9 +214,10 @@ def main() -> int:
             # A row trained on another machine: its committed evaluation and history are the
             # evidence (run folders stay out of git), if they measured what this table does.
             cached = json.loads(committed.read_text()) if committed.is_file() else {}
-            if cached.get("key") != key:
+            if cached.get("key") != key or not same_training(cached["config"], config):
                 log.info("[%s] no run here%s; skipped", name,
-                         " and its committed evaluation used other settings" if cached else "")
+                         " and its committed evaluation measured another configuration or "
+                         "other settings" if cached else "")
                 continue
             log.info("[%s] no run folder here; its committed evaluation is tabled", name)
             table.append(cached["row"])
@@ -244,7 +245,7 @@ def main() -> int:
             row = evaluate_row(name, config, run.path, ref, classifier, ev, args.seed, name in centralized)
             row["train_time_s"] = times.get(name, math.nan)
             committed.write_text(json.dumps({"key": key, "train_time_s": times.get(name),
-                                             "row": row}, indent=1))
+                                             "config": config.to_dict(), "row": row}, indent=1))
         table.append(row)
         shutil.copy(run.history_path, out / "histories" / f"{name}.jsonl")
         histories[name] = out / "histories" / f"{name}.jsonl"

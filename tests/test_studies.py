@@ -91,3 +91,10 @@ def test_federated_study_table_is_rebuilt_from_committed_evaluations(tmp_path):
     assert "committed evaluation is tabled" in done.stderr
     assert (out / "table.csv").read_text() == first
     assert not (out / "runs").exists()  # nothing trained
+    # A row whose options changed since its evaluation is not tabled from it.
+    spec = json.loads(config.read_text())
+    spec["rows"]["iid"]["local_steps"] = 3
+    config.write_text(json.dumps(spec))
+    done = subprocess.run(study + ["--evaluate-only"], check=True, capture_output=True, text=True)
+    assert "measured another configuration" in done.stderr
+    assert (out / "table.csv").read_text().splitlines()[1:] == []
