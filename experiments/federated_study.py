@@ -139,7 +139,7 @@ def plot_fid_per_round(path: Path, histories: dict[str, Path], configs: dict[str
     import matplotlib.pyplot as plt
 
     colours: dict = {}
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(9, 4.2))
     for name, history in histories.items():
         records = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
         f = configs[name].federated
@@ -163,7 +163,7 @@ def plot_fid_per_round(path: Path, histories: dict[str, Path], configs: dict[str
     ax.set_ylabel("FID (classifier features, lower is better)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside, not over, the curves
     ax.set_title("Global generator after each round (circles: IID, squares: Dirichlet;\n"
                  "solid: no DP, dashed: client-level DP; lines that coincide overlap)", fontsize=9)
     fig.tight_layout()
