@@ -209,10 +209,6 @@ class EvaluateOptions:
     drs_target_rate: float = option(0.2, "DRS: acceptance rate that sets gamma")
     drs_percentile: Optional[float] = option(
         None, "DRS: set gamma to this percentile of the burn-in scores instead (e.g. 80)")
-    class_filter: bool = option(False, "random mode, runs trained with --aux-classifier: keep only "
-                                       "images D's class head reads as their label (post-processing "
-                                       "of D: no privacy cost, no real data)")
-    min_confidence: float = option(0.0, "class filter: the class head's least probability for the label")
     downstream_epochs: int = option(5, "epochs of the downstream classifier (0 = skip)")
     data_root: str = option("", "where to look for the reference split (default: the run's "
                                 "--data-root), e.g. ../shared/data/mnist for the MNIST test split")
