@@ -237,7 +237,11 @@ def main() -> int:
                             "same command to continue", name)
                 return 130
             finally:
-                times_path.write_text(json.dumps(times, indent=1))
+                # Re-read first: another study process may train other rows into this folder.
+                on_disk = json.loads(times_path.read_text()) if times_path.exists() else {}
+                if name in times:
+                    on_disk[name] = times[name]
+                times_path.write_text(json.dumps(on_disk, indent=1))
         cached = json.loads(committed.read_text()) if committed.is_file() else {}
         if cached.get("key") == key and cached.get("train_time_s") == times.get(name):
             row = cached["row"]  # the same run, already measured
