@@ -80,11 +80,16 @@ def privacy_of(run: RunDir) -> dict:
             "dp_steps": sum(int(entry[2]) for entry in history)}
 
 
+def balanced_labels(n: int, num_classes: int, seed: int) -> torch.Tensor:
+    """n labels, each class equally often, in a seeded order (as the papers label their
+    synthetic sets)."""
+    labels = torch.arange(n) % num_classes
+    return labels[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+
+
 def labelled_samples(gen, n: int, seed: int) -> tuple:
-    """n images with balanced labels (as the papers generate their synthetic sets)."""
-    labels = torch.arange(n) % gen.num_classes
-    labels = labels[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
-    return gen.sample(n, seed=seed, labels=labels, progress=True)
+    """n images with balanced labels."""
+    return gen.sample(n, seed=seed, labels=balanced_labels(n, gen.num_classes, seed), progress=True)
 
 
 def evaluate_row(name, run_path: Path, data, classifier, ref, ev: dict, seed: int) -> dict:
@@ -120,8 +125,7 @@ def filtered_evaluation(run_path: Path, data, classifier, ref, ev: dict, seed: i
     gen = load_generator(run_path, "last")
     sets = []
     for n, offset in ((ev["train_samples"], 1), (ev["val_samples"], 2)):
-        labels = torch.arange(n) % gen.num_classes  # balanced, as labelled_samples draws them
-        labels = labels[torch.randperm(n, generator=torch.Generator().manual_seed(seed + offset))]
+        labels = balanced_labels(n, gen.num_classes, seed + offset)  # as labelled_samples draws them
         try:
             sets.append(sample_agreeing(gen, D, labels, seed + offset, progress=True))
         except UserError as err:  # a head that never reads some digit: the row has no filtered numbers
@@ -281,8 +285,9 @@ def main() -> int:
         # An evaluation is kept beside its run (keyed by the settings and the checkpoint), so
         # rows evaluated in parallel processes are tabled together later without redoing them.
         cache = run.path / "paper_evaluation.json"
+        last = run.load_checkpoint("last")
         key = {"evaluation": ev, "baseline": not args.no_baseline,
-               "checkpoint_epoch": run.load_checkpoint("last")["state"]["epoch"]}
+               "checkpoint_epoch": last["state"]["epoch"]}
         cached = json.loads(cache.read_text()) if cache.is_file() else {}
         if cached.get("key") == key:
             row = cached["row"]
@@ -302,8 +307,7 @@ def main() -> int:
                 row.update(filtered_evaluation(run.path, data, classifier, ref, ev, config.train.seed))
             row["train_time_s"] = round(train_time, 1)
             row["device"] = device_name
-            cache.write_text(json.dumps({"key": key, "config": run.load_checkpoint("last")["config"],
-                                         "row": row}, indent=1))
+            cache.write_text(json.dumps({"key": key, "config": last["config"], "row": row}, indent=1))
         row["epochs_done"] = f"{key['checkpoint_epoch']}/{config.train.epochs}"
         # What the committed results keep of a run (its folder, with checkpoints, stays out of git).
         for sub in ("histories", "evaluations"):
