@@ -26,6 +26,7 @@ G_NORMS = ("batch", "none")
 D_NORMS = ("none", "group", "layer", "instance", "batch")
 CONDITIONINGS = ("projection", "concat")
 PRIORS = ("gaussian", "mixture")
+FAKE_LABELS = ("uniform", "data")
 LR_DECAYS = ("none", "linear", "exponential")
 MODES = ("standard", "dp", "federated")  # dp: toolkit/privacy.py; federated: server/, clients/
 ACCOUNTANTS = ("rdp", "prv", "gdp")
@@ -157,6 +158,11 @@ class LatentConfig:
     mixture_sigma_init: float = option(0.2, "mixture prior: initial scale of every component")
     mixture_sigma_reg: float = option(
         0.0, "mixture prior: weight of DeLiGAN's penalty sum((1 - sigma)^2) on learned scales"
+    )
+    fake_labels: str = option(
+        "uniform", "conditional training: the classes of G's fakes, uniform or data (drawn with "
+        "the training labels' frequencies: a non-IID federated client trains only the classes "
+        "it holds); sampling after training stays uniform"
     )
 
 
@@ -448,6 +454,11 @@ def validate(config: Config, num_classes: Optional[int] = None) -> None:
     choice(m.conditioning, CONDITIONINGS, "conditioning")
     choice(o.loss, tuple(OBJECTIVES), "loss")
     choice(z.prior, PRIORS, "prior")
+    choice(z.fake_labels, FAKE_LABELS, "fake-labels")
+    if z.fake_labels == "data" and privacy_facts(config)["sample_level"]:
+        problems.append("--fake-labels data draws fakes with the training labels' class "
+                        "frequencies, which sample-level DP does not account for; use uniform "
+                        "(client-level DP covers it: the frequencies stay inside the clipped update)")
     choice(opt.lr_decay, LR_DECAYS, "lr decay")
     choice(t.mode, MODES, "mode")
     choice(t.device, DEVICES, "device")

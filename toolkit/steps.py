@@ -31,9 +31,16 @@ class StepContext:
     # D's passes over G's fakes run inside this: the dp mode may add their gradient exactly,
     # outside the clipping and noise (they read no private data).
     public_pass: Callable[[], ContextManager] = nullcontext
+    # --fake-labels data: the training labels' class counts, which the fakes' labels follow
+    # (a client that holds two classes then never asks its D about the other eight).
+    label_counts: Optional[Tensor] = None
 
     def fake_labels(self, n: int) -> Optional[Tensor]:
-        return sample_labels(n, self.num_classes, device=self.device) if self.num_classes else None
+        if not self.num_classes:
+            return None
+        if self.label_counts is not None:
+            return torch.multinomial(self.label_counts, n, replacement=True)
+        return sample_labels(n, self.num_classes, device=self.device)
 
 
 def sample_targets(n: int, low: float, high: float, like: Tensor) -> Tensor:

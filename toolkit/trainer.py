@@ -132,8 +132,11 @@ class Trainer:
         batches = ShuffledBatches(data.train_x.to(self.device),
                                   None if labels is None else labels.to(self.device),
                                   t.batch_size, t.seed)
+        label_counts = None
+        if self.num_classes and config.latent.fake_labels == "data":
+            label_counts = torch.bincount(data.train_y, minlength=self.num_classes).float().to(self.device)
         self.ctx = StepContext(self.G, self.prior, self.objective, config, self.num_classes,
-                               self.device)
+                               self.device, label_counts=label_counts)
         # The mode prepares what it changes (the dp mode: a private D, its optimizer, Poisson
         # batches and its D step) and hands it back; the loop runs whatever it returns.
         self.mode = mode or build_mode(t.mode)
