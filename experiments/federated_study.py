@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -46,7 +47,17 @@ log = logging.getLogger("gankit")
 
 TABLE_COLUMNS = ["row", "partition", "alpha", "clients", "client_dp", "client_dp_noise", "client_optimizer",
                  "epsilon", "precision", "recall", "density", "coverage", "fid", "downstream_accuracy",
-                 "rounds", "local_steps", "total_d_steps", "train_time_s"]
+                 "rounds", "local_steps", "total_d_steps", "train_time_s", "round_time_s", "peak_rss_mb"]
+
+
+def round_costs(history: Path) -> dict:
+    """A row's median seconds per round and the peak memory its history recorded (MiB; rows
+    trained before the toolkit recorded memory have none)."""
+    records = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+    times = [r["round_time_s"] for r in records if "round_time_s" in r]
+    peaks = [r["peak_rss_mb"] for r in records if "peak_rss_mb" in r]
+    return {"round_time_s": round(statistics.median(times), 2) if times else "",
+            "peak_rss_mb": max(peaks) if peaks else ""}
 
 
 def train_federated_row(name: str, config: Config, data, classifier, runs_dir: Path, times: dict) -> None:
@@ -262,6 +273,8 @@ def main() -> int:
                  row["epsilon"], row["fid"], row["precision"], row["recall"],
                  row.get("downstream_accuracy", math.nan))
 
+    for row in table:
+        row.update(round_costs(histories[row["row"]]))
     write_csv(out / "table.csv", table, TABLE_COLUMNS)
     plot_fid_per_round(out / "fid_per_round.png", histories, configs, centralized)
     total = time.perf_counter() - started
@@ -270,8 +283,10 @@ def main() -> int:
         f"# Federated study: {Path(args.config).stem}\n\n{spec.get('description', '')}\n\n"
         f"Reference: {data.description} ({len(data.ref_x):,} images). {ev['samples']:,} samples of "
         f"the final global generator per row. epsilon: client-level (add/remove one client's "
-        f"whole data, RDP, no amplification by sampling; inf: no DP). train_time_s: wall time of "
-        f"the simulation including Ray's start and the per-round evaluation. Total time "
+        f"whole data, RDP; amplified by sampling only for --client-dp poisson, whose clients join "
+        f"at random; inf: no DP). train_time_s: wall time of the simulation including Ray's "
+        f"start and the per-round evaluation; round_time_s: the median round; peak_rss_mb: the "
+        f"study process's peak memory (with --simulation inline, every client's). Total time "
         f"{total / 60:.1f} min.\n\nCommand: `{command}`\n\n" + markdown_table(table, TABLE_COLUMNS)
         + "\n![FID per round](fid_per_round.png)\n")
     log.info("wrote %s (%.1f min)", out / "table.md", total / 60)

@@ -29,7 +29,7 @@ from gankit.server.strategy import build_strategy, load_strategy_state, sampled_
 from gankit.config import Config, validate
 from gankit.data import ImageData, load_data
 from gankit.federated import (GlobalModel, client_partitions, describe_partitions, describe_sample_dp,
-                               sample_dp_plan)
+                               sample_dp_plan, statistics_keys)
 from gankit.runs import RunDir
 
 log = logging.getLogger("gankit")
@@ -78,7 +78,8 @@ def serve(grid: Grid, config: Config, run: RunDir, data: ImageData, resume: bool
     offset = model.round
     strategy = build_strategy(config, ArrayRecord(model.weights),
                               [len(indices) for indices in client_partitions(config, data)], offset, plan,
-                              train_generator=model.train_generator)
+                              train_generator=model.train_generator,
+                              statistics_keys=statistics_keys(model.G, model.D, model.prior))
     load_strategy_state(strategy, model.server_state.get("strategy"))
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> Optional[MetricRecord]:

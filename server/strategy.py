@@ -178,9 +178,13 @@ class ReplyGuard(Strategy):
                  metric_limits: Optional[dict[str, tuple[float, float]]] = None, *, min_replies: int = 1,
                  round_offset: int = 0, assignments: Optional[PartitionAssignments] = None,
                  arrays_key: str = "arrays", metrics_key: str = "metrics",
-                 weighted_by_key: str = "num-examples"):
+                 weighted_by_key: str = "num-examples", plain_mean_keys: frozenset = frozenset()):
         super().__init__()
         self.strategy = strategy
+        # Running statistics and counters (BatchNorm's): a server optimizer's step would
+        # extrapolate them like weights (a variance of 3e9 after 20 FedAvgM rounds), so these
+        # arrays take the replies' plain mean whatever the strategy did.
+        self.plain_mean_keys = frozenset(plain_mean_keys)
         self.schema = array_schema(global_arrays)
         self.required_metrics = dict(required_metrics)
         self.optional_metrics = dict(optional_metrics or {})
@@ -243,9 +247,18 @@ class ReplyGuard(Strategy):
                         "stays as it was", round_, len(accepted), self.min_replies)
             return None, None
         arrays, metrics = self.strategy.aggregate_train(round_, accepted)
+        if arrays is not None and self.plain_mean_keys:
+            self.average_plainly(arrays, accepted)
         o.aggregated = arrays is not None
         o.metrics = dict(metrics) if metrics is not None else {}
         return (None if arrays is None else self.in_schema(arrays)), metrics
+
+    def average_plainly(self, arrays: ArrayRecord, accepted: list[Message]) -> None:
+        """Replace the plain-mean arrays of the aggregate, in place (FedAvgM keeps the very
+        record it returns as its next starting point), by the equal-weight mean of the replies."""
+        for key in self.plain_mean_keys & set(arrays.keys()):
+            values = [reply.content[self.arrays_key][key].numpy() for reply in accepted]
+            arrays[key] = Array(np.asarray(np.mean(values, axis=0)))
 
     def prepare_metrics(self, accepted: list[Message]) -> None:
         """Each accepted reply's metrics as the strategy gets them: equal weights, and only the
@@ -433,12 +446,19 @@ def load_strategy_state(strategy, state: dict) -> None:
             setattr(inner, name, {k: v.numpy() for k, v in arrays.items()})
 
 
+# Strategies that step the global model by their own rule (a server learning rate, momentum,
+# Adam): their step must not apply to running statistics.
+SERVER_OPTIMIZERS = ("fedavgm", "fedadam")
+
+
 def build_strategy(config: Config, global_arrays: ArrayRecord, partition_sizes: list[int],
                    round_offset: int = 0, sample_dp_plan: Optional[list[dict]] = None,
-                   train_generator=None) -> Strategy:
+                   train_generator=None, statistics_keys: frozenset = frozenset()) -> Strategy:
     """The configured strategy inside the guard (and, with --sync d, the guard inside
     ServerGenerator, which needs `train_generator`). `partition_sizes`: the planned partitions
-    (a client's example count must be one the server could have planned)."""
+    (a client's example count must be one the server could have planned). `statistics_keys`:
+    the arrays that are running statistics, not weights (gankit.federated.statistics_keys),
+    which a server optimizer averages plainly instead of stepping."""
     f = config.federated
     sampled = sampled_clients(config)
     common = dict(fraction_train=f.fraction_train, fraction_evaluate=0.0, min_train_nodes=sampled,
@@ -474,6 +494,7 @@ def build_strategy(config: Config, global_arrays: ArrayRecord, partition_sizes: 
     min_replies = 0 if f.client_dp == "poisson" else f.min_clients
     guard = ReplyGuard(strategy, ArrayRecord(replied), required, optional, limits, min_replies=min_replies,
                        round_offset=round_offset,
+                       plain_mean_keys=statistics_keys if f.strategy in SERVER_OPTIMIZERS else frozenset(),
                        assignments=PartitionAssignments(sample_dp_plan if f.sample_dp
                                                         else [{} for _ in range(f.clients)]))
     if f.sync == "both":

@@ -66,6 +66,9 @@ def test_the_global_model_checkpoints_rounds_that_generate_reads_and_resume_cont
     assert [r["aggregated"] for r in history] == [True, False]
     # Every round has its time; the run's time adds them up.
     assert history[1]["train_time_s"] == pytest.approx(history[0]["round_time_s"] + history[1]["round_time_s"], abs=2e-3)
+    # ... and the process's peak memory so far, which can only grow (a test process holds
+    # torch, so well above 50 MiB).
+    assert 50 < history[0]["peak_rss_mb"] <= history[1]["peak_rss_mb"]
     assert (run.samples / "round_002.png").exists()
     # The same grid as standard training's: a column per class, 8 rows, fixed latents.
     from PIL import Image
@@ -284,6 +287,36 @@ def test_fedavgm_moves_by_the_server_step_times_the_mean_update(tmp_path):
                for node, v in zip((1, 2), ([1.0, 2.0], [3.0, 0.0]))]
     new = strategy.aggregate_train(1, replies)[0].to_numpy_ndarrays()[0]
     assert np.allclose(new, [4.0, 2.0])  # 2 x the mean update (2, 1): the sum of the two
+
+
+def test_a_server_optimizer_averages_running_statistics_plainly(tmp_path):
+    """FedAvgM's server step extrapolates weights; BatchNorm's running variance must stay the
+    clients' mean (stepped, it grew to 3e9 in 20 rounds), in this round and the next."""
+    from test_hostile_replies import FakeGrid, honest_metrics, records, reply
+
+    from flwr.app import ConfigRecord
+
+    from gankit.server.strategy import build_strategy
+
+    config = tiny_config(tmp_path, mode="federated", clients=2, strategy="fedavgm", server_step=2.0)
+    start = {"w": np.zeros(2, np.float32), "bn.running_var": np.ones(2, np.float32)}
+    strategy = build_strategy(config, records(start), [10, 10], statistics_keys=frozenset({"bn.running_var"}))
+    grid = FakeGrid({1: 0, 2: 1}, 2)
+
+    def one_round(round_, arrays, client_values):
+        sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(round_, records(arrays),
+                                                                             ConfigRecord({}), grid)}
+        replies = [reply(sent[node], values, honest_metrics(config, sent[node], node - 1, examples=10))
+                   for node, values in zip((1, 2), client_values)]
+        return {k: v.numpy() for k, v in strategy.aggregate_train(round_, replies)[0].items()}
+
+    new = one_round(1, start, [{"w": np.array([1.0, 2.0], np.float32), "bn.running_var": np.array([2.0, 4.0], np.float32)},
+                               {"w": np.array([3.0, 0.0], np.float32), "bn.running_var": np.array([4.0, 2.0], np.float32)}])
+    assert np.allclose(new["w"], [4.0, 2.0])  # stepped: 2 x the mean update
+    assert np.allclose(new["bn.running_var"], [3.0, 3.0])  # the mean, not 1 + 2 x 2
+    # Round 2 starts from the plain mean: clients that keep the statistics at 3 leave them there.
+    again = one_round(2, new, [{"w": new["w"], "bn.running_var": np.full(2, 3.0, np.float32)}] * 2)
+    assert np.allclose(again["bn.running_var"], 3.0) and np.allclose(again["w"], new["w"])
 
 
 @pytest.mark.parametrize("simulation", ["ray", "inline"])

@@ -54,6 +54,12 @@ def pack(G: nn.Module, D: nn.Module, prior: nn.Module) -> dict[str, Tensor]:
     return out
 
 
+def statistics_keys(G: nn.Module, D: nn.Module, prior: nn.Module) -> frozenset[str]:
+    """The packed keys that hold buffers (running statistics, step counters), not weights."""
+    return frozenset(f"{prefix}.{k}" for prefix, module in (("g", G), ("d", unwrapped(D)), ("p", prior))
+                     for k, _ in module.named_buffers())
+
+
 def unpack(weights: dict[str, Tensor], G: nn.Module, D: nn.Module, prior: nn.Module) -> None:
     """Load a packed dict into the networks (in place, so optimizers keep their parameters)."""
     for prefix, module in (("g", G), ("d", unwrapped(D)), ("p", prior)):
@@ -242,6 +248,17 @@ def local_round(config: Config, data: ImageData, weights: dict[str, Tensor], cli
 
 # --- the server's global model ----------------------------------------------------------------
 
+def peak_rss_mb() -> float:
+    """The peak resident memory of this process so far, in MiB: the server's, and with
+    --simulation inline every client's too (Ray's client actors are processes of their own).
+    Linux reports KiB, macOS bytes."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1)
+
+
 class GlobalModel:
     """The global G and D between rounds: evaluation, samples, history and checkpoints."""
 
@@ -303,7 +320,7 @@ class GlobalModel:
         self.train_time += round_time
         record = {"round": server_round, "aggregated": weights is not None, **train_metrics,
                   **(extra or {}), "round_time_s": round(round_time, 3),
-                  "train_time_s": round(self.train_time, 3)}
+                  "train_time_s": round(self.train_time, 3), "peak_rss_mb": peak_rss_mb()}
         e = self.config.eval
         last = server_round == self.config.federated.rounds
         if self.classifier is not None and e.eval_every and (server_round % e.eval_every == 0 or last):
