@@ -161,9 +161,11 @@ def plot_fid_per_round(path: Path, histories: dict[str, Path], configs: dict[str
         if not points:
             continue
         if name in centralized:
-            ax.plot(*zip(*points), "-", lw=2.2, color="black", label=f"{name} (same total steps)")
+            style = ("-", ":", "-.")[sum(1 for n in histories if n in centralized and n < name) % 3]
+            ax.plot(*zip(*points), style, lw=2.2, color="black", label=f"{name} (same total steps)")
             continue
-        colour = colours.setdefault(name, f"C{len(colours) % 10}")
+        # tab20: a study has more than matplotlib's 10 default colours of rows.
+        colour = colours.setdefault(name, plt.get_cmap("tab20")(len(colours) % 20))
         marker = "s" if f.partition == "dirichlet" else "o"
         ax.plot(*zip(*points), ("-" if f.client_dp == "none" else "--") + marker, ms=3.5,
                 color=colour, label=name)
