@@ -98,3 +98,15 @@ def test_federated_study_table_is_rebuilt_from_committed_evaluations(tmp_path):
     done = subprocess.run(study + ["--evaluate-only"], check=True, capture_output=True, text=True)
     assert "measured another configuration" in done.stderr
     assert (out / "table.csv").read_text().splitlines()[1:] == []
+
+
+def test_the_objective_study_plan_schedules_rows_longest_first():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan", "experiments/objective_study_plan.py")
+    plan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan)
+    # 5 and 4 start on the two cores; each 3 goes to the core free first: 4 + 3, then 5 + 3.
+    assert plan.longest_first_makespan([3, 5, 3, 4], cores=2) == 8
+    assert plan.longest_first_makespan([3, 5, 3, 4], cores=4) == 5
+    assert plan.longest_first_makespan([3, 5, 3, 4], cores=1) == 15
