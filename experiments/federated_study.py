@@ -137,7 +137,10 @@ def evaluate_row(name: str, config: Config, run_path: Path, ref, classifier, ev:
            "client_optimizer": "" if central else f.client_optimizer,
            "epsilon": float(last.get("client_epsilon", math.inf)), "rounds": f.rounds,
            "local_steps": f.local_steps * (f.clients if central else 1),
-           "total_d_steps": f.rounds * f.local_steps * f.clients, **metrics}
+           # The clients of a round: all of them, or the sampled fraction (in expectation
+           # under --client-dp poisson); a centralized row's "clients" are its batches a round.
+           "total_d_steps": f.rounds * f.local_steps * max(1, round(f.clients * f.fraction_train)),
+           **metrics}
     return row
 
 
