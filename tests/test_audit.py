@@ -91,12 +91,14 @@ def test_sweep_reads_the_reported_epsilon_and_plots(tmp_path):
     sweep = _sweep_module()
     (tmp_path / "dp").mkdir()
     (tmp_path / "std").mkdir()
-    records = [{"epoch": 1, "epsilon": 2.5, "delta": 1e-5, "noise_multiplier": 0.9, "dp_steps": 70},
-               {"epoch": 2, "epsilon": 3.9, "delta": 1e-5, "noise_multiplier": 0.9, "dp_steps": 140}]
+    records = [{"epoch": 1, "epsilon": 2.5, "epsilon_prv": 2.3, "accountant": "rdp", "delta": 1e-5,
+                "noise_multiplier": 0.9, "dp_steps": 70},
+               {"epoch": 2, "epsilon": 3.9, "epsilon_prv": 3.6, "accountant": "rdp", "delta": 1e-5,
+                "noise_multiplier": 0.9, "dp_steps": 140}]
     (tmp_path / "dp" / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (tmp_path / "std" / "history.jsonl").write_text(json.dumps({"epoch": 2, "g_loss": 1.0}) + "\n")
-    assert sweep.privacy_of(tmp_path / "dp") == {"epsilon": 3.9, "delta": 1e-5,
-                                                 "noise_multiplier": 0.9, "dp_steps": 140}
+    assert sweep.privacy_of(tmp_path / "dp") == {"epsilon": 3.9, "epsilon_prv": 3.6, "accountant": "rdp",
+                                                 "delta": 1e-5, "noise_multiplier": 0.9, "dp_steps": 140}
     assert sweep.privacy_of(tmp_path / "std")["epsilon"] == float("inf")
     metrics = {m: 0.5 for m in sweep.PLOTTED}
     table = [{"row": "eps1", "epsilon": 1.0, **metrics}, {"row": "eps4", "epsilon": 3.9, **metrics},
