@@ -55,8 +55,9 @@ def privacy_of(run_path: Path) -> dict:
                 "noise_multiplier": 0.0, "dp_steps": 0}
     # The run's own accountant's epsilon, and PRV's for the same steps beside it (the papers
     # report RDP, which reads 8-11% above PRV at the same noise).
-    return {"epsilon": float(last["epsilon"]), "epsilon_prv": float(last["epsilon_prv"]),
-            "accountant": last["accountant"], "delta": float(last["delta"]),
+    # (Runs trained before the toolkit recorded both have neither.)
+    return {"epsilon": float(last["epsilon"]), "epsilon_prv": float(last.get("epsilon_prv", math.nan)),
+            "accountant": last.get("accountant", ""), "delta": float(last["delta"]),
             "noise_multiplier": float(last["noise_multiplier"]), "dp_steps": int(last["dp_steps"])}
 
 

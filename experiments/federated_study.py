@@ -41,6 +41,7 @@ from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown
                               metric_classifier)
 from gankit.runs import RunDir
 from gankit.sampling import load_generator
+from gankit.server.strategy import sampled_clients
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 log = logging.getLogger("gankit")
@@ -139,7 +140,7 @@ def evaluate_row(name: str, config: Config, run_path: Path, ref, classifier, ev:
            "local_steps": f.local_steps * (f.clients if central else 1),
            # The clients of a round: all of them, or the sampled fraction (in expectation
            # under --client-dp poisson); a centralized row's "clients" are its batches a round.
-           "total_d_steps": f.rounds * f.local_steps * max(1, round(f.clients * f.fraction_train)),
+           "total_d_steps": f.rounds * f.local_steps * sampled_clients(config),
            **metrics}
     return row
 
@@ -153,6 +154,7 @@ def plot_fid_per_round(path: Path, histories: dict[str, Path], configs: dict[str
     import matplotlib.pyplot as plt
 
     colours: dict = {}
+    centralized_styles: dict = {}
     fig, ax = plt.subplots(figsize=(9, 4.2))
     for name, history in histories.items():
         records = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
@@ -164,7 +166,7 @@ def plot_fid_per_round(path: Path, histories: dict[str, Path], configs: dict[str
         if not points:
             continue
         if name in centralized:
-            style = ("-", ":", "-.")[sum(1 for n in histories if n in centralized and n < name) % 3]
+            style = centralized_styles.setdefault(name, ("-", ":", "-.")[len(centralized_styles) % 3])
             ax.plot(*zip(*points), style, lw=2.2, color="black", label=f"{name} (same total steps)")
             continue
         # tab20: a study has more than matplotlib's 10 default colours of rows.

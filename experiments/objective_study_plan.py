@@ -5,7 +5,7 @@
         --steps 60 --cores 2 --out runs/objective_study_plan.md
 
 Each row trains --steps D steps (after a few warm-up steps that are not timed) with its own
-options on random images of the config's shape, one thread, as a row does on Ray with
+options on the first images of the config's data, one thread, as a row does on Ray with
 --cpus-per-row 1. Its seconds per D step times the D steps the study will give it (the
 config's epochs, or the epochs its "g_steps" implies, times the batches of an epoch of the
 config's training set) is its predicted training time. The total wall time assumes --cores
@@ -23,36 +23,33 @@ from pathlib import Path
 import torch
 
 from gankit.config import n_critic
-from gankit.data import ImageData
+from gankit.data import ImageData, load_data
 from gankit.evaluate import markdown_table
 from gankit.runs import RunDir
 from gankit.studies import equal_generator_steps, row_configs
 from gankit.trainer import Trainer
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-# The training-set sizes of the datasets a study names (the reference split held out).
-TRAIN_SIZES = {"mnist": 60_000, "mnist-5k": 4_500}
 
 
-def random_data(n: int, labelled: bool) -> ImageData:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(n, 1, 28, 28, generator=gen) * 2 - 1
-    y = torch.randint(10, (n,), generator=gen) if labelled else None
-    return ImageData(x, y, x[:64], None if y is None else y[:64], "random", "random images")
-
-
-def seconds_per_d_step(config, steps: int, warmup: int = 5) -> float:
-    """The Trainer's own loop time per D step over `steps` steps, after `warmup` untimed ones."""
+def seconds_per_d_step(config, data: ImageData, steps: int, warmup: int = 5) -> float:
+    """The Trainer's own loop time per D step over `steps` steps, after `warmup` untimed ones.
+    The first short run is thrown away: it carries the process's one-time start-up costs."""
     times = []
-    for n in (warmup, warmup + steps):
+    for n in (warmup, warmup, warmup + steps):
         with tempfile.TemporaryDirectory() as out:
             run_config = config.updated({"epochs": 1, "out_dir": out, "eval_every": 0,
                                          "sample_every": 10 ** 6, "checkpoint_every": 0})
-            data = random_data(n * config.train.batch_size, config.model.conditional)
-            trainer = Trainer(run_config, data, RunDir.create(run_config))
+            size = n * config.train.batch_size
+            if size > len(data.train_x):
+                raise SystemExit(f"--steps {steps} needs {size:,} training images; the data has "
+                                 f"{len(data.train_x):,}")
+            subset = ImageData(data.train_x[:size], None if data.train_y is None else data.train_y[:size],
+                               data.ref_x, data.ref_y, data.name, data.description)
+            trainer = Trainer(run_config, subset, RunDir.create(run_config))
             trainer.fit()
             times.append(trainer.state.train_time)
-    return (times[1] - times[0]) / steps
+    return (times[2] - times[1]) / steps
 
 
 def longest_first_makespan(seconds: list[float], cores: int) -> float:
@@ -78,15 +75,14 @@ def main() -> int:
 
     spec = json.loads(args.config.read_text())
     configs = row_configs(spec, dict(spec["base"]), args.rows, [], Path(tempfile.gettempdir()))
-    dataset = next(iter(configs.values())).data.dataset
-    train_size = TRAIN_SIZES.get(dataset)
-    if train_size is None:
-        raise SystemExit(f"no training-set size known for dataset '{dataset}'")
+    # The study's own data (the reference split held out), for its epoch length and the timing.
+    data = load_data(next(iter(configs.values())).data)
+    train_size = len(data.train_x)
     if "g_steps" in spec:
         configs = equal_generator_steps(configs, train_size, int(spec["g_steps"]))
     table = []
     for name, config in configs.items():
-        per_step = seconds_per_d_step(config, args.steps)
+        per_step = seconds_per_d_step(config, data, args.steps)
         d_steps = config.train.epochs * math.ceil(train_size / config.train.batch_size)
         table.append({"row": name, "epochs": config.train.epochs, "d_steps": d_steps,
                       "g_steps": d_steps // n_critic(config), "s_per_d_step": round(per_step, 4),

@@ -46,23 +46,28 @@ def split_for_sync(weights: dict[str, Tensor], sync: str) -> tuple[dict[str, Ten
             {k: v for k, v in weights.items() if not k.startswith("d.")})
 
 
+def prefixed(G: nn.Module, D: nn.Module, prior: nn.Module) -> tuple[tuple[str, nn.Module], ...]:
+    """Each network with the prefix its arrays carry in a packed dict."""
+    return (("g", G), ("d", unwrapped(D)), ("p", prior))
+
+
 def pack(G: nn.Module, D: nn.Module, prior: nn.Module) -> dict[str, Tensor]:
     """G, D and the prior's state (parameters and buffers) as one flat, prefixed dict."""
     out = {}
-    for prefix, module in (("g", G), ("d", unwrapped(D)), ("p", prior)):
+    for prefix, module in prefixed(G, D, prior):
         out.update({f"{prefix}.{k}": v.detach().cpu() for k, v in module.state_dict().items()})
     return out
 
 
 def statistics_keys(G: nn.Module, D: nn.Module, prior: nn.Module) -> frozenset[str]:
     """The packed keys that hold buffers (running statistics, step counters), not weights."""
-    return frozenset(f"{prefix}.{k}" for prefix, module in (("g", G), ("d", unwrapped(D)), ("p", prior))
+    return frozenset(f"{prefix}.{k}" for prefix, module in prefixed(G, D, prior)
                      for k, _ in module.named_buffers())
 
 
 def unpack(weights: dict[str, Tensor], G: nn.Module, D: nn.Module, prior: nn.Module) -> None:
     """Load a packed dict into the networks (in place, so optimizers keep their parameters)."""
-    for prefix, module in (("g", G), ("d", unwrapped(D)), ("p", prior)):
+    for prefix, module in prefixed(G, D, prior):
         own = module.state_dict()
         state = {k[len(prefix) + 1:]: v for k, v in weights.items() if k.startswith(prefix + ".")}
         # Aggregation returns floats for integer buffers (BatchNorm's step counter): cast back.
