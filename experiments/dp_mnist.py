@@ -261,7 +261,7 @@ def main() -> int:
             # committed evaluation (sample grid, history, released generator beside it) is the
             # evidence, if it measured what this table measures.
             cached = json.loads(committed.read_text())
-            if cached["key"]["evaluation"] != ev or cached["key"]["baseline"] != (not args.no_baseline):
+            if cached["key"]["evaluation"] != ev:
                 log.warning("[%s] its committed evaluation used other settings; skipped", name)
                 continue
             # (Evaluations committed before the fifth session carry no config to compare.)
@@ -286,15 +286,21 @@ def main() -> int:
         # rows evaluated in parallel processes are tabled together later without redoing them.
         cache = run.path / "paper_evaluation.json"
         last = run.load_checkpoint("last")
-        key = {"evaluation": ev, "baseline": not args.no_baseline,
-               "checkpoint_epoch": last["state"]["epoch"]}
+        # The baseline is an add-on to an evaluation, not part of what keys it: a row evaluated
+        # with --no-baseline gets its baseline later without its generator being re-measured.
+        key = {"evaluation": ev, "checkpoint_epoch": last["state"]["epoch"]}
         cached = json.loads(cache.read_text()) if cache.is_file() else {}
-        if cached.get("key") == key:
+        cached_key = {k: v for k, v in cached.get("key", {}).items() if k != "baseline"}
+        if cached_key == key:
             row = cached["row"]
             log.info("[%s] evaluation reused from %s", name, cache)
         else:
             row = evaluate_row(name, run.path, data, classifier, ref, ev, config.train.seed)
-            if math.isfinite(row["epsilon"]) and not args.no_baseline:
+            row["train_time_s"] = round(train_time, 1)
+            row["device"] = device_name
+        wants_baseline = not args.no_baseline and math.isfinite(row["epsilon"])
+        if cached_key != key or (wants_baseline and "dp_sgd_baseline_accuracy" not in row):
+            if wants_baseline and "dp_sgd_baseline_accuracy" not in row:
                 from gankit.privacy import dp_sgd_classifier_accuracy
 
                 baseline = dp_sgd_classifier_accuracy(
@@ -303,10 +309,9 @@ def main() -> int:
                     epochs=ev["baseline_epochs"], accountant="rdp", seed=config.train.seed)
                 row["dp_sgd_baseline_accuracy"] = baseline["accuracy"]
                 row["dp_sgd_baseline_epsilon"] = baseline["epsilon"]
-            if ev.get("class_filter"):
+            if cached_key != key and ev.get("class_filter"):
                 row.update(filtered_evaluation(run.path, data, classifier, ref, ev, config.train.seed))
-            row["train_time_s"] = round(train_time, 1)
-            row["device"] = device_name
+            key["baseline"] = "dp_sgd_baseline_accuracy" in row
             cache.write_text(json.dumps({"key": key, "config": last["config"], "row": row}, indent=1))
         row["epochs_done"] = f"{key['checkpoint_epoch']}/{config.train.epochs}"
         # What the committed results keep of a run (its folder, with checkpoints, stays out of git).
