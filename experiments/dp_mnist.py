@@ -288,30 +288,31 @@ def main() -> int:
         last = run.load_checkpoint("last")
         # The baseline is an add-on to an evaluation, not part of what keys it: a row evaluated
         # with --no-baseline gets its baseline later without its generator being re-measured.
+        # (Evaluations from before the seventh session carry a "baseline" entry in their key.)
         key = {"evaluation": ev, "checkpoint_epoch": last["state"]["epoch"]}
         cached = json.loads(cache.read_text()) if cache.is_file() else {}
-        cached_key = {k: v for k, v in cached.get("key", {}).items() if k != "baseline"}
-        if cached_key == key:
+        measured = {k: v for k, v in cached.get("key", {}).items() if k != "baseline"} == key
+        if measured:
             row = cached["row"]
             log.info("[%s] evaluation reused from %s", name, cache)
         else:
             row = evaluate_row(name, run.path, data, classifier, ref, ev, config.train.seed)
+            if ev.get("class_filter"):
+                row.update(filtered_evaluation(run.path, data, classifier, ref, ev, config.train.seed))
             row["train_time_s"] = round(train_time, 1)
             row["device"] = device_name
-        wants_baseline = not args.no_baseline and math.isfinite(row["epsilon"])
-        if cached_key != key or (wants_baseline and "dp_sgd_baseline_accuracy" not in row):
-            if wants_baseline and "dp_sgd_baseline_accuracy" not in row:
-                from gankit.privacy import dp_sgd_classifier_accuracy
+        needs_baseline = (not args.no_baseline and math.isfinite(row["epsilon"])
+                          and "dp_sgd_baseline_accuracy" not in row)
+        if needs_baseline:
+            from gankit.privacy import dp_sgd_classifier_accuracy
 
-                baseline = dp_sgd_classifier_accuracy(
-                    data.train_x, data.train_y, data.ref_x, data.ref_y,
-                    target_epsilon=row["epsilon"], delta=row["delta"],
-                    epochs=ev["baseline_epochs"], accountant="rdp", seed=config.train.seed)
-                row["dp_sgd_baseline_accuracy"] = baseline["accuracy"]
-                row["dp_sgd_baseline_epsilon"] = baseline["epsilon"]
-            if cached_key != key and ev.get("class_filter"):
-                row.update(filtered_evaluation(run.path, data, classifier, ref, ev, config.train.seed))
-            key["baseline"] = "dp_sgd_baseline_accuracy" in row
+            baseline = dp_sgd_classifier_accuracy(
+                data.train_x, data.train_y, data.ref_x, data.ref_y,
+                target_epsilon=row["epsilon"], delta=row["delta"],
+                epochs=ev["baseline_epochs"], accountant="rdp", seed=config.train.seed)
+            row["dp_sgd_baseline_accuracy"] = baseline["accuracy"]
+            row["dp_sgd_baseline_epsilon"] = baseline["epsilon"]
+        if not measured or needs_baseline:
             cache.write_text(json.dumps({"key": key, "config": last["config"], "row": row}, indent=1))
         row["epochs_done"] = f"{key['checkpoint_epoch']}/{config.train.epochs}"
         # What the committed results keep of a run (its folder, with checkpoints, stays out of git).
