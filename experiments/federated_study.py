@@ -33,6 +33,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from gankit.studies import row_configs, study_out, study_parser, same_training, write_csv
 from gankit.config import Config
@@ -46,7 +47,7 @@ from gankit.server.strategy import sampled_clients
 CONFIGS = Path(__file__).resolve().parent / "configs"
 log = logging.getLogger("gankit")
 
-TABLE_COLUMNS = ["row", "partition", "alpha", "clients", "client_dp", "client_dp_noise", "client_optimizer",
+TABLE_COLUMNS = ["row", "data", "partition", "alpha", "clients", "client_dp", "client_dp_noise", "client_optimizer",
                  "epsilon", "precision", "recall", "density", "coverage", "fid", "downstream_accuracy",
                  "rounds", "local_steps", "total_d_steps", "train_time_s", "round_time_s", "peak_rss_mb"]
 
@@ -59,6 +60,58 @@ def round_costs(history: Path) -> dict:
     peaks = [r["peak_rss_mb"] for r in records if "peak_rss_mb" in r]
     return {"round_time_s": round(statistics.median(times), 2) if times else "",
             "peak_rss_mb": max(peaks) if peaks else ""}
+
+
+def committed_row(name: str, out: Path, key: dict, config: Config) -> Optional[dict]:
+    """A row's committed table row, if its evaluation measured this configuration with these
+    settings (else None, and the log says why)."""
+    committed = out / "evaluations" / f"{name}.json"
+    cached = json.loads(committed.read_text()) if committed.is_file() else {}
+    if cached.get("key") != key or not same_training(cached["config"], config):
+        log.info("[%s] no run here%s; skipped", name,
+                 " and its committed evaluation measured another configuration or "
+                 "other settings" if cached else "")
+        return None
+    log.info("[%s] no run folder here; its committed evaluation is tabled", name)
+    return dict(cached["row"])
+
+
+def included_rows(spec: dict, config_path: Path, args, ev: dict) -> tuple[list, dict, dict]:
+    """The rows that the config's "include" names from other studies' committed results:
+    [{"config": path, "results": folder, "rows": [names]}], paths relative to this config's
+    folder. Each row is checked against its own study's config and evaluation settings, as
+    that study's own --evaluate-only rebuild checks it."""
+    rows, configs, histories = [], {}, {}
+    for entry in spec.get("include", []):
+        other_path, results = (config_path.parent / entry[k] for k in ("config", "results"))
+        other = json.loads(other_path.read_text())
+        if other["evaluation"] != ev:  # e.g. a quick check's --samples
+            log.info("include: %s evaluates with %s, this table with %s; its rows are left out",
+                     other_path.name, other["evaluation"], ev)
+            continue
+        missing = set(entry["rows"]) - set(other["rows"])
+        if missing:
+            raise SystemExit(f"include: {other_path.name} has no rows {sorted(missing)}")
+        base = dict(other["base"], seed=args.seed, mode="federated")
+        if args.data_root:
+            base["data_root"] = args.data_root
+        wanted = {n: o for n, o in other["rows"].items() if n in entry["rows"]}
+        built = row_configs({**other, "rows": wanted}, base, "", [], results / "runs")
+        for name, config in built.items():
+            key = {"evaluation": ev, "seed": args.seed, "rounds": config.federated.rounds}
+            row = committed_row(name, results, key, config)
+            if row is not None:
+                rows.append(row)
+                configs[name] = config
+                histories[name] = results / "histories" / f"{name}.jsonl"
+    return rows, configs, histories
+
+
+def included_section(spec: dict, included: list) -> str:
+    if not included:
+        return ""
+    return (f"\n## Rows from other studies\n\n{spec.get('include_note', '')}\n\n"
+            + markdown_table(included, TABLE_COLUMNS))
 
 
 def train_federated_row(name: str, config: Config, data, classifier, runs_dir: Path, times: dict) -> None:
@@ -189,6 +242,46 @@ def plot_fid_per_round(path: Path, histories: dict[str, Path], configs: dict[str
     plt.close(fig)
 
 
+def plot_client_dp_map(path: Path, table: list, histories: dict[str, Path], configs: dict[str, Config]) -> None:
+    """Client-level epsilon against quality. Left: each client-DP row's in-training FID against
+    the epsilon spent by that round (so one run maps epsilon over rounds), its final FID as a
+    marker; right: final downstream accuracy against epsilon. Rows without DP are dashed
+    horizontal lines: what the same federation reaches without clipping or noise."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours = plt.get_cmap("tab10")
+    for i, row in enumerate(table):
+        name, colour = row["row"], colours(i % 10)
+        if configs[name].federated.client_dp == "none":
+            for ax, metric in ((left, "fid"), (right, "downstream_accuracy")):
+                if isinstance(row.get(metric), (int, float)):
+                    ax.axhline(row[metric], ls="--", lw=1.2, color=colour, label=f"{name} (no DP)")
+            continue
+        records = [json.loads(line) for line in histories[name].read_text().splitlines() if line.strip()]
+        points = [(r["client_epsilon"], r["fid"]) for r in records if "fid" in r and "client_epsilon" in r]
+        if points:
+            left.plot(*zip(*points), "-o", ms=3, lw=1.2, color=colour, label=name)
+        left.plot(row["epsilon"], row["fid"], "*", ms=11, color=colour)
+        right.plot(row["epsilon"], row["downstream_accuracy"], "o", ms=7, color=colour, label=name)
+    left.set_yscale("log")
+    left.set_xlabel("client-level epsilon spent so far (RDP)")
+    left.set_ylabel("FID (classifier features, lower is better)")
+    left.set_title("over rounds (in-training FID; star: final evaluation)", fontsize=9)
+    right.axhline(0.8, color="grey", lw=0.8, ls=":", label="80% target")
+    right.set_xlabel("client-level epsilon (RDP)")
+    right.set_ylabel("downstream accuracy (real test split)")
+    right.set_title("final generator", fontsize=9)
+    for ax in (left, right):
+        ax.grid(alpha=0.3, which="both")
+    right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> int:
     parser = study_parser(__doc__.splitlines()[0], CONFIGS / "federated_small.json", device=False, parallel=False)
     parser.add_argument("--evaluate-only", action="store_true",
@@ -231,15 +324,10 @@ def main() -> int:
         if args.evaluate_only and not run.checkpoint_path("last").exists():
             # A row trained on another machine: its committed evaluation and history are the
             # evidence (run folders stay out of git), if they measured what this table does.
-            cached = json.loads(committed.read_text()) if committed.is_file() else {}
-            if cached.get("key") != key or not same_training(cached["config"], config):
-                log.info("[%s] no run here%s; skipped", name,
-                         " and its committed evaluation measured another configuration or "
-                         "other settings" if cached else "")
-                continue
-            log.info("[%s] no run folder here; its committed evaluation is tabled", name)
-            table.append(cached["row"])
-            histories[name] = out / "histories" / f"{name}.jsonl"
+            row = committed_row(name, out, key, config)
+            if row is not None:
+                table.append(row)
+                histories[name] = out / "histories" / f"{name}.jsonl"
             continue
         if args.evaluate_only:
             ckpt = run.load_checkpoint("last")
@@ -280,10 +368,20 @@ def main() -> int:
                  row["epsilon"], row["fid"], row["precision"], row["recall"],
                  row.get("downstream_accuracy", math.nan))
 
-    for row in table:
-        row.update(round_costs(histories[row["row"]]))
-    write_csv(out / "table.csv", table, TABLE_COLUMNS)
+    included, included_configs, included_histories = included_rows(spec, Path(args.config), args, ev)
+    all_configs, all_histories = {**configs, **included_configs}, {**histories, **included_histories}
+    for row in table + included:
+        row.update(round_costs(all_histories[row["row"]]))
+        row["data"] = all_configs[row["row"]].data.dataset
+    write_csv(out / "table.csv", table + included, TABLE_COLUMNS)
+    # Included rows have their own data and reference, so their FIDs stay off this plot.
     plot_fid_per_round(out / "fid_per_round.png", histories, configs, centralized)
+    # The map: the client-DP rows and the rows without DP trained on the same data.
+    dp_data = {r["data"] for r in table + included if all_configs[r["row"]].federated.client_dp != "none"}
+    with_client_dp = bool(dp_data)
+    if with_client_dp:
+        plot_client_dp_map(out / "client_dp_map.png", [r for r in table + included if r["data"] in dp_data],
+                           all_histories, all_configs)
     total = time.perf_counter() - started
     command = "python " + " ".join(sys.argv)
     (out / "table.md").write_text(
@@ -295,7 +393,8 @@ def main() -> int:
         f"start and the per-round evaluation; round_time_s: the median round; peak_rss_mb: the "
         f"study process's peak memory (with --simulation inline, every client's). Total time "
         f"{total / 60:.1f} min.\n\nCommand: `{command}`\n\n" + markdown_table(table, TABLE_COLUMNS)
-        + "\n![FID per round](fid_per_round.png)\n")
+        + "\n![FID per round](fid_per_round.png)\n" + included_section(spec, included)
+        + ("\n![Client-level epsilon against quality](client_dp_map.png)\n" if with_client_dp else ""))
     log.info("wrote %s (%.1f min)", out / "table.md", total / 60)
     return 0
 

@@ -100,6 +100,46 @@ def test_federated_study_table_is_rebuilt_from_committed_evaluations(tmp_path):
     assert (out / "table.csv").read_text().splitlines()[1:] == []
 
 
+def test_federated_study_tables_rows_included_from_another_studys_committed_results(tmp_path):
+    """The parity table names the client-DP study's rows ("include"): they are tabled from
+    that study's committed evaluations, checked against its own config, and a row whose
+    options changed there is left out."""
+    import csv
+    import json
+    import subprocess
+    import sys
+
+    tiny = {"dataset": "mnist-5k", "conditional": True, "g_width": 8, "d_width": 8, "batch_size": 16,
+            "clients": 4, "rounds": 2, "local_steps": 2, "eval_every": 1, "eval_samples": 100,
+            "tensorboard": False, "progress": False, "simulation": "inline"}
+    evaluation = {"samples": 100, "downstream_epochs": 1}
+    other = tmp_path / "configs" / "other.json"
+    other.parent.mkdir()
+    other.write_text(json.dumps({"base": tiny, "evaluation": evaluation, "rows": {
+        "cdp": {"client_dp": "poisson", "fraction_train": 0.5, "client_dp_noise": 1.0, "client_dp_clip": 0.1}}}))
+    subprocess.run([sys.executable, "experiments/federated_study.py", "--config", str(other),
+                    "--out", str(tmp_path / "results" / "other")], check=True, capture_output=True)
+    main = tmp_path / "configs" / "main.json"
+    main.write_text(json.dumps({"base": tiny, "evaluation": evaluation, "rows": {"iid": {}},
+                                "include": [{"config": "other.json", "results": "../results/other",
+                                             "rows": ["cdp"]}]}))
+    study = [sys.executable, "experiments/federated_study.py", "--config", str(main), "--out",
+             str(tmp_path / "main"), "--evaluate-only"]
+    subprocess.run(study, check=True, capture_output=True)
+    read = lambda path: list(csv.DictReader(open(path)))  # noqa: E731
+    tabled, own = read(tmp_path / "main" / "table.csv"), read(tmp_path / "results" / "other" / "table.csv")
+    assert [r["row"] for r in tabled] == ["cdp"]  # "iid" never trained: not tabled
+    assert tabled == own and tabled[0]["client_dp"] == "poisson"
+    assert (tmp_path / "main" / "client_dp_map.png").stat().st_size > 0
+    assert "Rows from other studies" in (tmp_path / "main" / "table.md").read_text()
+    spec = json.loads(other.read_text())
+    spec["rows"]["cdp"]["client_dp_clip"] = 0.2
+    other.write_text(json.dumps(spec))
+    done = subprocess.run(study, check=True, capture_output=True, text=True)
+    assert "measured another configuration" in done.stderr
+    assert read(tmp_path / "main" / "table.csv") == []
+
+
 def test_the_objective_study_plan_schedules_rows_longest_first():
     import importlib.util
 
