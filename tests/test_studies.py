@@ -63,6 +63,10 @@ def test_every_committed_study_config_validates():
                 for name, o in spec["rows"].items()}
         built = row_configs({**spec, "rows": rows}, base, "", [], Path("runs") / path.stem)
         assert set(built) == set(spec["rows"]), path.name
+        for entry in spec.get("include", []):  # rows tabled from another study's results
+            other = json.loads((path.parent / entry["config"]).read_text())
+            assert set(entry["rows"]) <= set(other["rows"]), path.name
+            assert (path.parent / entry["results"]).is_dir(), path.name
 
 
 def test_federated_study_table_is_rebuilt_from_committed_evaluations(tmp_path):
