@@ -21,7 +21,7 @@ import time
 import torch
 from torch import nn
 
-from gankit.clipping import CONV_CHUNK, BookKeepingClipper
+from gankit.clipping import CONV_CHUNK, conv_norms_sq, ghost_norm_is_cheaper
 from gankit.config import Config
 from gankit.models import build_discriminator
 from gankit.presets import preset
@@ -69,11 +69,10 @@ def main() -> None:
         weight = median_ms(lambda: torch.nn.grad.conv2d_weight(x, layer.weight.shape, g, layer.stride,
                                                                layer.padding, layer.dilation), args.repeats)
         # The whole batch's patches at once, and what the clipper does: a chunk of examples at a time.
-        whole = median_ms(lambda: BookKeepingClipper._conv_norms_sq(layer, [(x, g)]), args.repeats)
-        chunked = median_ms(lambda: torch.cat([BookKeepingClipper._conv_norms_sq(
-            layer, [(x[i:i + CONV_CHUNK], g[i:i + CONV_CHUNK])]) for i in range(0, n, CONV_CHUNK)]), args.repeats)
-        t, d_in, d_out = out.shape[2] * out.shape[3], layer.weight[0].numel(), layer.out_channels
-        way = "ghost" if t * t * (d_in + d_out) < t * d_in * d_out else "direct"
+        whole = median_ms(lambda: conv_norms_sq(layer, [(x, g)], chunk=n), args.repeats)
+        chunked = median_ms(lambda: conv_norms_sq(layer, [(x, g)]), args.repeats)
+        t = out.shape[2] * out.shape[3]
+        way = "ghost" if ghost_norm_is_cheaper(t, layer.weight[0].numel(), layer.out_channels) else "direct"
         name = f"{type(layer).__name__}({layer.in_channels}->{layer.out_channels}, {x.shape[-1]}px)"
         print(f"{name:34}{t:10d}{way:>8}{weight:13.2f}{whole:14.2f}{chunked:9.2f}{whole / weight:29.2f}"
               f"{chunked / weight:9.2f}")
@@ -81,6 +80,7 @@ def main() -> None:
             totals[k] += v
     print(f"{'all conv layers':52}{totals[0]:13.2f}{totals[1]:14.2f}{totals[2]:9.2f}"
           f"{totals[1] / totals[0]:29.2f}{totals[2] / totals[0]:9.2f}")
+
 
 if __name__ == "__main__":
     main()

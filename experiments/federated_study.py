@@ -62,6 +62,19 @@ def round_costs(history: Path) -> dict:
             "peak_rss_mb": max(peaks) if peaks else ""}
 
 
+def study_base(spec: dict, args) -> dict:
+    """A study's base options as this script trains them: its seed, federated mode and data root."""
+    base = dict(spec["base"], seed=args.seed, mode="federated")
+    if args.data_root:
+        base["data_root"] = args.data_root
+    return base
+
+
+def evaluation_key(ev: dict, seed: int, config: Config) -> dict:
+    """What a committed evaluation must have measured to be tabled for this row."""
+    return {"evaluation": ev, "seed": seed, "rounds": config.federated.rounds}
+
+
 def committed_row(name: str, out: Path, key: dict, config: Config) -> Optional[dict]:
     """A row's committed table row, if its evaluation measured this configuration with these
     settings (else None, and the log says why)."""
@@ -92,14 +105,11 @@ def included_rows(spec: dict, config_path: Path, args, ev: dict) -> tuple[list, 
         missing = set(entry["rows"]) - set(other["rows"])
         if missing:
             raise SystemExit(f"include: {other_path.name} has no rows {sorted(missing)}")
-        base = dict(other["base"], seed=args.seed, mode="federated")
-        if args.data_root:
-            base["data_root"] = args.data_root
+        base = study_base(other, args)
         wanted = {n: o for n, o in other["rows"].items() if n in entry["rows"]}
         built = row_configs({**other, "rows": wanted}, base, "", [], results / "runs")
         for name, config in built.items():
-            key = {"evaluation": ev, "seed": args.seed, "rounds": config.federated.rounds}
-            row = committed_row(name, results, key, config)
+            row = committed_row(name, results, evaluation_key(ev, args.seed, config), config)
             if row is not None:
                 rows.append(row)
                 configs[name] = config
@@ -297,9 +307,7 @@ def main() -> int:
     ev = dict(spec["evaluation"])
     if args.samples:
         ev["samples"] = args.samples
-    base = dict(spec["base"], seed=args.seed, mode="federated")
-    if args.data_root:
-        base["data_root"] = args.data_root
+    base = study_base(spec, args)
     # Rows marked {"centralized": true} are trained by train_centralized_row.
     centralized = {name for name, o in spec["rows"].items() if o.get("centralized")}
     rows = {name: {k: v for k, v in o.items() if k != "centralized"} for name, o in spec["rows"].items()}
@@ -320,7 +328,7 @@ def main() -> int:
     for name, config in configs.items():
         run = RunDir(out / "runs" / name)
         committed = out / "evaluations" / f"{name}.json"
-        key = {"evaluation": ev, "seed": args.seed, "rounds": config.federated.rounds}
+        key = evaluation_key(ev, args.seed, config)
         if args.evaluate_only and not run.checkpoint_path("last").exists():
             # A row trained on another machine: its committed evaluation and history are the
             # evidence (run folders stay out of git), if they measured what this table does.
@@ -378,8 +386,7 @@ def main() -> int:
     plot_fid_per_round(out / "fid_per_round.png", histories, configs, centralized)
     # The map: the client-DP rows and the rows without DP trained on the same data.
     dp_data = {r["data"] for r in table + included if all_configs[r["row"]].federated.client_dp != "none"}
-    with_client_dp = bool(dp_data)
-    if with_client_dp:
+    if dp_data:
         plot_client_dp_map(out / "client_dp_map.png", [r for r in table + included if r["data"] in dp_data],
                            all_histories, all_configs)
     total = time.perf_counter() - started
@@ -394,7 +401,7 @@ def main() -> int:
         f"study process's peak memory (with --simulation inline, every client's). Total time "
         f"{total / 60:.1f} min.\n\nCommand: `{command}`\n\n" + markdown_table(table, TABLE_COLUMNS)
         + "\n![FID per round](fid_per_round.png)\n" + included_section(spec, included)
-        + ("\n![Client-level epsilon against quality](client_dp_map.png)\n" if with_client_dp else ""))
+        + ("\n![Client-level epsilon against quality](client_dp_map.png)\n" if dp_data else ""))
     log.info("wrote %s (%.1f min)", out / "table.md", total / 60)
     return 0
 

@@ -162,24 +162,12 @@ class BookKeepingClipper:
             # A few examples at a time: their patches stay in cache for the product that reads
             # them. A whole batch's patches (tens of MB at batch 1024) cost more to write and
             # read back than the product itself (benchmarks/clipping_layers.py).
-            n = len(parts[0][0])
-            return torch.cat([self._conv_norms_sq(layer, [(x[i:i + CONV_CHUNK], y[i:i + CONV_CHUNK])
-                                                          for x, y in parts])
-                              for i in range(0, n, CONV_CHUNK)])
+            return conv_norms_sq(layer, parts)
         # GroupNorm: weight gradient sum_hw x_hat * g, bias gradient sum_hw g, per channel.
         per_channel = lambda t: t.reshape(len(t), t.shape[1], -1).sum(2)  # noqa: E731
         w = sum(per_channel(_group_norm_hat(layer, x) * y) for x, y in parts)
         b = sum(per_channel(y) for _, y in parts)
         return w.pow(2).sum(1) + b.pow(2).sum(1)
-
-    @staticmethod
-    def _conv_norms_sq(layer, parts) -> Tensor:
-        a = _join([_unfold(layer, x) for x, _ in parts], dim=2).transpose(1, 2)
-        g = _join([y.flatten(2) for _, y in parts], dim=2).transpose(1, 2)
-        total = _product_norm_sq(a, g)
-        if layer.bias is not None:
-            total = total + g.sum(1).pow(2).sum(1)
-        return total
 
     def _clipped_sum(self, layer, parts, factor: Tensor) -> list[Tensor]:
         scaled = [(x, y * factor.view(-1, *([1] * (y.dim() - 1)))) for x, y in parts]
@@ -213,6 +201,28 @@ class BookKeepingClipper:
         self.summed, self.public, self.public_rows = None, None, 0
 
 
+def conv_norms_sq(layer: nn.Conv2d, parts, chunk: int = CONV_CHUNK) -> Tensor:
+    """Each example's squared gradient norm for a conv layer, from [(inputs, grads) per pass],
+    `chunk` examples' patches at a time."""
+    n = len(parts[0][0])
+    return torch.cat([_conv_chunk_norms_sq(layer, [(x[i:i + chunk], y[i:i + chunk]) for x, y in parts])
+                      for i in range(0, n, chunk)])
+
+
+def _conv_chunk_norms_sq(layer: nn.Conv2d, parts) -> Tensor:
+    a = _join([_unfold(layer, x) for x, _ in parts], dim=2).transpose(1, 2)
+    g = _join([y.flatten(2) for _, y in parts], dim=2).transpose(1, 2)
+    total = _product_norm_sq(a, g)
+    if layer.bias is not None:
+        total = total + g.sum(1).pow(2).sum(1)
+    return total
+
+
+def ghost_norm_is_cheaper(positions: int, d_in: int, d_out: int) -> bool:
+    """The ghost norm costs T^2 (D_in + D_out) per example, the direct product T D_in D_out."""
+    return positions * positions * (d_in + d_out) < positions * d_in * d_out
+
+
 def _join(parts: list[Tensor], dim: int) -> Tensor:
     """The passes of a pair side by side (no copy for a single pass)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
@@ -232,8 +242,7 @@ def _product_norm_sq(a: Tensor, g: Tensor) -> Tensor:
     """||g_i^T a_i||_F^2 per example for a (N, T, D_in), g (N, T, D_out): directly, or by
     the ghost norm sum_ts (a a^T)_ts (g g^T)_ts when T^2 (D_in + D_out) is cheaper than
     T D_in D_out."""
-    t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
-    if t * t * (d_in + d_out) < t * d_in * d_out:
+    if ghost_norm_is_cheaper(a.shape[1], a.shape[2], g.shape[2]):
         return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
     return torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
 
