@@ -7,11 +7,11 @@ layer's ordinary weight gradient.
 Book-keeping clipping (toolkit/clipping.py) computes, for every layer of one private pass,
 the ordinary weight gradient of the clipped examples (which the standard step computes too)
 plus each example's gradient norm, which only the private step needs. For a conv layer the
-norm needs the input patches (unfold) and either a batched product per example or the ghost
-norm. This prints, per layer, the norms' time, for the whole batch's patches at once and a chunk of
-examples at a time (as the clipper does), as a multiple of the ordinary weight gradient: the
-private step's overhead over the standard one is mostly these norms, summed over the layers
-of the private pass.
+norm comes either from the examples' own gradients (one grouped conv weight gradient, an
+example per group) or from the ghost norm (input patches by unfold). This prints, per layer,
+the norms' time for the whole batch at once and a chunk of examples at a time (as the clipper
+does), as a multiple of the ordinary weight gradient: the private step's overhead over the
+standard one is mostly these norms, summed over the layers of the private pass.
 """
 
 import argparse
@@ -21,7 +21,7 @@ import time
 import torch
 from torch import nn
 
-from gankit.clipping import CONV_CHUNK, conv_norms_sq, ghost_norm_is_cheaper
+from gankit.clipping import CONV_CHUNK, conv_norms_sq, ghost_norm_is_cheaper, gradient_chunk
 from gankit.config import Config
 from gankit.models import build_discriminator
 from gankit.presets import preset
@@ -61,8 +61,8 @@ def main() -> None:
     D(torch.rand(n, 1, 28, 28, generator=gen) * 2 - 1, torch.randint(10, (n,), generator=gen))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.model} D of width "
           f"{args.width}, batch {n}; ms per layer, median of {args.repeats}")
-    print(f"{'layer':34}{'positions':>10}{'norm by':>8}{'weight grad':>13}{'norms, batch':>14}"
-          f"{f'in {CONV_CHUNK}s':>9}{'ratio to weight grad: batch':>29}{f'in {CONV_CHUNK}s':>9}")
+    print(f"{'layer':34}{'positions':>10}{'norm by':>8}{'chunk':>6}{'weight grad':>13}{'norms, batch':>14}"
+          f"{'chunked':>9}{'ratio to weight grad: batch':>29}{'chunked':>9}")
     totals = [0.0, 0.0, 0.0]
     for layer, (x, out) in inputs.items():
         g = torch.randn_like(out)
@@ -72,13 +72,14 @@ def main() -> None:
         whole = median_ms(lambda: conv_norms_sq(layer, [(x, g)], chunk=n), args.repeats)
         chunked = median_ms(lambda: conv_norms_sq(layer, [(x, g)]), args.repeats)
         t = out.shape[2] * out.shape[3]
-        way = "ghost" if ghost_norm_is_cheaper(t, layer.weight[0].numel(), layer.out_channels) else "direct"
+        ghost = ghost_norm_is_cheaper(t, layer.weight[0].numel(), layer.out_channels)
+        way, chunk = ("ghost", CONV_CHUNK) if ghost else ("direct", gradient_chunk(layer))
         name = f"{type(layer).__name__}({layer.in_channels}->{layer.out_channels}, {x.shape[-1]}px)"
-        print(f"{name:34}{t:10d}{way:>8}{weight:13.2f}{whole:14.2f}{chunked:9.2f}{whole / weight:29.2f}"
-              f"{chunked / weight:9.2f}")
+        print(f"{name:34}{t:10d}{way:>8}{min(chunk, n):6d}{weight:13.2f}{whole:14.2f}{chunked:9.2f}"
+              f"{whole / weight:29.2f}{chunked / weight:9.2f}")
         for k, v in enumerate((weight, whole, chunked)):
             totals[k] += v
-    print(f"{'all conv layers':52}{totals[0]:13.2f}{totals[1]:14.2f}{totals[2]:9.2f}"
+    print(f"{'all conv layers':58}{totals[0]:13.2f}{totals[1]:14.2f}{totals[2]:9.2f}"
           f"{totals[1] / totals[0]:29.2f}{totals[2] / totals[0]:9.2f}")
 
 

@@ -3,6 +3,7 @@
     python benchmarks/dp_step.py                          # the record's D (cdcgan), width 32, batch 128
     python benchmarks/dp_step.py --model dcgan --width 64 --batch-size 64   # the default DCGAN D
     python benchmarks/dp_step.py --steps 10 --repeats 1 --modes bk-public,hooks
+    python benchmarks/dp_step.py --model recipe --width 16 --batch-size 1024 --modes bk --steps 5
 
 Both trainers are the toolkit's own (same config and seed, one in mode "standard", one in
 mode "dp") and take the same real batches of exactly --batch-size images (Poisson sampling
@@ -26,11 +27,12 @@ import time
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from gankit.config import Config
 from gankit.presets import preset
 from gankit.data import ImageData
-from gankit.models import build_discriminator
+from gankit.models import discriminator_for
 from gankit.runs import RunDir
 from gankit.steps import generator_step
 from gankit.trainer import Trainer, unwrapped
@@ -47,6 +49,9 @@ def model_options(model: str, width: int) -> dict:
     if model == "record":
         return {**preset("dp-record"), "g_width": width, "d_width": width,
                 "d_steps_schedule": "fixed"}
+    if model == "recipe":  # experiments/configs/dp_mnist_cpu.json's AC-GAN rows
+        return {"conditional": True, "conditioning": "projection", "d_norm": "group",
+                "aux_classifier": 1.0, "g_width": width, "d_width": width}
     return {"g_width": width, "d_width": width}
 
 
@@ -76,7 +81,8 @@ def check_mode(out: str, data: ImageData, model: dict, clipping: str, n: int = 6
     try:
         tr = make_trainer(out, data, n, "dp", model, clipping)
         tr.d_opt.noise_multiplier, tr.d_opt.max_grad_norm = 0.0, 0.05
-        reference = build_discriminator(tr.config.model, data.image_shape, tr.num_classes)
+        reference = discriminator_for(tr.config, data.image_shape, tr.num_classes)
+        aux = tr.config.objective.aux_classifier if tr.num_classes else 0.0
         reference.load_state_dict(unwrapped(tr.D).state_dict())
         grads, fakes = [], []
         inner = tr.d_opt.original_optimizer
@@ -92,7 +98,11 @@ def check_mode(out: str, data: ImageData, model: dict, clipping: str, n: int = 6
         expected = [torch.zeros_like(p) for p in params]
         public = clipping.endswith("-public")
         for i in range(n):
-            loss = obj.d_real(reference(real[i:i + 1], label(labels, i))).sum()
+            if aux:  # the class loss is part of each real example's clipped loss
+                v, logits = reference(real[i:i + 1], label(labels, i), classes=True)
+                loss = obj.d_real(v).sum() + aux * F.cross_entropy(logits, labels[i:i + 1])
+            else:
+                loss = obj.d_real(reference(real[i:i + 1], label(labels, i))).sum()
             if not public:
                 loss = loss + obj.d_fake(reference(fake[i:i + 1], label(fake_labels, i))).sum()
             g = torch.autograd.grad(loss, params)
@@ -124,7 +134,7 @@ def timed(fn, tr, batches) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="record", choices=["record", "dcgan"])
+    parser.add_argument("--model", default="record", choices=["record", "recipe", "dcgan"])
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)

@@ -7,9 +7,12 @@ times its inputs, over positions), so both quantities come from what backpropaga
 anyway (Bu et al. 2023, "Differentially private optimization on large model at small
 cost"):
 
-- the norm: ||G_i^T A_i||^2 either directly (a batched product per example), or as the
-  "ghost norm" sum_pq (A_i A_i^T)_pq (G_i G_i^T)_pq, cheaper when a layer has few output
-  positions and wide inputs (Li et al. 2022; the cheaper one is chosen per layer);
+- the norm: ||G_i^T A_i||^2 either directly, or as the "ghost norm"
+  sum_pq (A_i A_i^T)_pq (G_i G_i^T)_pq, cheaper when a layer has few output positions and
+  wide inputs (Li et al. 2022; the cheaper one is chosen per layer). Directly, a Linear
+  layer uses a batched product per example; a Conv2d layer builds a few examples' gradients
+  at a time with torch's grouped conv weight-gradient kernel (one group per example), 2-3x
+  faster on CPU than unfolding patches for a batched product (benchmarks/clipping_layers.py);
 - the clipped sum: sum_i c_i G_i^T A_i = (c G)^T A, one weight-gradient product of the
   ordinary size (torch's own conv weight-gradient kernel).
 
@@ -33,7 +36,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm)
-CONV_CHUNK = 32  # examples whose conv patches are built at once (measured: 16-64 alike)
+CONV_CHUNK = 32  # examples whose conv patches are built at once for the ghost norm
+# Floats of per-example conv gradients built at once (2 MB), within 32-256 examples: the
+# fastest chunks measured for the recipe's and the record's conv layers
+# (benchmarks/clipping_layers.py: 256 examples of a 256-weight layer, 64 of 8,192, 32 of 32,768).
+GRADIENT_CHUNK_FLOATS = 1 << 19
+GRADIENT_CHUNK_EXAMPLES = (32, 256)
+# Per-example conv gradients of one layer kept for its clipped sum, at most (64 MB).
+KEPT_GRADIENT_FLOATS = 1 << 24
+
+
+def gradient_chunk(layer: nn.Module) -> int:
+    low, high = GRADIENT_CHUNK_EXAMPLES
+    return min(high, max(low, GRADIENT_CHUNK_FLOATS // layer.weight.numel()))
 
 
 def unsupported_layers(module: nn.Module) -> list[str]:
@@ -72,6 +87,7 @@ class BookKeepingClipper:
         self.public: Optional[list[Tensor]] = None   # exact gradient of the public passes
         self.public_rows = 0  # rows of the public passes in `public`
         self._pass_rows = 0   # rows of the public passes of the current chunk
+        self._example_grads: dict = {}  # per-example gradients kept within one clipping
 
     # --- capture ---------------------------------------------------------------------------
     def _forward_hook(self, layer, inputs, output):
@@ -114,17 +130,20 @@ class BookKeepingClipper:
     # --- clipping --------------------------------------------------------------------------
     def clip_and_accumulate(self) -> None:
         """Clip each example's gradient of the last backward pass to max_grad_norm and add
-        the clipped sum to `summed`. Gradients are first multiplied by the rows per pass:
-        the D loss is a mean over them, which Opacus' loss_reduction="mean" undoes the same
-        way."""
+        the clipped sum to `summed`. The recorded gradients are those of a mean over the
+        rows of a pass; each example's gradient is `rows` times them (Opacus'
+        loss_reduction="mean" undoes the mean the same way), a factor that is folded into
+        the norms and the clipping weights rather than multiplied into every tensor."""
         pieces = {m: self._pieces(m) for m in self.layers}
         pieces = {m: p for m, p in pieces.items() if p is not None}
         n = next((len(p[0][0]) for p in pieces.values()), 0)
+        self._example_grads = {}
         if n:
-            norms_sq = sum(self._norms_sq(m, parts) for m, parts in pieces.items())
-            factor = (self.max_grad_norm / (norms_sq.sqrt() + 1e-6)).clamp(max=1.0)
-        sums = [self._clipped_sum(m, pieces[m], factor) if m in pieces and n else
+            norms = n * sum(self._norms_sq(m, parts) for m, parts in pieces.items()).sqrt()
+            weights = n * (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        sums = [self._clipped_sum(m, pieces[m], weights) if m in pieces and n else
                 [torch.zeros_like(p) for p in m.parameters(recurse=False)] for m in self.layers]
+        self._example_grads = {}
         flat = [t for layer_sums in sums for t in layer_sums]
         self.summed = flat if self.summed is None else [a + b for a, b in zip(self.summed, flat)]
         # The public passes' gradient is in p.grad (a mean over their rows): weighted by the
@@ -148,10 +167,12 @@ class BookKeepingClipper:
         rows = {len(r.input) for r in records}
         if len(rows) != 1:
             raise ValueError(f"the passes of one D step have different sizes {sorted(rows)}")
-        return [(r.input, r.grad * len(r.input)) for r in records]
+        return [(r.input, r.grad) for r in records]
 
     def _norms_sq(self, layer, parts) -> Tensor:
         if isinstance(layer, nn.Linear):
+            if all(x.dim() == 2 for x, _ in parts):
+                return _linear_norms_sq(parts, layer.bias is not None)
             a = _join([x.reshape(len(x), -1, x.shape[-1]) for x, _ in parts], dim=1)
             g = _join([y.reshape(len(y), -1, y.shape[-1]) for _, y in parts], dim=1)
             total = _product_norm_sq(a, g)
@@ -159,36 +180,48 @@ class BookKeepingClipper:
                 total = total + g.sum(1).pow(2).sum(1)
             return total
         if isinstance(layer, nn.Conv2d):
-            # A few examples at a time: their patches stay in cache for the product that reads
-            # them. A whole batch's patches (tens of MB at batch 1024) cost more to write and
-            # read back than the product itself (benchmarks/clipping_layers.py).
-            return conv_norms_sq(layer, parts)
-        # GroupNorm: weight gradient sum_hw x_hat * g, bias gradient sum_hw g, per channel.
+            # A few examples at a time: what they build (patches or gradients) stays in cache
+            # for the reduction that reads it. A whole batch's (tens of MB at batch 1024) costs
+            # more to write and read back than the product itself (benchmarks/clipping_layers.py).
+            # Where it builds the examples' gradients and they fit KEPT_GRADIENT_FLOATS, they
+            # are kept: the clipped sum is then one product with the clipping weights instead
+            # of a weight gradient per pass.
+            keep = [] if len(parts[0][0]) * layer.weight.numel() <= KEPT_GRADIENT_FLOATS else None
+            norms = conv_norms_sq(layer, parts, keep=keep)
+            if keep:
+                self._example_grads[layer] = keep
+            return norms
+        # GroupNorm: weight gradient sum_hw x_hat * g, bias gradient sum_hw g, per channel;
+        # small enough (examples x channels) to keep for the clipped sum.
         per_channel = lambda t: t.reshape(len(t), t.shape[1], -1).sum(2)  # noqa: E731
         w = sum(per_channel(_group_norm_hat(layer, x) * y) for x, y in parts)
         b = sum(per_channel(y) for _, y in parts)
+        self._example_grads[layer] = (w, b)
         return w.pow(2).sum(1) + b.pow(2).sum(1)
 
-    def _clipped_sum(self, layer, parts, factor: Tensor) -> list[Tensor]:
-        scaled = [(x, y * factor.view(-1, *([1] * (y.dim() - 1)))) for x, y in parts]
-        if isinstance(layer, nn.Linear):
-            weight = sum(y.reshape(-1, y.shape[-1]).t() @ x.reshape(-1, x.shape[-1]) for x, y in scaled)
-            out = [weight]
-            if layer.bias is not None:
-                out.append(sum(y.reshape(-1, y.shape[-1]).sum(0) for _, y in scaled))
-            return out
-        if isinstance(layer, nn.Conv2d):
-            weight = sum(torch.nn.grad.conv2d_weight(x, layer.weight.shape, y, layer.stride,
-                                                     layer.padding, layer.dilation, layer.groups)
-                         for x, y in scaled)
-            out = [weight]
-            if layer.bias is not None:
-                out.append(sum(y.sum((0, 2, 3)) for _, y in scaled))
-            return out
-        total = lambda t: t.reshape(len(t), t.shape[1], -1).sum((0, 2))  # noqa: E731
-        weight = sum(total(_group_norm_hat(layer, x) * y) for x, y in scaled)
-        bias = sum(total(y) for _, y in scaled)
-        return [weight, bias]
+    def _clipped_sum(self, layer, parts, weights: Tensor) -> list[Tensor]:
+        """sum_i weights_i * (example i's gradient): from the examples' gradients where they
+        were kept, else from the layer's inputs and grads."""
+        kept = self._example_grads.get(layer)
+        if isinstance(layer, nn.GroupNorm):
+            return [weights @ t for t in kept]
+        if isinstance(layer, nn.Conv2d) and kept is not None:
+            weight = (weights @ torch.cat(kept)).view_as(layer.weight)
+        else:
+            # The gradient is bilinear in an example's input and grad: scale the smaller one.
+            scale = lambda t: t * weights.view(-1, *([1] * (t.dim() - 1)))  # noqa: E731
+            scaled = [(scale(x), y) if x[0].numel() < y[0].numel() else (x, scale(y)) for x, y in parts]
+            if isinstance(layer, nn.Linear):
+                weight = sum(y.reshape(-1, y.shape[-1]).t() @ x.reshape(-1, x.shape[-1]) for x, y in scaled)
+            else:
+                weight = sum(torch.nn.grad.conv2d_weight(x, layer.weight.shape, y, layer.stride,
+                                                         layer.padding, layer.dilation, layer.groups)
+                             for x, y in scaled)
+        if layer.bias is None:
+            return [weight]
+        per_example = (lambda y: y.reshape(len(y), -1, y.shape[-1]).sum(1)) if isinstance(layer, nn.Linear) \
+            else (lambda y: y.sum((2, 3)))
+        return [weight, sum(weights @ per_example(y) for _, y in parts)]
 
     # --- state -----------------------------------------------------------------------------
     def clear_records(self) -> None:
@@ -201,21 +234,60 @@ class BookKeepingClipper:
         self.summed, self.public, self.public_rows = None, None, 0
 
 
-def conv_norms_sq(layer: nn.Conv2d, parts, chunk: int = CONV_CHUNK) -> Tensor:
+def conv_norms_sq(layer: nn.Conv2d, parts, chunk: Optional[int] = None,
+                  keep: Optional[list] = None) -> Tensor:
     """Each example's squared gradient norm for a conv layer, from [(inputs, grads) per pass],
-    `chunk` examples' patches at a time."""
+    `chunk` examples at a time (by default what fits the method's cache budget). Where the
+    examples' weight gradients are built (not the ghost norm), `keep` (a list) receives them
+    chunk by chunk, as (examples, weights) tensors."""
+    _check_conv(layer)
     n = len(parts[0][0])
-    return torch.cat([_conv_chunk_norms_sq(layer, [(x[i:i + chunk], y[i:i + chunk]) for x, y in parts])
-                      for i in range(0, n, chunk)])
+    positions = sum(y.shape[2] * y.shape[3] for _, y in parts)
+    if ghost_norm_is_cheaper(positions, layer.weight[0].numel(), layer.out_channels):
+        chunk = chunk or CONV_CHUNK
+        total = torch.cat([_conv_ghost_norms_sq(layer, [(x[i:i + chunk], y[i:i + chunk]) for x, y in parts])
+                           for i in range(0, n, chunk)])
+    else:
+        chunk = chunk or gradient_chunk(layer)
+        grads = [_conv_example_grads(layer, [(x[i:i + chunk], y[i:i + chunk]) for x, y in parts])
+                 for i in range(0, n, chunk)]
+        total = torch.cat([torch.linalg.vector_norm(g, dim=1).pow(2) for g in grads])
+        if keep is not None:
+            keep.extend(grads)
+    if layer.bias is not None:
+        total = total + sum(y.sum((2, 3)) for _, y in parts).pow(2).sum(1)
+    return total
 
 
-def _conv_chunk_norms_sq(layer: nn.Conv2d, parts) -> Tensor:
+def _conv_example_grads(layer: nn.Conv2d, parts) -> Tensor:
+    """The examples' weight gradients (examples, weights), as one grouped conv weight
+    gradient: the examples become groups (channels side by side), the passes the batch it
+    sums over."""
+    x = torch.stack([x for x, _ in parts])  # (passes, N, C_in, H, W)
+    y = torch.stack([y for _, y in parts])  # (passes, N, C_out, H', W')
+    passes, n = x.shape[:2]
+    grads = torch.nn.grad.conv2d_weight(
+        x.reshape(passes, -1, *x.shape[3:]), (n * layer.out_channels, *layer.weight.shape[1:]),
+        y.reshape(passes, -1, *y.shape[3:]), layer.stride, layer.padding, layer.dilation, groups=n)
+    return grads.reshape(n, -1)
+
+
+def _linear_norms_sq(parts, bias: bool) -> Tensor:
+    """A Linear layer fed (N, D) rows in every pass: example i's gradient is
+    sum_p g_pi a_pi^T, whose squared norm is sum_pq (a_pi . a_qi)(g_pi . g_qi)."""
+    total = 0
+    for p, (a_p, g_p) in enumerate(parts):
+        for q, (a_q, g_q) in enumerate(parts[p:], start=p):
+            g_dot = (g_p * g_q).sum(1)
+            term = (a_p * a_q).sum(1) * g_dot + (g_dot if bias else 0)
+            total = total + (term if p == q else 2 * term)
+    return total
+
+
+def _conv_ghost_norms_sq(layer: nn.Conv2d, parts) -> Tensor:
     a = _join([_unfold(layer, x) for x, _ in parts], dim=2).transpose(1, 2)
     g = _join([y.flatten(2) for _, y in parts], dim=2).transpose(1, 2)
-    total = _product_norm_sq(a, g)
-    if layer.bias is not None:
-        total = total + g.sum(1).pow(2).sum(1)
-    return total
+    return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
 
 
 def ghost_norm_is_cheaper(positions: int, d_in: int, d_out: int) -> bool:
@@ -228,14 +300,16 @@ def _join(parts: list[Tensor], dim: int) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def _unfold(layer: nn.Conv2d, x: Tensor) -> Tensor:
-    """Conv input patches (N, C_in * kh * kw, positions)."""
+def _check_conv(layer: nn.Conv2d) -> None:
     if layer.groups != 1:
         raise ValueError("book-keeping clipping supports Conv2d with groups=1 only")
-    padding = layer.padding if isinstance(layer.padding, tuple) else None
-    if padding is None:
+    if not isinstance(layer.padding, tuple):
         raise ValueError("book-keeping clipping needs a numeric Conv2d padding")
-    return F.unfold(x, layer.kernel_size, layer.dilation, padding, layer.stride)
+
+
+def _unfold(layer: nn.Conv2d, x: Tensor) -> Tensor:
+    """Conv input patches (N, C_in * kh * kw, positions)."""
+    return F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
 
 
 def _product_norm_sq(a: Tensor, g: Tensor) -> Tensor:
