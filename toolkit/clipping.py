@@ -1,20 +1,21 @@
-"""Per-example gradient clipping without per-example gradients ("book-keeping").
+"""Per-example gradient clipping from what backpropagation has anyway ("book-keeping").
 
 DP-SGD needs each example's gradient norm and the sum of the clipped gradients. Opacus'
-hooks mode builds every example's full gradient (a batch x parameters tensor) and then
-reduces it. For a layer y = W a, example i's gradient is G_i^T A_i (its grad-outputs
-times its inputs, over positions), so both quantities come from what backpropagation has
-anyway (Bu et al. 2023, "Differentially private optimization on large model at small
-cost"):
+hooks mode builds every example's full gradient (a batch x parameters tensor, for the whole
+model at once) and then reduces it. For a layer y = W a, example i's gradient is G_i^T A_i
+(its grad-outputs times its inputs, over positions), so both quantities come from the
+layers' inputs and output gradients (Bu et al. 2023, "Differentially private optimization
+on large model at small cost"):
 
 - the norm: ||G_i^T A_i||^2 either directly, or as the "ghost norm"
   sum_pq (A_i A_i^T)_pq (G_i G_i^T)_pq, cheaper when a layer has few output positions and
   wide inputs (Li et al. 2022; the cheaper one is chosen per layer). Directly, a Linear
-  layer uses a batched product per example; a Conv2d layer builds a few examples' gradients
-  at a time with torch's grouped conv weight-gradient kernel (one group per example), 2-3x
+  layer uses dot products of rows; a Conv2d layer builds a few examples' gradients at a
+  time with torch's grouped conv weight-gradient kernel (one group per example), 2-3x
   faster on CPU than unfolding patches for a batched product (benchmarks/clipping_layers.py);
 - the clipped sum: sum_i c_i G_i^T A_i = (c G)^T A, one weight-gradient product of the
-  ordinary size (torch's own conv weight-gradient kernel).
+  ordinary size (torch's own kernel), or, where a conv layer's examples' gradients were
+  built for the norms and fit KEPT_GRADIENT_FLOATS, a product of c with them.
 
 D's weights never get autograd gradients: during the D step they do not require grad, and
 the backward pass only carries gradients to layer inputs. Pairing: several forward passes
