@@ -47,7 +47,7 @@ from gankit.server.strategy import sampled_clients
 CONFIGS = Path(__file__).resolve().parent / "configs"
 log = logging.getLogger("gankit")
 
-TABLE_COLUMNS = ["row", "data", "partition", "alpha", "clients", "client_dp", "client_dp_noise", "client_optimizer",
+TABLE_COLUMNS = ["row", "data", "partition", "alpha", "clients", "client_dp", "client_dp_noise", "client_dp_clip", "client_optimizer",
                  "epsilon", "precision", "recall", "density", "coverage", "fid", "downstream_accuracy",
                  "rounds", "local_steps", "total_d_steps", "train_time_s", "round_time_s", "peak_rss_mb"]
 
@@ -86,7 +86,16 @@ def committed_row(name: str, out: Path, key: dict, config: Config) -> Optional[d
                  "other settings" if cached else "")
         return None
     log.info("[%s] no run folder here; its committed evaluation is tabled", name)
-    return dict(cached["row"])
+    # The same training, so its DP columns are the config's (also those added to the table
+    # after the row was committed).
+    return {**cached["row"], **client_dp_columns(config)}
+
+
+def client_dp_columns(config: Config) -> dict:
+    f = config.federated
+    private = f.client_dp != "none"
+    return {"client_dp": f.client_dp, "client_dp_noise": f.client_dp_noise if private else "",
+            "client_dp_clip": f.client_dp_clip if private else ""}
 
 
 def included_rows(spec: dict, config_path: Path, args, ev: dict) -> tuple[list, dict, dict]:
@@ -197,7 +206,7 @@ def evaluate_row(name: str, config: Config, run_path: Path, ref, classifier, ev:
     row = {"row": name, "partition": "centralized" if central else f.partition,
            "alpha": f.dirichlet_alpha if f.partition == "dirichlet" and not central else "",
            "clients": 1 if central else f.clients,
-           "client_dp": f.client_dp, "client_dp_noise": f.client_dp_noise if f.client_dp != "none" else "",
+           **client_dp_columns(config),
            "client_optimizer": "" if central else f.client_optimizer,
            "epsilon": float(last.get("client_epsilon", math.inf)), "rounds": f.rounds,
            "local_steps": f.local_steps * (f.clients if central else 1),
