@@ -167,44 +167,48 @@ def monotonicity(table: list[dict], curve: dict) -> str:
     return "Curve (" + curve.get("label", "recipe") + "): " + " ".join(lines)
 
 
-def plot_metrics(path: Path, table: list[dict], curve: dict) -> None:
-    """Each metric against epsilon (log x) for the recipe's rows (config "curve"): seeds as
-    points and their mean as the line, its non-private row and the DP-SGD baseline as
-    references; the exploratory rows of other recipes as grey points."""
+def plot_metrics(path: Path, table: list[dict], curves: list[dict]) -> None:
+    """Each metric against epsilon (log x) for each recipe's rows (config "curves"): seeds
+    as points and their mean as the line, a recipe's non-private row and the DP-SGD baseline
+    as references; the exploratory rows of other recipes as grey points."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator, ScalarFormatter
 
-    ours = [r for r in table if r["row"] in curve.get("rows", ())]
-    private = [r for r in ours if math.isfinite(r["epsilon"])]
-    public = [r for r in ours if not math.isfinite(r["epsilon"])]
+    curve_rows = {name for c in curves for name in c.get("rows", ())}
+    ours = [r for r in table if r["row"] in curve_rows]
     others = [r for r in table if r not in ours and math.isfinite(r["epsilon"])]
     fig, axes = plt.subplots(2, (len(PLOTTED) + 1) // 2, figsize=(10, 7), squeeze=False)
     for ax, metric in zip(axes.flat, PLOTTED):
         if others:
             ax.scatter([r["epsilon"] for r in others], [r[metric] for r in others], s=10,
                        color="0.6", alpha=0.6, label="other recipes (explorations)")
-        targets = sorted({round(r["epsilon"]) if r["epsilon"] >= 1 else round(r["epsilon"], 1)
-                          for r in private})
-        by_target = {t: [r for r in private if abs(r["epsilon"] - t) / t < 0.1] for t in targets}
-        ax.scatter([r["epsilon"] for r in private], [r[metric] for r in private], s=18, color="C0",
-                   label=f"{curve.get('label', 'recipe')} (each seed)")
-        # The mean over the seeds of each epsilon, at their mean epsilon.
-        means = sorted((sum(r["epsilon"] for r in rs) / len(rs), sum(r[metric] for r in rs) / len(rs))
-                       for rs in by_target.values() if rs)
-        if means:
-            ax.plot(*zip(*means), "-", color="C0", label="mean over seeds")
+        for k, curve in enumerate(curves):
+            color, label = f"C{k}", curve.get("label", "recipe")
+            rows = [r for r in table if r["row"] in curve.get("rows", ())]
+            private = [r for r in rows if math.isfinite(r["epsilon"])]
+            targets = sorted({round(r["epsilon"]) if r["epsilon"] >= 1 else round(r["epsilon"], 1)
+                              for r in private})
+            by_target = {t: [r for r in private if abs(r["epsilon"] - t) / t < 0.1] for t in targets}
+            ax.scatter([r["epsilon"] for r in private], [r[metric] for r in private], s=18,
+                       color=color, label=f"{label} (each seed)")
+            # The mean over the seeds of each epsilon, at their mean epsilon.
+            means = sorted((sum(r["epsilon"] for r in rs) / len(rs), sum(r[metric] for r in rs) / len(rs))
+                           for rs in by_target.values() if rs)
+            if means:
+                ax.plot(*zip(*means), "-", color=color, label=f"{label}: mean over seeds")
+            for r in rows:
+                if not math.isfinite(r["epsilon"]):
+                    ax.axhline(r[metric], color=color, ls=":", lw=1.2, label=f"{label} without DP")
         if metric == "downstream_accuracy":
-            base = sorted((r["epsilon"], r["dp_sgd_baseline_accuracy"]) for r in private
-                          if r.get("dp_sgd_baseline_accuracy") is not None)
+            base = sorted({(r["epsilon"], r["dp_sgd_baseline_accuracy"]) for r in ours
+                           if math.isfinite(r["epsilon"]) and r.get("dp_sgd_baseline_accuracy") is not None})
             if base:
                 ax.plot(*zip(*base), "--s", ms=3, color="C3", label="DP-SGD classifier on real")
-        for r in public:
-            ax.axhline(r[metric], color="C2", ls=":", lw=1.2, label="the recipe without DP")
         ax.set_xscale("log")
         # The budgets the field reports, as plain numbers (log-scale labels of nearby
         # epsilons otherwise print as overlapping mathtext).
-        from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator, ScalarFormatter
         ax.xaxis.set_major_locator(FixedLocator([1, 2, 4, 8, 10, 16]))
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_locator(NullLocator())
@@ -352,9 +356,9 @@ def main() -> int:
         f"dp_sgd_baseline_accuracy: a classifier trained with DP-SGD directly on the real "
         f"training images at the row's epsilon ({ev['baseline_epochs']} epochs). "
         f"Evaluation time {(time.perf_counter() - started) / 60:.1f} min.\n\n"
-        f"{monotonicity(table, spec.get('curve', {}))}\n\n"
-        f"Command: `{command}`\n\n" + markdown_table(table, TABLE_COLUMNS))
-    plot_metrics(out / "metrics_vs_epsilon.png", table, spec.get("curve", {}))
+        + "".join(f"{line}\n\n" for line in (monotonicity(table, c) for c in spec.get("curves", [])) if line)
+        + f"Command: `{command}`\n\n" + markdown_table(table, TABLE_COLUMNS))
+    plot_metrics(out / "metrics_vs_epsilon.png", table, spec.get("curves", []))
     log.info("wrote %s", out / "table.md")
     return 0
 
