@@ -21,7 +21,7 @@ import time
 import torch
 from torch import nn
 
-from gankit.clipping import CONV_CHUNK, conv_norms_sq, ghost_norm_is_cheaper, gradient_chunk
+from gankit.clipping import conv_norm_method, conv_norms_sq
 from gankit.config import Config
 from gankit.models import build_discriminator
 from gankit.presets import preset
@@ -72,8 +72,7 @@ def main() -> None:
         whole = median_ms(lambda: conv_norms_sq(layer, [(x, g)], chunk=n), args.repeats)
         chunked = median_ms(lambda: conv_norms_sq(layer, [(x, g)]), args.repeats)
         t = out.shape[2] * out.shape[3]
-        ghost = ghost_norm_is_cheaper(t, layer.weight[0].numel(), layer.out_channels)
-        way, chunk = ("ghost", CONV_CHUNK) if ghost else ("direct", gradient_chunk(layer))
+        way, chunk = conv_norm_method(layer, t)
         name = f"{type(layer).__name__}({layer.in_channels}->{layer.out_channels}, {x.shape[-1]}px)"
         print(f"{name:34}{t:10d}{way:>8}{min(chunk, n):6d}{weight:13.2f}{whole:14.2f}{chunked:9.2f}"
               f"{whole / weight:29.2f}{chunked / weight:9.2f}")

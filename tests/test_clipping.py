@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from gankit.clipping import BookKeepingClipper, conv_norms_sq, ghost_norm_is_cheaper
+from gankit.clipping import BookKeepingClipper, conv_norm_method, conv_norms_sq
 
 
 def per_example_norms_sq(layer, inputs, grads):
@@ -19,29 +19,24 @@ def per_example_norms_sq(layer, inputs, grads):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("layer,size", [
-    (nn.Conv2d(3, 5, 4, 2, 1), 12),                # many positions: the examples' own gradients
-    (nn.Conv2d(3, 4, 3, 1, 1, bias=False), 8),
-    (nn.Conv2d(16, 32, 3, 2, 1, dilation=2), 5),   # few positions, wide input: the ghost norm
+@pytest.mark.parametrize("layer,size,method", [
+    (nn.Conv2d(3, 5, 4, 2, 1), 12, "direct"),               # many positions: the examples' own gradients
+    (nn.Conv2d(3, 4, 3, 1, 1, bias=False), 8, "direct"),
+    (nn.Conv2d(16, 32, 3, 2, 1, dilation=2), 5, "ghost"),   # few positions, wide input
 ])
 @pytest.mark.parametrize("passes", [1, 2])
 @pytest.mark.parametrize("chunk", [None, 3])
-def test_conv_norms_equal_each_examples_gradient_norm(layer, size, passes, chunk):
+def test_conv_norms_equal_each_examples_gradient_norm(layer, size, method, passes, chunk):
     torch.manual_seed(0)
     n = 7  # not a multiple of the chunk
     inputs = [torch.randn(n, layer.in_channels, size, size) for _ in range(passes)]
     with torch.no_grad():
         grads = [torch.randn_like(layer(x)) for x in inputs]
+    assert conv_norm_method(layer, passes * grads[0].shape[2] * grads[0].shape[3])[0] == method
     want = per_example_norms_sq(layer, inputs, grads)
     got = conv_norms_sq(layer, list(zip(inputs, grads)), chunk=chunk)
     assert got.shape == (n,)
     assert torch.allclose(got, want, rtol=1e-4)
-
-
-def test_both_norm_methods_are_exercised():
-    """The cases above cover the direct and the ghost path (the cost rule picks per layer)."""
-    assert not ghost_norm_is_cheaper(36 * 2, 3 * 16, 5)
-    assert ghost_norm_is_cheaper(4, 16 * 9, 32) and ghost_norm_is_cheaper(4 * 2, 16 * 9, 32)
 
 
 def test_unsupported_conv_layers_are_refused():

@@ -88,7 +88,6 @@ class BookKeepingClipper:
         self.public: Optional[list[Tensor]] = None   # exact gradient of the public passes
         self.public_rows = 0  # rows of the public passes in `public`
         self._pass_rows = 0   # rows of the public passes of the current chunk
-        self._example_grads: dict = {}  # per-example gradients kept within one clipping
 
     # --- capture ---------------------------------------------------------------------------
     def _forward_hook(self, layer, inputs, output):
@@ -138,13 +137,12 @@ class BookKeepingClipper:
         pieces = {m: self._pieces(m) for m in self.layers}
         pieces = {m: p for m, p in pieces.items() if p is not None}
         n = next((len(p[0][0]) for p in pieces.values()), 0)
-        self._example_grads = {}
+        kept: dict = {}  # layer -> the examples' gradients its norms built, for its clipped sum
         if n:
-            norms = n * sum(self._norms_sq(m, parts) for m, parts in pieces.items()).sqrt()
+            norms = n * sum(self._norms_sq(m, parts, kept) for m, parts in pieces.items()).sqrt()
             weights = n * (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        sums = [self._clipped_sum(m, pieces[m], weights) if m in pieces and n else
+        sums = [self._clipped_sum(m, pieces[m], weights, kept.get(m)) if m in pieces and n else
                 [torch.zeros_like(p) for p in m.parameters(recurse=False)] for m in self.layers]
-        self._example_grads = {}
         flat = [t for layer_sums in sums for t in layer_sums]
         self.summed = flat if self.summed is None else [a + b for a, b in zip(self.summed, flat)]
         # The public passes' gradient is in p.grad (a mean over their rows): weighted by the
@@ -170,7 +168,7 @@ class BookKeepingClipper:
             raise ValueError(f"the passes of one D step have different sizes {sorted(rows)}")
         return [(r.input, r.grad) for r in records]
 
-    def _norms_sq(self, layer, parts) -> Tensor:
+    def _norms_sq(self, layer, parts, kept: dict) -> Tensor:
         if isinstance(layer, nn.Linear):
             if all(x.dim() == 2 for x, _ in parts):
                 return _linear_norms_sq(parts, layer.bias is not None)
@@ -190,20 +188,19 @@ class BookKeepingClipper:
             keep = [] if len(parts[0][0]) * layer.weight.numel() <= KEPT_GRADIENT_FLOATS else None
             norms = conv_norms_sq(layer, parts, keep=keep)
             if keep:
-                self._example_grads[layer] = keep
+                kept[layer] = keep
             return norms
         # GroupNorm: weight gradient sum_hw x_hat * g, bias gradient sum_hw g, per channel;
         # small enough (examples x channels) to keep for the clipped sum.
         per_channel = lambda t: t.reshape(len(t), t.shape[1], -1).sum(2)  # noqa: E731
         w = sum(per_channel(_group_norm_hat(layer, x) * y) for x, y in parts)
         b = sum(per_channel(y) for _, y in parts)
-        self._example_grads[layer] = (w, b)
+        kept[layer] = (w, b)
         return w.pow(2).sum(1) + b.pow(2).sum(1)
 
-    def _clipped_sum(self, layer, parts, weights: Tensor) -> list[Tensor]:
-        """sum_i weights_i * (example i's gradient): from the examples' gradients where they
-        were kept, else from the layer's inputs and grads."""
-        kept = self._example_grads.get(layer)
+    def _clipped_sum(self, layer, parts, weights: Tensor, kept) -> list[Tensor]:
+        """sum_i weights_i * (example i's gradient): from the examples' gradients where the
+        norms kept them (`kept`), else from the layer's inputs and grads."""
         if isinstance(layer, nn.GroupNorm):
             return [weights @ t for t in kept]
         if isinstance(layer, nn.Conv2d) and kept is not None:
@@ -243,13 +240,12 @@ def conv_norms_sq(layer: nn.Conv2d, parts, chunk: Optional[int] = None,
     chunk by chunk, as (examples, weights) tensors."""
     _check_conv(layer)
     n = len(parts[0][0])
-    positions = sum(y.shape[2] * y.shape[3] for _, y in parts)
-    if ghost_norm_is_cheaper(positions, layer.weight[0].numel(), layer.out_channels):
-        chunk = chunk or CONV_CHUNK
+    method, default_chunk = conv_norm_method(layer, sum(y.shape[2] * y.shape[3] for _, y in parts))
+    chunk = chunk or default_chunk
+    if method == "ghost":
         total = torch.cat([_conv_ghost_norms_sq(layer, [(x[i:i + chunk], y[i:i + chunk]) for x, y in parts])
                            for i in range(0, n, chunk)])
     else:
-        chunk = chunk or gradient_chunk(layer)
         grads = [_conv_example_grads(layer, [(x[i:i + chunk], y[i:i + chunk]) for x, y in parts])
                  for i in range(0, n, chunk)]
         total = torch.cat([torch.linalg.vector_norm(g, dim=1).pow(2) for g in grads])
@@ -288,7 +284,15 @@ def _linear_norms_sq(parts, bias: bool) -> Tensor:
 def _conv_ghost_norms_sq(layer: nn.Conv2d, parts) -> Tensor:
     a = _join([_unfold(layer, x) for x, _ in parts], dim=2).transpose(1, 2)
     g = _join([y.flatten(2) for _, y in parts], dim=2).transpose(1, 2)
-    return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+    return _ghost_norm_sq(a, g)
+
+
+def conv_norm_method(layer: nn.Conv2d, positions: int) -> tuple[str, int]:
+    """("ghost" or "direct", examples per chunk) for a conv layer's norms, given its output
+    positions over all the passes of a step."""
+    if ghost_norm_is_cheaper(positions, layer.weight[0].numel(), layer.out_channels):
+        return "ghost", CONV_CHUNK
+    return "direct", gradient_chunk(layer)
 
 
 def ghost_norm_is_cheaper(positions: int, d_in: int, d_out: int) -> bool:
@@ -318,8 +322,13 @@ def _product_norm_sq(a: Tensor, g: Tensor) -> Tensor:
     the ghost norm sum_ts (a a^T)_ts (g g^T)_ts when T^2 (D_in + D_out) is cheaper than
     T D_in D_out."""
     if ghost_norm_is_cheaper(a.shape[1], a.shape[2], g.shape[2]):
-        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+        return _ghost_norm_sq(a, g)
     return torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
+
+
+def _ghost_norm_sq(a: Tensor, g: Tensor) -> Tensor:
+    """sum_ts (a a^T)_ts (g g^T)_ts per example, for a (N, T, D_in), g (N, T, D_out)."""
+    return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
 
 
 def _group_norm_hat(layer: nn.GroupNorm, x: Tensor) -> Tensor:
