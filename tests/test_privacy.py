@@ -313,3 +313,18 @@ def test_noise_search_hides_only_the_warnings_about_its_probes():
         warnings.simplefilter("error")
         sigma = _noise_for(10.0, 1e-5, 0.01695, 887, "rdp")
     assert 0.6 < sigma < 0.7
+
+
+def test_prv_epsilon_hides_the_warning_about_its_internal_rdp_domain_bound():
+    """PRV sizes its domain with an RDP bound at delta/4000, whose best order is the largest
+    for the epsilon-1 recipe (noise 4.18, 3,540 steps); that warning is not about the PRV
+    epsilon, while the RDP epsilon of the same history (best order 18) warns about nothing."""
+    from gankit.privacy import epsilon_of
+    history = [(4.1796875, 1 / 59, 3540)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert epsilon_of(history, 1e-5, "prv") == pytest.approx(0.922, abs=0.002)
+        assert epsilon_of(history, 1e-5, "rdp") == pytest.approx(0.998, abs=0.001)
+    # After one epoch the RDP bound itself is at the largest order: the user is told.
+    with pytest.warns(UserWarning, match="Optimal order is the largest alpha"):
+        epsilon_of([(4.1796875, 1 / 59, 59)], 1e-5, "rdp")

@@ -99,7 +99,13 @@ def epsilon_of(history: list, delta: float, accountant: str, poisson: bool = Tru
         acc = create_accountant(accountant)
     acc.history = [tuple(entry) for entry in history]
     extra = {"poisson": poisson} if acc.mechanism() == "gdp" else {}
-    return float(acc.get_epsilon(delta, **extra))
+    with warnings.catch_warnings():
+        if acc.mechanism() == "prv":
+            # PRV sizes its numerical domain with an RDP bound at delta/4000, whose best order
+            # is often the largest; Opacus then warns "Optimal order is the largest alpha"
+            # about that internal bound, not about the epsilon returned (logged every epoch).
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(acc.get_epsilon(delta, **extra))
 
 
 def planned_noise_multiplier(p, n: int, batch_size: int, steps: int) -> float:
