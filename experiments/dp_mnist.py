@@ -46,7 +46,7 @@ from gankit.studies import (parse_value, row_configs, same_training, study_out, 
 from gankit.data import load_data
 from gankit.errors import UserError
 from gankit.evaluate import Reference, evaluate_samples, markdown_table, metric_classifier
-from gankit.metrics.downstream import synthetic_to_real
+from gankit.metrics.downstream import balanced_labels, labelled_samples, synthetic_to_real
 from gankit.runs import RunDir
 from gankit.sampling import export_generator, load_generator
 
@@ -80,18 +80,6 @@ def privacy_of(run: RunDir) -> dict:
             "dp_steps": sum(int(entry[2]) for entry in history)}
 
 
-def balanced_labels(n: int, num_classes: int, seed: int) -> torch.Tensor:
-    """n labels, each class equally often, in a seeded order (as the papers label their
-    synthetic sets)."""
-    labels = torch.arange(n) % num_classes
-    return labels[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
-
-
-def labelled_samples(gen, n: int, seed: int) -> tuple:
-    """n images with balanced labels."""
-    return gen.sample(n, seed=seed, labels=balanced_labels(n, gen.num_classes, seed), progress=True)
-
-
 def evaluate_row(name, run_path: Path, data, classifier, ref, ev: dict, seed: int) -> dict:
     run = RunDir(run_path)
     gen = load_generator(run_path, "last")
@@ -105,8 +93,9 @@ def evaluate_row(name, run_path: Path, data, classifier, ref, ev: dict, seed: in
     last = run.history()[-1]
     privacy = privacy_of(run)
     row = {"row": name, **privacy, **metrics,
-           **{k: v for k, v in downstream.items() if k != "downstream_val_curve"},
+           **{k: v for k, v in downstream.items() if not k.endswith("_curve")},
            "downstream_val_curve": json.dumps([round(a, 4) for a in downstream["downstream_val_curve"]]),
+           "downstream_val_loss_curve": json.dumps([float(f"{v:.4g}") for v in downstream["downstream_val_loss_curve"]]),
            "d_steps_per_g_step": last.get("d_steps_per_g_step"), "g_steps": last.get("g_steps"),
            "seed": gen.config.train.seed}
     return row

@@ -57,6 +57,27 @@ def test_downstream_epoch_is_chosen_on_generated_images_and_tested_once_on_real(
     assert shuffled["downstream_epoch"] == result["downstream_epoch"]
     assert shuffled["downstream_val_curve"] == curve
     assert shuffled["downstream_accuracy"] < 0.3
+    # The held-out cross-entropy of every epoch is reported; asking for every epoch's test
+    # accuracy (to study the rule) changes neither the choice nor its score.
+    losses = result["downstream_val_loss_curve"]
+    assert len(losses) == 3 and all(0 < v < 2.31 for v in losses)  # below chance, ln 10
+    studied = synthetic_to_real(train_x, train_y, val_x, val_y, test_x, test_y, epochs=3,
+                                test_every_epoch=True)
+    assert studied["downstream_epoch"] == result["downstream_epoch"]
+    assert studied["downstream_val_loss_curve"] == losses
+    assert studied["downstream_test_curve"][result["downstream_epoch"] - 1] == result["downstream_accuracy"]
+    assert "downstream_test_curve" not in result
+
+
+def test_cross_entropy_of_a_classifier_is_the_mean_negative_log_likelihood():
+    from gankit.metrics.classifier import build_classifier, cross_entropy
+
+    torch.manual_seed(0)
+    net = build_classifier((1, 28, 28), 10).eval()
+    x, y = blocks(50, seed=3)
+    with torch.no_grad():
+        want = -torch.log_softmax(net(x), dim=1)[torch.arange(50), y].mean().item()
+    assert cross_entropy(net, x, y, batch_size=16) == pytest.approx(want, rel=1e-5)
 
 
 def test_dp_sgd_baseline_spends_its_budget_and_learns():

@@ -266,6 +266,15 @@ def accuracy(classifier: Classifier, x: Tensor, y: Tensor, batch_size: int = 100
     return (predict(classifier, x, batch_size) == y.cpu()).float().mean().item()
 
 
+def cross_entropy(classifier: Classifier, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
+    """Mean cross-entropy of the labels under the classifier's logits."""
+    if len(x) != len(y) or len(x) == 0:
+        raise UserError(f"cross-entropy needs one label per image and at least one image, got "
+                        f"{len(x)} images and {len(y)} labels")
+    logits = extract(classifier, x, batch_size)[1]
+    return F.cross_entropy(logits, y.to(logits.device).long()).item()
+
+
 # --- Checkpoints ------------------------------------------------------------------------------
 
 def sidecar_path(path: PathLike) -> Path:

@@ -8,11 +8,12 @@ images the metric classifier's predictions.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from gankit.errors import UserError
-from gankit.metrics.classifier import (Classifier, accuracy, predict, recalibrate_batchnorm,
-                                      train_classifier)
+from gankit.metrics.classifier import (Classifier, accuracy, cross_entropy, predict,
+                                      recalibrate_batchnorm, train_classifier)
 
 
 def downstream_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
@@ -44,7 +45,8 @@ def label_with_classifier(classifier: Classifier, images: Tensor, batch_size: in
 
 def synthetic_to_real(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor,
                       test_x: Tensor, test_y: Tensor, epochs: int = 10, seed: int = 0,
-                      device: str = "cpu", batch_size: int = 128, progress: bool = False) -> dict:
+                      device: str = "cpu", batch_size: int = 128, progress: bool = False,
+                      test_every_epoch: bool = False) -> dict:
     """Downstream accuracy as the DP-generation papers measure it.
 
     A fresh classifier is trained on generated labelled images (train_x, train_y); after
@@ -53,7 +55,9 @@ def synthetic_to_real(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Te
     on the real test split would inflate the score and spend the test set (DPImageBench's
     main finding; Bie et al. 2023 choose on 5,000 held-out synthetic images).
 
-    Returns the test accuracy, the chosen epoch and every epoch's validation accuracy.
+    Returns the test accuracy, the chosen epoch and every epoch's validation accuracy and
+    cross-entropy. test_every_epoch adds every epoch's test accuracy, for studying the
+    selection rule itself (experiments/downstream_epochs.py), never for choosing an epoch.
     """
     import copy
 
@@ -67,13 +71,16 @@ def synthetic_to_real(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Te
     num_classes = max(int(max(train_y.max(), test_y.max(), val_y.max())) + 1, 2)
     calibration = train_x[:5000].to(device)
     best = {"accuracy": -1.0, "epoch": 0, "state": None}
-    val_curve = []
+    val_curve, val_loss_curve, test_curve = [], [], []
 
     def select(epoch: int, model: Classifier) -> None:
         candidate = copy.deepcopy(model)
         recalibrate_batchnorm(candidate, calibration, batch_size)
         acc = accuracy(candidate.eval(), val_x, val_y)
         val_curve.append(acc)
+        val_loss_curve.append(cross_entropy(candidate, val_x, val_y))
+        if test_every_epoch:
+            test_curve.append(accuracy(candidate, test_x, test_y))
         if acc > best["accuracy"]:
             best.update(accuracy=acc, epoch=epoch, state=candidate.state_dict())
 
@@ -83,4 +90,17 @@ def synthetic_to_real(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Te
     model.load_state_dict(best["state"])
     return {"downstream_accuracy": accuracy(model.eval(), test_x, test_y),
             "downstream_epoch": best["epoch"], "downstream_val_accuracy": best["accuracy"],
-            "downstream_val_curve": val_curve}
+            "downstream_val_curve": val_curve, "downstream_val_loss_curve": val_loss_curve,
+            **({"downstream_test_curve": test_curve} if test_every_epoch else {})}
+
+
+def balanced_labels(n: int, num_classes: int, seed: int) -> Tensor:
+    """n labels, each class equally often, in a seeded order (as the papers label their
+    synthetic sets)."""
+    labels = torch.arange(n) % num_classes
+    return labels[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+
+
+def labelled_samples(gen, n: int, seed: int) -> tuple:
+    """n images with balanced labels."""
+    return gen.sample(n, seed=seed, labels=balanced_labels(n, gen.num_classes, seed), progress=True)
