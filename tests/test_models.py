@@ -439,3 +439,25 @@ def test_models_have_only_opacus_leaf_parameters():
             for m in model.modules():
                 if any(True for _ in m.parameters(recurse=False)):
                     assert isinstance(m, standard), type(m)
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "cdcgan"])
+def test_generator_is_built_channels_last_and_returns_the_usual_layout(arch):
+    """The layout is a speed choice only: the same weights in the default layout give the
+    same images, and the images come out contiguous (the private D's per-sample gradients
+    need that) for colour images too."""
+    from gankit.config import Config
+    from gankit.models import build_generator
+
+    config = Config().updated({"g_arch": arch, "conditional": True, "g_width": 8})
+    shape = (3, 32, 32) if arch == "dcgan" else (1, 28, 28)
+    torch.manual_seed(0)
+    G = build_generator(config.model, config.latent.latent_dim, shape, 10).eval()
+    convs = [m for m in G.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    plain = copy.deepcopy(G).to(memory_format=torch.contiguous_format)
+    z, y = torch.randn(6, config.latent.latent_dim), torch.randint(10, (6,))
+    with torch.no_grad():
+        images = G(z, y)
+        assert images.is_contiguous() and images.shape == (6, *shape)
+        assert torch.allclose(images, plain(z, y), atol=1e-5)

@@ -59,7 +59,7 @@ class CDCGANGenerator(Generator):
         h = torch.cat([F.leaky_relu(self.from_z(z[:, :, None, None]), 0.2),
                        F.leaky_relu(self.from_y(one_hot(y, self.num_classes, z)[:, :, None, None]), 0.2)],
                       dim=1)
-        return self.body(h)
+        return self.body(h).contiguous()  # as Generator.forward: the usual layout out
 
 
 class CDCGANDiscriminator(Discriminator):
@@ -83,4 +83,4 @@ class CDCGANDiscriminator(Discriminator):
         planes = one_hot(y, self.num_classes, x)[:, :, None, None].expand(-1, -1, *IMAGE_SIZE)
         h = torch.cat([F.leaky_relu(self.from_x(x), 0.2), F.leaky_relu(self.from_y(planes), 0.2)],
                       dim=1)
-        return self.body(h)
+        return self.body(h).contiguous()  # as Generator.forward: the usual layout out
