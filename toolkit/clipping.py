@@ -29,6 +29,7 @@ that owns parameters, and the dp mode refuses `bk` for such a D (use an Opacus m
 
 from __future__ import annotations
 
+import itertools
 from contextlib import contextmanager
 from typing import Optional
 
@@ -204,7 +205,9 @@ class BookKeepingClipper:
         if isinstance(layer, nn.GroupNorm):
             return [weights @ t for t in kept]
         if isinstance(layer, nn.Conv2d) and kept is not None:
-            weight = (weights @ torch.cat(kept)).view_as(layer.weight)
+            # Chunk by chunk: joining the kept gradients first would copy all of them.
+            starts = itertools.accumulate([len(g) for g in kept[:-1]], initial=0)
+            weight = sum(weights[i:i + len(g)] @ g for i, g in zip(starts, kept)).view_as(layer.weight)
         else:
             # The gradient is bilinear in an example's input and grad: scale the smaller one.
             scale = lambda t: t * weights.view(-1, *([1] * (t.dim() - 1)))  # noqa: E731
