@@ -70,14 +70,16 @@ def test_downstream_epoch_is_chosen_on_generated_images_and_tested_once_on_real(
 
 
 def test_cross_entropy_of_a_classifier_is_the_mean_negative_log_likelihood():
-    from gankit.metrics.classifier import build_classifier, cross_entropy
+    from gankit.metrics.classifier import accuracy, accuracy_and_cross_entropy, build_classifier
 
     torch.manual_seed(0)
     net = build_classifier((1, 28, 28), 10).eval()
     x, y = blocks(50, seed=3)
     with torch.no_grad():
         want = -torch.log_softmax(net(x), dim=1)[torch.arange(50), y].mean().item()
-    assert cross_entropy(net, x, y, batch_size=16) == pytest.approx(want, rel=1e-5)
+    acc, loss = accuracy_and_cross_entropy(net, x, y, batch_size=16)
+    assert loss == pytest.approx(want, rel=1e-5)
+    assert acc == accuracy(net, x, y)
 
 
 def test_dp_sgd_baseline_spends_its_budget_and_learns():

@@ -99,12 +99,9 @@ def epsilon_of(history: list, delta: float, accountant: str, poisson: bool = Tru
         acc = create_accountant(accountant)
     acc.history = [tuple(entry) for entry in history]
     extra = {"poisson": poisson} if acc.mechanism() == "gdp" else {}
-    with warnings.catch_warnings():
-        if acc.mechanism() == "prv":
-            # PRV sizes its numerical domain with an RDP bound at delta/4000, whose best order
-            # is often the largest; Opacus then warns "Optimal order is the largest alpha"
-            # about that internal bound, not about the epsilon returned (logged every epoch).
-            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+    # PRV sizes its numerical domain with an RDP bound at delta/4000, whose best order is often
+    # the largest: Opacus' warning then concerns that internal bound, not the epsilon returned.
+    with hidden_largest_order_warning() if acc.mechanism() == "prv" else contextlib.nullcontext():
         return float(acc.get_epsilon(delta, **extra))
 
 
@@ -125,16 +122,16 @@ def planned_noise_multiplier(p, n: int, batch_size: int, steps: int) -> float:
 @functools.lru_cache(maxsize=256)
 def _noise_for(epsilon: float, delta: float, q: float, steps: int, accountant: str) -> float:
     # A bisection over the accountant (seconds with PRV); a client asks again every round.
-    with quiet_noise_search():
+    with hidden_largest_order_warning():
         return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
                                           sample_rate=q, steps=steps, accountant=accountant))
 
 
 @contextlib.contextmanager
-def quiet_noise_search():
-    """The noise bisection probes noise levels far below its answer, where RDP's best order is
-    the largest one tried; Opacus warns about each such probe, which says nothing about the
-    bound finally used."""
+def hidden_largest_order_warning():
+    """Hides Opacus' "Optimal order is the largest alpha" where it is about an RDP bound that is
+    not the one reported: the noise bisection's probes far below its answer, and PRV's
+    internal domain bound (epsilon_of)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         yield
@@ -276,7 +273,7 @@ class PrivateMode:
         sigma = p.noise_multiplier
         if p.target_epsilon:
             try:
-                with quiet_noise_search():
+                with hidden_largest_order_warning():
                     sigma = float(get_noise_multiplier(
                         target_epsilon=p.target_epsilon, target_delta=self.delta,
                         sample_rate=self.sample_rate, epochs=config.train.epochs,
@@ -305,7 +302,7 @@ class PrivateMode:
                       grad_sample_mode=p.grad_sample_mode)
         if p.target_epsilon:
             try:
-                with quiet_noise_search():
+                with hidden_largest_order_warning():
                     D, d_opt, _ = self.engine.make_private_with_epsilon(
                         target_epsilon=p.target_epsilon, target_delta=self.delta,
                         epochs=config.train.epochs, **common)

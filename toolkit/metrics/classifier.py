@@ -266,13 +266,15 @@ def accuracy(classifier: Classifier, x: Tensor, y: Tensor, batch_size: int = 100
     return (predict(classifier, x, batch_size) == y.cpu()).float().mean().item()
 
 
-def cross_entropy(classifier: Classifier, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
-    """Mean cross-entropy of the labels under the classifier's logits."""
+def accuracy_and_cross_entropy(classifier: Classifier, x: Tensor, y: Tensor,
+                               batch_size: int = 1000) -> tuple[float, float]:
+    """accuracy() and the mean cross-entropy of the labels, from one pass over the images."""
     if len(x) != len(y) or len(x) == 0:
-        raise UserError(f"cross-entropy needs one label per image and at least one image, got "
+        raise UserError(f"scoring needs one label per image and at least one image, got "
                         f"{len(x)} images and {len(y)} labels")
     logits = extract(classifier, x, batch_size)[1]
-    return F.cross_entropy(logits, y.to(logits.device).long()).item()
+    y = y.to(logits.device).long()
+    return (logits.argmax(dim=1) == y).float().mean().item(), F.cross_entropy(logits, y).item()
 
 
 # --- Checkpoints ------------------------------------------------------------------------------

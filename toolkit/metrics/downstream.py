@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from gankit.errors import UserError
-from gankit.metrics.classifier import (Classifier, accuracy, cross_entropy, predict,
-                                      recalibrate_batchnorm, train_classifier)
+from gankit.metrics.classifier import (Classifier, accuracy, accuracy_and_cross_entropy,
+                                      predict, recalibrate_batchnorm, train_classifier)
 
 
 def downstream_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
@@ -76,9 +76,9 @@ def synthetic_to_real(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Te
     def select(epoch: int, model: Classifier) -> None:
         candidate = copy.deepcopy(model)
         recalibrate_batchnorm(candidate, calibration, batch_size)
-        acc = accuracy(candidate.eval(), val_x, val_y)
+        acc, loss = accuracy_and_cross_entropy(candidate.eval(), val_x, val_y)
         val_curve.append(acc)
-        val_loss_curve.append(cross_entropy(candidate, val_x, val_y))
+        val_loss_curve.append(loss)
         if test_every_epoch:
             test_curve.append(accuracy(candidate, test_x, test_y))
         if acc > best["accuracy"]:

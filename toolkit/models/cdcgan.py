@@ -83,4 +83,4 @@ class CDCGANDiscriminator(Discriminator):
         planes = one_hot(y, self.num_classes, x)[:, :, None, None].expand(-1, -1, *IMAGE_SIZE)
         h = torch.cat([F.leaky_relu(self.from_x(x), 0.2), F.leaky_relu(self.from_y(planes), 0.2)],
                       dim=1)
-        return self.body(h).contiguous()  # as Generator.forward: the usual layout out
+        return self.body(h)
