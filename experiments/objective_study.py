@@ -18,24 +18,34 @@ the committed results):
     pr_scatter.png             precision vs recall, arrows from plain to DRS samples
     truncation.png             precision-recall trajectories over sigma
     samples/<row>.png          a sample grid per row; samples.png all rows side by side
+    evaluations/<row>.json     what each row measured, keyed by its config and the settings
+    histories/<row>.jsonl      each row's training history
     runs/<row>/                the training runs (a finished run is reused, not retrained)
+
+A row whose evaluation is committed is tabled from it and never trained again, so a study
+can land a few rows at a time, on different machines; --evaluate-only tables what exists.
 """
 
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
+from torchvision.io import read_image
+from torchvision.utils import save_image
 
 from gankit.data import load_data
 from gankit.errors import UserError
 from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,
                               metric_classifier, plot_truncation, truncation_sweep)
+from gankit.runs import RunDir
 from gankit.sampling import load_discriminator, load_generator
-from gankit.studies import (equal_generator_steps, row_configs, study_out, study_parser,
-                                 train_rows, write_csv)
+from gankit.studies import (equal_generator_steps, row_configs, same_training, study_out,
+                            study_parser, train_rows, write_csv)
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 log = logging.getLogger("gankit")
@@ -99,14 +109,42 @@ def plot_results(out: Path, table: list[dict], trajectories: list[dict]) -> None
                     out / "truncation.png")
 
 
+def evaluation_key(ev: dict, seed: int, config) -> dict:
+    """What a committed evaluation must have measured to be tabled for this row."""
+    return {"evaluation": ev, "seed": seed, "epochs": config.train.epochs}
+
+
+def committed_evaluation(name: str, out: Path, key: dict, config) -> Optional[dict]:
+    """A row's committed evaluation, if it measured this configuration with these settings."""
+    path = out / "evaluations" / f"{name}.json"
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    if cached.get("key") == key and same_training(cached.get("config", {}), config):
+        return cached
+    return None
+
+
+def finished_run(run: RunDir, config) -> Optional[dict]:
+    """The state of the row's run if it trained this configuration to its end."""
+    if not run.checkpoint_path("last").exists():
+        return None
+    ckpt = run.load_checkpoint("last")
+    if ckpt["state"]["epoch"] < config.train.epochs or not same_training(ckpt["config"], config):
+        return None
+    return ckpt["state"]
+
+
 def main() -> int:
     parser = study_parser(__doc__.splitlines()[0], CONFIGS / "objective_study_small.json", samples=False)
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="table the finished rows and the committed evaluations; never train")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     spec = json.loads(Path(args.config).read_text())
+    ev = spec["evaluation"]
     out = study_out(args)
-    (out / "samples").mkdir(parents=True, exist_ok=True)
+    for sub in ("samples", "evaluations", "histories"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
     base = dict(spec["base"], seed=args.seed, device=args.device)
     if args.data_root:
         base["data_root"] = args.data_root
@@ -121,36 +159,66 @@ def main() -> int:
     ref = Reference.of(classifier, data.ref_x, data.ref_y)
 
     started = time.perf_counter()
-    seconds = train_rows(configs, data, out / "runs", args)  # in parallel on Ray by default
-    table, trajectories, grids = [], [], {}
+    # A row measured before (its evaluation committed, its run folder perhaps on another
+    # machine) is tabled from that evaluation, never trained again: the study lands row by row.
+    keys = {name: evaluation_key(ev, args.seed, config) for name, config in configs.items()}
+    committed = {name: committed_evaluation(name, out, keys[name], config) for name, config in configs.items()}
+    to_train = {name: config for name, config in configs.items()
+                if committed[name] is None or (out / "runs" / name).is_dir()}
+    seconds = {}
+    if to_train and not args.evaluate_only:
+        seconds = train_rows(to_train, data, out / "runs", args)  # in parallel on Ray by default
+    table, trajectories, pending = [], [], []
     for name, config in configs.items():
-        train_time = seconds[name]
-        row_results, trajectory, grids[name] = evaluate_row(
-            name, out / "runs" / name, ref, classifier, data, spec["evaluation"], args.seed)
-        for r in row_results:
-            r["train_time_s"] = round(train_time, 1)
-        table += row_results
-        trajectories += trajectory
-        log.info("[%s] %s", name, " ".join(f"{k}={r.get(k, float('nan')):.3g}" for r in row_results
+        run = RunDir(out / "runs" / name)
+        state = finished_run(run, config)
+        cached = committed[name]
+        if state is None and cached is None:
+            pending.append(name)
+            log.info("[%s] neither a finished run nor a committed evaluation; not tabled", name)
+            continue
+        if state is not None and not (cached and cached["train_time_s"] == round(state["train_time"], 1)):
+            row_results, trajectory, grid = evaluate_row(
+                name, run.path, ref, classifier, data, ev, args.seed)
+            cached = {"key": keys[name], "config": config.to_dict(),
+                      "train_time_s": round(state["train_time"], 1),
+                      "rows": row_results, "trajectory": trajectory}
+            (out / "evaluations" / f"{name}.json").write_text(json.dumps(cached, indent=1))
+            shutil.copy(run.history_path, out / "histories" / f"{name}.jsonl")
+            save_image(grid, out / "samples" / f"{name}.png", nrow=8, normalize=True,
+                       value_range=(-1, 1), pad_value=1)
+        else:
+            log.info("[%s] its evaluation is reused", name)
+        for r in cached["rows"]:
+            r["train_time_s"] = cached["train_time_s"]
+        table += cached["rows"]
+        trajectories += cached["trajectory"]
+        log.info("[%s] %s", name, " ".join(f"{k}={r.get(k, float('nan')):.3g}" for r in cached["rows"]
                                               for k in ("precision", "recall", "fid")))
+    if not table:
+        log.info("no row is finished yet; no table written")
+        return 0
 
-    from torchvision.utils import make_grid, save_image
-    for name, images in grids.items():
-        save_image(images, out / "samples" / f"{name}.png", nrow=8, normalize=True, value_range=(-1, 1))
-    tiles = [make_grid(images, nrow=8, normalize=True, value_range=(-1, 1), pad_value=1)
-             for images in grids.values()]
+    # All rows' grids side by side, in table order, from the per-row files.
+    tabled = list(dict.fromkeys(r["row"] for r in table))
+    tiles = [read_image(str(out / "samples" / f"{name}.png")).float() / 255 for name in tabled]
     save_image(torch.stack(tiles), out / "samples.png", nrow=4, padding=8, pad_value=1)
 
     write_csv(out / "table.csv", table, TABLE_COLUMNS)
     write_csv(out / "truncation.csv", trajectories, ["row", "sigma", "precision", "recall", "fid"])
     total = time.perf_counter() - started
     command = "python " + " ".join(sys.argv)
+    times = {name: seconds.get(name) for name in tabled}
+    trained_here = sum(t for t in times.values() if t is not None)
     (out / "table.md").write_text(
         f"# Objective study: {Path(args.config).stem}\n\n{spec.get('description', '')}\n\n"
         f"Reference: {data.description} ({len(data.ref_x):,} images). "
-        f"{spec['evaluation']['samples']:,} generated samples per row; DRS at a target acceptance "
-        f"of {spec['evaluation']['drs_acceptance']:.0%}. Total time {total / 60:.1f} min.\n\n"
-        f"Command: `{command}`\n\n" + markdown_table(table, TABLE_COLUMNS)
+        f"{ev['samples']:,} generated samples per row; DRS at a target acceptance "
+        f"of {ev['drs_acceptance']:.0%}. This call: {total / 60:.1f} min "
+        f"({trained_here / 60:.1f} min of it training rows in this call; train_time_s is each "
+        "row's own training time, wherever it ran).\n\n"
+        + (f"Rows not yet measured: {', '.join(pending)}.\n\n" if pending else "")
+        + f"Command: `{command}`\n\n" + markdown_table(table, TABLE_COLUMNS)
         + "\nRows whose objective gives no density-ratio logit (wgan, wgan-gp, hinge, lsgan, "
           "pearson) calibrate D for DRS on the training images.\n\n"
         "## Truncation sweep\n\n" + markdown_table(trajectories))
