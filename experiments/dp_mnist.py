@@ -242,7 +242,9 @@ def main() -> int:
     classifier = metric_classifier("", data.image_shape, data.num_classes)
     ref = Reference.of(classifier, data.ref_x, data.ref_y)
     device_name = (torch.cuda.get_device_name() if args.device == "cuda"
-                   else f"cpu ({torch.get_num_threads()} threads)")
+                   # The vector unit too: an epoch took 1.9 times as long on an AVX2-only CPU
+                   # (eleventh session) as on earlier machines, so times compare only alike.
+                   else f"cpu ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()})")
 
     started = time.perf_counter()
     table, grids = [], {}
