@@ -131,6 +131,21 @@ def filtered_evaluation(run_path: Path, data, classifier, ref, ev: dict, seed: i
                if k in FILTERED_COLUMNS}}
 
 
+def add_baseline(row: dict, data, ev: dict, seed: int) -> bool:
+    """Add the DP-SGD classifier at the row's epsilon, if the row is private and lacks it. It
+    needs only the row's privacy facts, never its generator, so a committed row gets it too."""
+    if not math.isfinite(row["epsilon"]) or "dp_sgd_baseline_accuracy" in row:
+        return False
+    from gankit.privacy import dp_sgd_classifier_accuracy
+
+    baseline = dp_sgd_classifier_accuracy(
+        data.train_x, data.train_y, data.ref_x, data.ref_y, target_epsilon=row["epsilon"],
+        delta=row["delta"], epochs=ev["baseline_epochs"], accountant="rdp", seed=seed)
+    row["dp_sgd_baseline_accuracy"] = baseline["accuracy"]
+    row["dp_sgd_baseline_epsilon"] = baseline["epsilon"]
+    return True
+
+
 def monotonicity(table: list[dict], curve: dict) -> str:
     """Whether the recipe's curve rises with epsilon within the seeds' noise: for downstream
     accuracy (higher is better) and FID (lower is better), each step between neighbouring
@@ -264,6 +279,8 @@ def main() -> int:
                 log.warning("[%s] its committed evaluation measured another configuration; skipped", name)
                 continue
             row = cached["row"]
+            if not args.no_baseline and add_baseline(row, data, ev, config.train.seed):
+                committed.write_text(json.dumps(cached, indent=1))
             row["epochs_done"] = f"{cached['key']['checkpoint_epoch']}/{config.train.epochs}"
             table.append(row)
             log.info("[%s] no run folder here; its committed evaluation is tabled", name)
@@ -296,18 +313,8 @@ def main() -> int:
                 row.update(filtered_evaluation(run.path, data, classifier, ref, ev, config.train.seed))
             row["train_time_s"] = round(train_time, 1)
             row["device"] = device_name
-        needs_baseline = (not args.no_baseline and math.isfinite(row["epsilon"])
-                          and "dp_sgd_baseline_accuracy" not in row)
-        if needs_baseline:
-            from gankit.privacy import dp_sgd_classifier_accuracy
-
-            baseline = dp_sgd_classifier_accuracy(
-                data.train_x, data.train_y, data.ref_x, data.ref_y,
-                target_epsilon=row["epsilon"], delta=row["delta"],
-                epochs=ev["baseline_epochs"], accountant="rdp", seed=config.train.seed)
-            row["dp_sgd_baseline_accuracy"] = baseline["accuracy"]
-            row["dp_sgd_baseline_epsilon"] = baseline["epsilon"]
-        if not measured or needs_baseline:
+        added = not args.no_baseline and add_baseline(row, data, ev, config.train.seed)
+        if not measured or added:
             cache.write_text(json.dumps({"key": key, "config": last["config"], "row": row}, indent=1))
         row["epochs_done"] = f"{key['checkpoint_epoch']}/{config.train.epochs}"
         # What the committed results keep of a run (its folder, with checkpoints, stays out of git).

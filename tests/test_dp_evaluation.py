@@ -140,3 +140,31 @@ def test_the_dp_mnist_table_says_whether_its_curve_is_monotone_within_the_seeds_
     assert "monotone within the seeds' noise (largest step against the trend 0.02" in dp_mnist.monotonicity(table, curve)
     table[2] = row("a4", 4.0, 0.70, 50)
     assert "NOT monotone" in dp_mnist.monotonicity(table, curve)
+
+
+def test_a_committed_private_row_gets_the_dp_sgd_baseline_at_its_own_epsilon():
+    """The baseline needs the row's privacy facts alone, so a row whose run folder is gone
+    (a committed evaluation) gets it later; a non-private row or one that has it is left be."""
+    import importlib.util
+    import math
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from gankit.privacy import dp_sgd_classifier_accuracy
+
+    path = Path(__file__).resolve().parent.parent / "experiments" / "dp_mnist.py"
+    spec = importlib.util.spec_from_file_location("dp_mnist", path)
+    dp_mnist = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dp_mnist)
+
+    (train_x, train_y), (ref_x, ref_y) = blocks(600, seed=0), blocks(200, seed=1)
+    data = SimpleNamespace(train_x=train_x, train_y=train_y, ref_x=ref_x, ref_y=ref_y)
+    ev = {"baseline_epochs": 2}
+    row = {"epsilon": 3.0, "delta": 1e-4}
+    assert dp_mnist.add_baseline(row, data, ev, seed=4)
+    want = dp_sgd_classifier_accuracy(train_x, train_y, ref_x, ref_y, target_epsilon=3.0, delta=1e-4,
+                                      epochs=2, accountant="rdp", seed=4)
+    assert row["dp_sgd_baseline_accuracy"] == want["accuracy"]
+    assert row["dp_sgd_baseline_epsilon"] == want["epsilon"] <= 3.0
+    assert not dp_mnist.add_baseline(row, data, ev, seed=4)  # already there: not trained again
+    assert not dp_mnist.add_baseline({"epsilon": math.inf, "delta": 0}, data, ev, seed=4)
