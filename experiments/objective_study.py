@@ -165,9 +165,8 @@ def main() -> int:
     committed = {name: committed_evaluation(name, out, keys[name], config) for name, config in configs.items()}
     to_train = {name: config for name, config in configs.items()
                 if committed[name] is None or (out / "runs" / name).is_dir()}
-    seconds = {}
     if to_train and not args.evaluate_only:
-        seconds = train_rows(to_train, data, out / "runs", args)  # in parallel on Ray by default
+        train_rows(to_train, data, out / "runs", args)  # in parallel on Ray by default
     table, trajectories, pending = [], [], []
     for name, config in configs.items():
         run = RunDir(out / "runs" / name)
@@ -208,15 +207,12 @@ def main() -> int:
     write_csv(out / "truncation.csv", trajectories, ["row", "sigma", "precision", "recall", "fid"])
     total = time.perf_counter() - started
     command = "python " + " ".join(sys.argv)
-    times = {name: seconds.get(name) for name in tabled}
-    trained_here = sum(t for t in times.values() if t is not None)
     (out / "table.md").write_text(
         f"# Objective study: {Path(args.config).stem}\n\n{spec.get('description', '')}\n\n"
         f"Reference: {data.description} ({len(data.ref_x):,} images). "
         f"{ev['samples']:,} generated samples per row; DRS at a target acceptance "
         f"of {ev['drs_acceptance']:.0%}. This call: {total / 60:.1f} min "
-        f"({trained_here / 60:.1f} min of it training rows in this call; train_time_s is each "
-        "row's own training time, wherever it ran).\n\n"
+        "(train_time_s is each row's own training time, wherever it ran).\n\n"
         + (f"Rows not yet measured: {', '.join(pending)}.\n\n" if pending else "")
         + f"Command: `{command}`\n\n" + markdown_table(table, TABLE_COLUMNS)
         + "\nRows whose objective gives no density-ratio logit (wgan, wgan-gp, hinge, lsgan, "
