@@ -131,18 +131,35 @@ def filtered_evaluation(run_path: Path, data, classifier, ref, ev: dict, seed: i
                if k in FILTERED_COLUMNS}}
 
 
-def add_baseline(row: dict, data, ev: dict, seed: int) -> bool:
+def add_baseline(row: dict, data, ev: dict, seed: int, measured: list = ()) -> bool:
     """Add the DP-SGD classifier at the row's epsilon, if the row is private and lacks it. It
-    needs only the row's privacy facts, never its generator, so a committed row gets it too."""
+    needs only the row's privacy facts, never its generator, so a committed row gets it too.
+    A baseline in `measured` (rows with the same seed, delta and evaluation settings) that
+    trained with the same noise is the same training, so it is reused: rows' targets (9.993,
+    9.998) often give one noise multiplier."""
     if not math.isfinite(row["epsilon"]) or "dp_sgd_baseline_accuracy" in row:
         return False
-    from gankit.privacy import dp_sgd_classifier_accuracy
+    from gankit.privacy import dp_sgd_baseline_noise, dp_sgd_classifier_accuracy
 
-    baseline = dp_sgd_classifier_accuracy(
-        data.train_x, data.train_y, data.ref_x, data.ref_y, target_epsilon=row["epsilon"],
-        delta=row["delta"], epochs=ev["baseline_epochs"], accountant="rdp", seed=seed)
-    row["dp_sgd_baseline_accuracy"] = baseline["accuracy"]
-    row["dp_sgd_baseline_epsilon"] = baseline["epsilon"]
+    def noise(r: dict) -> float:
+        if "dp_sgd_baseline_noise" not in r:  # (rows baselined before the twelfth session)
+            r["dp_sgd_baseline_noise"] = dp_sgd_baseline_noise(
+                len(data.train_x), r["epsilon"], r["delta"], ev["baseline_epochs"])
+        return r["dp_sgd_baseline_noise"]
+
+    sigma = noise(row)
+    same = next((r for r in measured if r.get("dp_sgd_baseline_accuracy") is not None
+                 and r.get("seed") == seed and r["delta"] == row["delta"] and noise(r) == sigma), None)
+    if same is None:
+        same = dp_sgd_classifier_accuracy(
+            data.train_x, data.train_y, data.ref_x, data.ref_y, target_epsilon=row["epsilon"],
+            delta=row["delta"], epochs=ev["baseline_epochs"], accountant="rdp", seed=seed)
+        same = {"dp_sgd_baseline_accuracy": same["accuracy"], "dp_sgd_baseline_epsilon": same["epsilon"]}
+    else:
+        log.info("[%s] the DP-SGD baseline of %s is reused (the same noise and seed)",
+                 row.get("row"), same.get("row"))
+    row["dp_sgd_baseline_accuracy"] = same["dp_sgd_baseline_accuracy"]
+    row["dp_sgd_baseline_epsilon"] = same["dp_sgd_baseline_epsilon"]
     return True
 
 
@@ -263,6 +280,9 @@ def main() -> int:
 
     started = time.perf_counter()
     table, grids = [], {}
+    # Baselines measured before, for add_baseline to reuse: the committed evaluations' rows.
+    measured = [e["row"] for e in (json.loads(f.read_text()) for f in sorted((out / "evaluations").glob("*.json")))
+                if e["key"]["evaluation"] == ev] if (out / "evaluations").is_dir() else []
     for name, config in configs.items():
         run = RunDir(out / "runs" / name)
         committed = out / "evaluations" / f"{name}.json"
@@ -279,7 +299,7 @@ def main() -> int:
                 log.warning("[%s] its committed evaluation measured another configuration; skipped", name)
                 continue
             row = cached["row"]
-            if not args.no_baseline and add_baseline(row, data, ev, config.train.seed):
+            if not args.no_baseline and add_baseline(row, data, ev, config.train.seed, measured + table):
                 committed.write_text(json.dumps(cached, indent=1))
             row["epochs_done"] = f"{cached['key']['checkpoint_epoch']}/{config.train.epochs}"
             table.append(row)
@@ -313,7 +333,7 @@ def main() -> int:
                 row.update(filtered_evaluation(run.path, data, classifier, ref, ev, config.train.seed))
             row["train_time_s"] = round(train_time, 1)
             row["device"] = device_name
-        added = not args.no_baseline and add_baseline(row, data, ev, config.train.seed)
+        added = not args.no_baseline and add_baseline(row, data, ev, config.train.seed, measured + table)
         if not measured or added:
             cache.write_text(json.dumps({"key": key, "config": last["config"], "row": row}, indent=1))
         row["epochs_done"] = f"{key['checkpoint_epoch']}/{config.train.epochs}"

@@ -44,8 +44,8 @@ from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown
                               metric_classifier, plot_truncation, truncation_sweep)
 from gankit.runs import RunDir
 from gankit.sampling import load_discriminator, load_generator
-from gankit.studies import (equal_generator_steps, row_configs, same_training, study_out,
-                            study_parser, train_rows, write_csv)
+from gankit.studies import (equal_generator_steps, finished_state, row_configs, same_training,
+                            study_out, study_parser, train_rows, write_csv)
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 log = logging.getLogger("gankit")
@@ -123,16 +123,6 @@ def committed_evaluation(name: str, out: Path, key: dict, config) -> Optional[di
     return None
 
 
-def finished_run(run: RunDir, config) -> Optional[dict]:
-    """The state of the row's run if it trained this configuration to its end."""
-    if not run.checkpoint_path("last").exists():
-        return None
-    ckpt = run.load_checkpoint("last")
-    if ckpt["state"]["epoch"] < config.train.epochs or not same_training(ckpt["config"], config):
-        return None
-    return ckpt["state"]
-
-
 def main() -> int:
     parser = study_parser(__doc__.splitlines()[0], CONFIGS / "objective_study_small.json", samples=False)
     parser.add_argument("--evaluate-only", action="store_true",
@@ -170,7 +160,7 @@ def main() -> int:
     table, trajectories, pending = [], [], []
     for name, config in configs.items():
         run = RunDir(out / "runs" / name)
-        state = finished_run(run, config)
+        state = finished_state(run, config)
         cached = committed[name]
         if state is None and cached is None:
             pending.append(name)

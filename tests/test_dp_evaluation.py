@@ -142,7 +142,7 @@ def test_the_dp_mnist_table_says_whether_its_curve_is_monotone_within_the_seeds_
     assert "NOT monotone" in dp_mnist.monotonicity(table, curve)
 
 
-def test_a_committed_private_row_gets_the_dp_sgd_baseline_at_its_own_epsilon():
+def test_a_committed_private_row_gets_the_dp_sgd_baseline_at_its_own_epsilon(monkeypatch):
     """The baseline needs the row's privacy facts alone, so a row whose run folder is gone
     (a committed evaluation) gets it later; a non-private row or one that has it is left be."""
     import importlib.util
@@ -150,7 +150,10 @@ def test_a_committed_private_row_gets_the_dp_sgd_baseline_at_its_own_epsilon():
     from pathlib import Path
     from types import SimpleNamespace
 
-    from gankit.privacy import dp_sgd_classifier_accuracy
+    from gankit.privacy import dp_sgd_baseline_noise, dp_sgd_classifier_accuracy
+
+    def noise_of(n, epsilon):
+        return dp_sgd_baseline_noise(n, epsilon, 1e-4, epochs=2)
 
     path = Path(__file__).resolve().parent.parent / "experiments" / "dp_mnist.py"
     spec = importlib.util.spec_from_file_location("dp_mnist", path)
@@ -168,3 +171,22 @@ def test_a_committed_private_row_gets_the_dp_sgd_baseline_at_its_own_epsilon():
     assert row["dp_sgd_baseline_epsilon"] == want["epsilon"] <= 3.0
     assert not dp_mnist.add_baseline(row, data, ev, seed=4)  # already there: not trained again
     assert not dp_mnist.add_baseline({"epsilon": math.inf, "delta": 0}, data, ev, seed=4)
+
+    # A target that gives the same noise with the same seed is the same training: reused, not
+    # trained. Another seed is another training.
+    import gankit.privacy
+
+    assert noise_of(600, 3.0001) == noise_of(600, 3.0) != noise_of(600, 2.5)
+    trained = []
+    monkeypatch.setattr(gankit.privacy, "dp_sgd_classifier_accuracy",
+                        lambda *a, **k: trained.append(k["seed"]) or {"accuracy": 0.5, "epsilon": 2.9})
+    measured = [dict(row, seed=4, row="first")]
+    near = {"epsilon": 3.0001, "delta": 1e-4}
+    assert dp_mnist.add_baseline(near, data, ev, 4, measured) and not trained
+    assert near["dp_sgd_baseline_accuracy"] == want["accuracy"]
+    assert near["dp_sgd_baseline_epsilon"] == want["epsilon"]
+    for other_seed, other_eps in ((5, 3.0), (4, 2.5)):
+        other = {"epsilon": other_eps, "delta": 1e-4}
+        assert dp_mnist.add_baseline(other, data, ev, other_seed, measured)
+        assert other["dp_sgd_baseline_accuracy"] == 0.5
+    assert trained == [5, 4]

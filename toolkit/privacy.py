@@ -483,6 +483,18 @@ class DPSGDClassifier(nn.Module):
         return self.head(self.body(x))
 
 
+def dp_sgd_baseline_noise(n: int, target_epsilon: float, delta: float, epochs: int,
+                          batch_size: int = 512, accountant: str = "rdp") -> float:
+    """The noise multiplier `dp_sgd_classifier_accuracy` trains with on N images. With the seed
+    and the data it fixes the baseline's result, so two targets that give the same noise give
+    the same baseline (a table can reuse one instead of training it again)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(get_noise_multiplier(
+            target_epsilon=target_epsilon, target_delta=delta, epochs=epochs, accountant=accountant,
+            sample_rate=sample_rate_of(n, batch_size, poisson=True)))
+
+
 def dp_sgd_classifier_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
                                target_epsilon: float, delta: float, epochs: int = 20,
                                batch_size: int = 512, lr: float = 0.5, max_grad_norm: float = 0.1,
@@ -499,11 +511,8 @@ def dp_sgd_classifier_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor,
     n = len(train_x)
     q = sample_rate_of(n, batch_size, poisson=True)
     steps_per_epoch = math.ceil(n / batch_size)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sigma = float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                           sample_rate=q, epochs=epochs, accountant=accountant))
-        account = create_accountant(accountant)
+    sigma = dp_sgd_baseline_noise(n, target_epsilon, delta, epochs, batch_size, accountant)
+    account = create_accountant(accountant)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         model = DPSGDClassifier(tuple(train_x.shape[1:]),

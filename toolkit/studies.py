@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 from pathlib import Path
+from typing import Optional
 
 from gankit.config import RESUMABLE_CHANGES, Config, validate
 from gankit.presets import preset
@@ -71,14 +72,25 @@ def train_row(name: str, config: Config, data, runs_dir: Path) -> float:
         run.unlock()
 
 
+def finished_state(run: RunDir, config: Config) -> Optional[dict]:
+    """The training state of the run in `run` if it trained `config` to its last epoch, else None."""
+    if not run.checkpoint_path("last").exists():
+        return None
+    ckpt = run.load_checkpoint("last")
+    if ckpt["state"]["epoch"] < config.train.epochs or not same_training(ckpt["config"], config):
+        return None
+    return ckpt["state"]
+
+
 def _train_row(name: str, config: Config, data, run: RunDir) -> float:
     run_path = run.path
     if run.checkpoint_path("last").exists():
         run.lock()
-        ckpt = run.load_checkpoint()
-        if ckpt["state"]["epoch"] >= config.train.epochs and same_training(ckpt["config"], config):
+        state = finished_state(run, config)
+        if state is not None:
             log.info("[%s] reusing the finished run in %s", name, run_path)
-            return ckpt["state"]["train_time"]
+            return state["train_time"]
+        ckpt = run.load_checkpoint("last")
         if not same_training(ckpt["config"], config):
             raise SystemExit(f"[{name}] {run_path} holds a run of another configuration; "
                              "remove it or choose another --out")
