@@ -483,6 +483,7 @@ class DPSGDClassifier(nn.Module):
         return self.head(self.body(x))
 
 
+@functools.lru_cache(maxsize=256)  # a pure function whose search takes seconds
 def dp_sgd_baseline_noise(n: int, target_epsilon: float, delta: float, epochs: int,
                           batch_size: int = 512, accountant: str = "rdp") -> float:
     """The noise multiplier `dp_sgd_classifier_accuracy` trains with on N images. With the seed
