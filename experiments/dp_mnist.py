@@ -281,7 +281,7 @@ def main() -> int:
     started = time.perf_counter()
     table, grids = [], {}
     # Baselines measured before, for add_baseline to reuse: the committed evaluations' rows.
-    measured = [e["row"] for e in (json.loads(f.read_text()) for f in sorted((out / "evaluations").glob("*.json")))
+    earlier_baselines = [e["row"] for e in (json.loads(f.read_text()) for f in sorted((out / "evaluations").glob("*.json")))
                 if e["key"]["evaluation"] == ev] if (out / "evaluations").is_dir() else []
     for name, config in configs.items():
         run = RunDir(out / "runs" / name)
@@ -299,7 +299,7 @@ def main() -> int:
                 log.warning("[%s] its committed evaluation measured another configuration; skipped", name)
                 continue
             row = cached["row"]
-            if not args.no_baseline and add_baseline(row, data, ev, config.train.seed, measured + table):
+            if not args.no_baseline and add_baseline(row, data, ev, config.train.seed, earlier_baselines + table):
                 committed.write_text(json.dumps(cached, indent=1))
             row["epochs_done"] = f"{cached['key']['checkpoint_epoch']}/{config.train.epochs}"
             table.append(row)
@@ -333,7 +333,7 @@ def main() -> int:
                 row.update(filtered_evaluation(run.path, data, classifier, ref, ev, config.train.seed))
             row["train_time_s"] = round(train_time, 1)
             row["device"] = device_name
-        added = not args.no_baseline and add_baseline(row, data, ev, config.train.seed, measured + table)
+        added = not args.no_baseline and add_baseline(row, data, ev, config.train.seed, earlier_baselines + table)
         if not measured or added:
             cache.write_text(json.dumps({"key": key, "config": last["config"], "row": row}, indent=1))
         row["epochs_done"] = f"{key['checkpoint_epoch']}/{config.train.epochs}"

@@ -77,20 +77,21 @@ def finished_state(run: RunDir, config: Config) -> Optional[dict]:
     if not run.checkpoint_path("last").exists():
         return None
     ckpt = run.load_checkpoint("last")
-    if ckpt["state"]["epoch"] < config.train.epochs or not same_training(ckpt["config"], config):
-        return None
-    return ckpt["state"]
+    return ckpt["state"] if trained_to_the_end(ckpt, config) else None
+
+
+def trained_to_the_end(ckpt: dict, config: Config) -> bool:
+    return ckpt["state"]["epoch"] >= config.train.epochs and same_training(ckpt["config"], config)
 
 
 def _train_row(name: str, config: Config, data, run: RunDir) -> float:
     run_path = run.path
     if run.checkpoint_path("last").exists():
         run.lock()
-        state = finished_state(run, config)
-        if state is not None:
-            log.info("[%s] reusing the finished run in %s", name, run_path)
-            return state["train_time"]
         ckpt = run.load_checkpoint("last")
+        if trained_to_the_end(ckpt, config):
+            log.info("[%s] reusing the finished run in %s", name, run_path)
+            return ckpt["state"]["train_time"]
         if not same_training(ckpt["config"], config):
             raise SystemExit(f"[{name}] {run_path} holds a run of another configuration; "
                              "remove it or choose another --out")
