@@ -130,8 +130,11 @@ def train_rows(configs: dict[str, Config], data, runs_dir: Path, args: argparse.
     try:
         task = ray.remote(num_cpus=args.cpus_per_row, num_gpus=args.gpus_per_row)(train_row_task)
         threads = max(1, int(args.cpus_per_row))
+        # Longest rows first (epochs as the measure of work), so the last cores to free up are
+        # not waiting on a long row submitted late.
+        by_work = sorted(configs.items(), key=lambda item: -item[1].train.epochs)
         pending = {name: task.remote(name, placed(config).to_dict(), str(Path(runs_dir).resolve()), threads)
-                   for name, config in configs.items()}
+                   for name, config in by_work}
         log.info("training %d rows on Ray (%s cores each)", len(pending), args.cpus_per_row)
         seconds = {}
         for name, future in pending.items():
