@@ -46,6 +46,14 @@ def test_equal_generator_steps_gives_wgan_five_times_the_epochs(tmp_path):
     assert epochs == {"bce": 5, "wgan": 25}  # 600 batches an epoch; n_critic 1 and 5
 
 
+def test_rows_go_to_ray_longest_first_so_no_long_row_starts_last(tmp_path):
+    from gankit.studies import equal_generator_steps, longest_first
+
+    configs = {name: tiny_config(tmp_path, loss=name, batch_size=100) for name in ("bce", "wgan", "kl", "wgan-gp")}
+    configs = equal_generator_steps(configs, 60_000, 3_000)
+    assert list(longest_first(configs)) == ["wgan", "wgan-gp", "bce", "kl"]
+
+
 def test_every_committed_study_config_validates():
     """A typo in a committed config's option would otherwise surface hours into a study."""
     import json

@@ -130,11 +130,8 @@ def train_rows(configs: dict[str, Config], data, runs_dir: Path, args: argparse.
     try:
         task = ray.remote(num_cpus=args.cpus_per_row, num_gpus=args.gpus_per_row)(train_row_task)
         threads = max(1, int(args.cpus_per_row))
-        # Longest rows first (epochs as the measure of work), so the last cores to free up are
-        # not waiting on a long row submitted late.
-        by_work = sorted(configs.items(), key=lambda item: -item[1].train.epochs)
         pending = {name: task.remote(name, placed(config).to_dict(), str(Path(runs_dir).resolve()), threads)
-                   for name, config in by_work}
+                   for name, config in longest_first(configs).items()}
         log.info("training %d rows on Ray (%s cores each)", len(pending), args.cpus_per_row)
         seconds = {}
         for name, future in pending.items():
@@ -145,6 +142,12 @@ def train_rows(configs: dict[str, Config], data, runs_dir: Path, args: argparse.
         return seconds
     finally:
         ray.shutdown()
+
+
+def longest_first(configs: dict[str, Config]) -> dict[str, Config]:
+    """The rows in the order to submit them: most epochs first (ties in config order), so no
+    long row starts late while the other cores sit idle at the end."""
+    return dict(sorted(configs.items(), key=lambda item: -item[1].train.epochs))
 
 
 def placed(config: Config) -> Config:
