@@ -109,6 +109,53 @@ def plot_results(out: Path, table: list[dict], trajectories: list[dict]) -> None
                     out / "truncation.png")
 
 
+def seed_answers(table: list[dict]) -> list[str]:
+    """The study's three questions answered from its own table (markdown bullets), each
+    from the rows it needs, or said to wait for them. One seed: a difference of a point or
+    two in precision or recall is within what another seed could move."""
+    entry = {(r["row"], r["drs"]): r for r in table}
+    plain = lambda name: entry.get((name, "no"))  # noqa: E731
+    answers = []
+
+    bce, kl, rkl = plain("bce"), plain("kl"), plain("rkl")
+    if bce and kl and rkl:
+        recall_gain, precision_gain = kl["recall"] - bce["recall"], rkl["precision"] - bce["precision"]
+        answers.append(
+            f"- **Does KL raise recall and reverse KL precision?** Against bce (recall "
+            f"{bce['recall']:.3f}, precision {bce['precision']:.3f}): KL's recall is "
+            f"{kl['recall']:.3f} ({recall_gain:+.3f}, {'higher' if recall_gain > 0 else 'not higher'}), "
+            f"reverse KL's precision {rkl['precision']:.3f} ({precision_gain:+.3f}, "
+            f"{'higher' if precision_gain > 0 else 'not higher'}). Between the two: KL recall "
+            f"{kl['recall']:.3f} vs reverse KL {rkl['recall']:.3f}; precision {kl['precision']:.3f} "
+            f"vs {rkl['precision']:.3f}.")
+    else:
+        answers.append("- **Does KL raise recall and reverse KL precision?** Needs the bce, kl and rkl rows.")
+
+    pairs = [(name, entry[(name, "no")], entry[(name, "yes")]) for name, drs in entry
+             if drs == "yes" and (name, "no") in entry]
+    if pairs:
+        lower_fid = [name for name, no, yes in pairs if yes["fid"] < no["fid"]]
+        higher_precision = [name for name, no, yes in pairs if yes["precision"] > no["precision"]]
+        changes = ", ".join(f"{name} {no['fid']:.1f} -> {yes['fid']:.1f}" for name, no, yes in pairs)
+        answers.append(
+            f"- **Does DRS help?** It lowers FID for {len(lower_fid)} of {len(pairs)} rows "
+            f"({changes}) and raises precision for {len(higher_precision)} of {len(pairs)}"
+            + (f" ({', '.join(higher_precision)})" if higher_precision else "") + ".")
+
+    ranked = sorted(table, key=lambda r: r["fid"])
+    label = lambda r: r["row"] + (" + DRS" if r["drs"] == "yes" else "")  # noqa: E731
+    if ranked:
+        best = ranked[0]
+        gp = entry.get(("wgan-gp", "yes"))
+        where = (f"wgan-gp + DRS is number {ranked.index(gp) + 1} of {len(ranked)} at FID {gp['fid']:.1f}"
+                 if gp else "the wgan-gp + DRS row is not measured yet")
+        by_f1 = max(table, key=lambda r: r["f1"])
+        answers.append(
+            f"- **Is WGAN-GP + DRS best?** By FID the best entry is {label(best)} ({best['fid']:.1f}); "
+            f"{where}. By F1 of precision and recall the best is {label(by_f1)} ({by_f1['f1']:.3f}).")
+    return answers
+
+
 def evaluation_key(ev: dict, seed: int, config) -> dict:
     """What a committed evaluation must have measured to be tabled for this row."""
     return {"evaluation": ev, "seed": seed, "epochs": config.train.epochs}
@@ -207,6 +254,7 @@ def main() -> int:
         + f"Command: `{command}`\n\n" + markdown_table(table, TABLE_COLUMNS)
         + "\nRows whose objective gives no density-ratio logit (wgan, wgan-gp, hinge, lsgan, "
           "pearson) calibrate D for DRS on the training images.\n\n"
+        "## The seed questions\n\n" + "\n".join(seed_answers(table)) + "\n\n"
         "## Truncation sweep\n\n" + markdown_table(trajectories))
     plot_results(out, table, trajectories)
     log.info("wrote %s (%.1f min)", out / "table.md", total / 60)

@@ -201,3 +201,27 @@ def test_objective_study_lands_row_by_row_from_committed_evaluations(tmp_path):
     done = subprocess.run(study + ["--evaluate-only"], check=True, capture_output=True, text=True)
     assert {r["row"] for r in read()} == {"lsgan"}
     assert "Rows not yet measured: bce" in (out / "table.md").read_text()
+
+
+def test_the_objective_study_answers_its_seed_questions_from_its_table():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("objective_study", "experiments/objective_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    row = lambda name, drs, p, r, fid: {"row": name, "drs": drs, "precision": p, "recall": r,  # noqa: E731
+                                        "f1": 2 * p * r / (p + r), "fid": fid}
+    table = [row("bce", "no", 0.60, 0.50, 20.0), row("bce", "yes", 0.65, 0.45, 15.0),
+             row("kl", "no", 0.55, 0.58, 25.0), row("kl", "yes", 0.54, 0.50, 27.0),
+             row("rkl", "no", 0.70, 0.40, 30.0),
+             row("wgan-gp", "no", 0.58, 0.60, 18.0), row("wgan-gp", "yes", 0.62, 0.57, 16.0)]
+    kl, drs, best = study.seed_answers(table)
+    assert "KL's recall is 0.580 (+0.080, higher)" in kl
+    assert "reverse KL's precision 0.700 (+0.100, higher)" in kl
+    # bce and wgan-gp lower their FID with DRS, kl does not; the same two gain precision.
+    assert "lowers FID for 2 of 3 rows" in drs and "raises precision for 2 of 3 (bce, wgan-gp)" in drs
+    assert "the best entry is bce + DRS (15.0)" in best
+    assert "wgan-gp + DRS is number 2 of 7 at FID 16.0" in best
+    assert "By F1 of precision and recall the best is wgan-gp + DRS (0.594)" in best
+    waiting = study.seed_answers([row("bce", "no", 0.6, 0.5, 20.0)])
+    assert "Needs the bce, kl and rkl rows" in waiting[0] and "not measured yet" in waiting[-1]
