@@ -137,10 +137,11 @@ def seed_answers(table: list[dict]) -> list[str]:
         lower_fid = [name for name, no, yes in pairs if yes["fid"] < no["fid"]]
         higher_precision = [name for name, no, yes in pairs if yes["precision"] > no["precision"]]
         changes = ", ".join(f"{name} {no['fid']:.1f} -> {yes['fid']:.1f}" for name, no, yes in pairs)
+        named = lambda names: f" ({', '.join(names)})" if names else ""  # noqa: E731
         answers.append(
-            f"- **Does DRS help?** It lowers FID for {len(lower_fid)} of {len(pairs)} rows "
-            f"({changes}) and raises precision for {len(higher_precision)} of {len(pairs)}"
-            + (f" ({', '.join(higher_precision)})" if higher_precision else "") + ".")
+            f"- **Does DRS help?** It lowers FID for {len(lower_fid)} of {len(pairs)} rows"
+            f"{named(lower_fid)} and raises precision for {len(higher_precision)} of {len(pairs)}"
+            f"{named(higher_precision)}. FID per row, plain -> DRS: {changes}.")
 
     ranked = sorted(table, key=lambda r: r["fid"])
     label = lambda r: r["row"] + (" + DRS" if r["drs"] == "yes" else "")  # noqa: E731

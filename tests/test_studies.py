@@ -219,7 +219,7 @@ def test_the_objective_study_answers_its_seed_questions_from_its_table():
     assert "KL's recall is 0.580 (+0.080, higher)" in kl
     assert "reverse KL's precision 0.700 (+0.100, higher)" in kl
     # bce and wgan-gp lower their FID with DRS, kl does not; the same two gain precision.
-    assert "lowers FID for 2 of 3 rows" in drs and "raises precision for 2 of 3 (bce, wgan-gp)" in drs
+    assert "lowers FID for 2 of 3 rows (bce, wgan-gp)" in drs and "raises precision for 2 of 3 (bce, wgan-gp)" in drs
     assert "the best entry is bce + DRS (15.0)" in best
     assert "wgan-gp + DRS is number 2 of 7 at FID 16.0" in best
     assert "By F1 of precision and recall the best is wgan-gp + DRS (0.594)" in best
