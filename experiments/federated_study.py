@@ -25,6 +25,7 @@ the committed results):
     runs/<row>/           the runs (a finished run is reused, an interrupted one resumes)
 """
 
+import functools
 import json
 import logging
 import math
@@ -35,7 +36,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from gankit.studies import row_configs, study_out, study_parser, same_training, write_csv
+from gankit.studies import (on_ray, row_configs, same_training, study_out, study_parser, train_rows,
+                            write_csv)
 from gankit.config import Config
 from gankit.data import load_data
 from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,
@@ -133,34 +135,75 @@ def included_section(spec: dict, included: list) -> str:
             + markdown_table(included, TABLE_COLUMNS))
 
 
-def train_federated_row(name: str, config: Config, data, classifier, runs_dir: Path, times: dict) -> None:
-    """Simulate (or reuse, or resume) one row's federation; its wall seconds go into `times`."""
+# Each row's study wall time (the simulation with Ray's start and the per-round evaluation),
+# summed over the segments of an interrupted row, kept in the row's own folder so that rows
+# training at once in Ray tasks never write one file together.
+ROW_TIME = "study_train_time.json"
+
+
+def row_seconds(run: RunDir) -> Optional[float]:
+    path = run.path / ROW_TIME
+    return float(json.loads(path.read_text())["train_time_s"]) if path.is_file() else None
+
+
+def add_row_seconds(run: RunDir, seconds: float) -> float:
+    total = round((row_seconds(run) or 0.0) + seconds, 1)
+    (run.path / ROW_TIME).write_text(json.dumps({"train_time_s": total}))
+    return total
+
+
+def start_afresh(run: RunDir) -> None:
+    """Empty a row folder that started but finished no round (its lock file stays: held)."""
+    for child in run.path.iterdir():
+        if child.name != ".lock":
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def held_row(runs_dir: Path, name: str) -> RunDir:
+    """The row's folder, locked for this process: two studies (or Ray tasks) never train it at once."""
+    run = RunDir(runs_dir / name)
+    run.path.mkdir(parents=True, exist_ok=True)
+    return run.lock()
+
+
+def finished(run: RunDir, config: Config, name: str) -> bool:
+    """Whether the row's folder holds this configuration trained to its last round; a folder
+    of another configuration is refused rather than overwritten."""
+    if not run.checkpoint_path("last").exists():
+        return False
+    ckpt = run.load_checkpoint("last")
+    if not same_training(ckpt["config"], config):
+        raise SystemExit(f"[{name}] {run.path} holds a run of another configuration; "
+                         "remove it or choose another --out")
+    return ckpt["round"] >= config.federated.rounds
+
+
+def train_federated_row(name: str, config: Config, data, runs_dir: Path) -> Optional[float]:
+    """Simulate (or reuse, or resume) one row's federation; returns the row's study seconds."""
     from gankit.server.simulation import simulate
 
-    run = RunDir(runs_dir / name)
-    resume = False
-    if run.checkpoint_path("last").exists():
-        ckpt = run.load_checkpoint("last")
-        if not same_training(ckpt["config"], config):
-            raise SystemExit(f"[{name}] {run.path} holds a run of another configuration; "
-                             "remove it or choose another --out")
-        if ckpt["round"] >= config.federated.rounds:
-            log.info("[%s] reusing the finished run in %s", name, run.path)
-            return
-        resume = True  # an interrupted study continues where it stopped
-    else:
-        if run.path.exists():
-            shutil.rmtree(run.path)  # started, but no round finished
-        run = RunDir.create(config)
-    log.info("[%s] federated training: %s", name, run.path)
-    started = time.perf_counter()
+    run = held_row(runs_dir, name)
     try:
-        simulate(config, data, run, resume=resume, classifier=classifier)
-    finally:  # an interrupted segment counts too: the next run continues from its last round
-        times[name] = round(times.get(name, 0.0) + time.perf_counter() - started, 1)
+        if finished(run, config, name):
+            log.info("[%s] reusing the finished run in %s", name, run.path)
+            return row_seconds(run)
+        resume = run.checkpoint_path("last").exists()  # an interrupted study continues
+        if not resume:
+            start_afresh(run)
+            run = RunDir.create(config)
+        log.info("[%s] federated training: %s", name, run.path)
+        classifier = metric_classifier("", data.image_shape, data.num_classes)
+        started = time.perf_counter()
+        try:
+            simulate(config, data, run, resume=resume, classifier=classifier)
+        finally:  # an interrupted segment counts too: the next run continues from its last round
+            seconds = add_row_seconds(run, time.perf_counter() - started)
+        return seconds
+    finally:
+        run.unlock()
 
 
-def train_centralized_row(name: str, config: Config, data, classifier, runs_dir: Path, times: dict) -> None:
+def train_centralized_row(name: str, config: Config, data, runs_dir: Path) -> Optional[float]:
     """The centralized baseline of a federation: the same model, data, seed and initial
     weights, trained by the standard loop on all the data for exactly the federation's total
     steps (clients x local steps a round, D and G alike), and recorded every "round" of that
@@ -170,29 +213,39 @@ def train_centralized_row(name: str, config: Config, data, classifier, runs_dir:
     from gankit.trainer import Trainer
 
     f = config.federated
-    run = RunDir(runs_dir / name)
-    if run.checkpoint_path("last").exists():
-        ckpt = run.load_checkpoint("last")
-        if same_training(ckpt["config"], config) and ckpt["round"] >= f.rounds:
-            log.info("[%s] reusing the finished run in %s", name, run.path)
-            return
-    if run.path.exists():
-        shutil.rmtree(run.path)
-    run = RunDir.create(config)
-    model = GlobalModel(config, data, run, classifier)
-    local = config.updated({"mode": "standard", "tensorboard": False, "progress": False, "eval_every": 0})
-    trainer = Trainer(local, data, None)
-    unpack(model.weights, trainer.G, trainer.D, trainer.prior)  # the federation's round-0 weights
-    log.info("[%s] centralized training, %d rounds of %d steps: %s", name, f.rounds,
-             f.clients * f.local_steps, run.path)
-    started = time.perf_counter()
-    model.start_clock()
-    for server_round in range(1, f.rounds + 1):
-        stats = trainer.train_steps(f.clients * f.local_steps)
-        model.end_round(server_round, pack(trainer.G, trainer.D, trainer.prior),
-                        {k: float(v) for k, v in stats.items() if k in LOSS_METRICS})
-    model.recorder.close()
-    times[name] = round(time.perf_counter() - started, 1)
+    run = held_row(runs_dir, name)
+    try:
+        if run.checkpoint_path("last").exists():
+            ckpt = run.load_checkpoint("last")
+            if same_training(ckpt["config"], config) and ckpt["round"] >= f.rounds:
+                log.info("[%s] reusing the finished run in %s", name, run.path)
+                return row_seconds(run)
+        start_afresh(run)
+        run = RunDir.create(config)
+        classifier = metric_classifier("", data.image_shape, data.num_classes)
+        model = GlobalModel(config, data, run, classifier)
+        local = config.updated({"mode": "standard", "tensorboard": False, "progress": False, "eval_every": 0})
+        trainer = Trainer(local, data, None)
+        unpack(model.weights, trainer.G, trainer.D, trainer.prior)  # the federation's round-0 weights
+        log.info("[%s] centralized training, %d rounds of %d steps: %s", name, f.rounds,
+                 f.clients * f.local_steps, run.path)
+        started = time.perf_counter()
+        model.start_clock()
+        for server_round in range(1, f.rounds + 1):
+            stats = trainer.train_steps(f.clients * f.local_steps)
+            model.end_round(server_round, pack(trainer.G, trainer.D, trainer.prior),
+                            {k: float(v) for k, v in stats.items() if k in LOSS_METRICS})
+        model.recorder.close()
+        return add_row_seconds(run, time.perf_counter() - started)
+    finally:
+        run.unlock()
+
+
+def train_study_row(name: str, config: Config, data, runs_dir: Path,
+                    centralized: frozenset = frozenset()) -> Optional[float]:
+    """One row of this study: a federation, or a centralized baseline where the config marks it."""
+    train = train_centralized_row if name in centralized else train_federated_row
+    return train(name, config, data, runs_dir)
 
 
 def evaluate_row(name: str, config: Config, run_path: Path, ref, classifier, ev: dict, seed: int,
@@ -302,7 +355,7 @@ def plot_client_dp_map(path: Path, table: list, histories: dict[str, Path], conf
 
 
 def main() -> int:
-    parser = study_parser(__doc__.splitlines()[0], CONFIGS / "federated_small.json", device=False, parallel=False)
+    parser = study_parser(__doc__.splitlines()[0], CONFIGS / "federated_small.json", device=False)
     parser.add_argument("--evaluate-only", action="store_true",
                         help="table the finished rows (and the committed evaluations of rows whose "
                              "run folders are absent); never train")
@@ -311,14 +364,14 @@ def main() -> int:
 
     spec = json.loads(Path(args.config).read_text())
     out = study_out(args)
-    for sub in ("samples", "partitions"):
+    for sub in ("samples", "partitions", "evaluations", "histories"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     ev = dict(spec["evaluation"])
     if args.samples:
         ev["samples"] = args.samples
     base = study_base(spec, args)
     # Rows marked {"centralized": true} are trained by train_centralized_row.
-    centralized = {name for name, o in spec["rows"].items() if o.get("centralized")}
+    centralized = frozenset(name for name, o in spec["rows"].items() if o.get("centralized"))
     rows = {name: {k: v for k, v in o.items() if k != "centralized"} for name, o in spec["rows"].items()}
     configs = row_configs({**spec, "rows": rows}, base, args.rows, args.set, out / "runs")
     data = load_data(next(iter(configs.values())).data)
@@ -329,16 +382,34 @@ def main() -> int:
     started = time.perf_counter()
     times_path = out / "train_times.json"
     times = json.loads(times_path.read_text()) if times_path.exists() else {}
-    table, histories = [], {}
-    from gankit.server.simulation import Interrupted
+    if not args.evaluate_only:
+        from gankit.server.simulation import Interrupted
 
-    for sub in ("evaluations", "histories"):
-        (out / sub).mkdir(exist_ok=True)
+        to_train = configs
+        if on_ray(args, configs):
+            # A Flower simulation cannot start its own Ray inside a Ray task, so there each
+            # row's clients run inline, one after another in the row's task (the same model
+            # with every client sampled; server/simulation.py). The engine is a placement
+            # option: a finished row is the same row either way.
+            to_train = {n: c.updated({"simulation": "inline"}) for n, c in configs.items()}
+        try:
+            seconds = train_rows(to_train, data, out / "runs", args,
+                                 train=functools.partial(train_study_row, centralized=centralized))
+        except Interrupted as stopped:
+            log.warning("%s; stopped at a round's end (Ctrl-C), its checkpoint saved: run the "
+                        "same command to continue", stopped)
+            return 130
+        # Re-read first: another study process may have trained other rows into this folder.
+        times = json.loads(times_path.read_text()) if times_path.exists() else {}
+        times.update({name: s for name, s in seconds.items() if s is not None})
+        times_path.write_text(json.dumps(times, indent=1))
+
+    table, histories = [], {}
     for name, config in configs.items():
         run = RunDir(out / "runs" / name)
         committed = out / "evaluations" / f"{name}.json"
         key = evaluation_key(ev, args.seed, config)
-        if args.evaluate_only and not run.checkpoint_path("last").exists():
+        if not run.checkpoint_path("last").exists():
             # A row trained on another machine: its committed evaluation and history are the
             # evidence (run folders stay out of git), if they measured what this table does.
             row = committed_row(name, out, key, config)
@@ -346,25 +417,10 @@ def main() -> int:
                 table.append(row)
                 histories[name] = out / "histories" / f"{name}.jsonl"
             continue
-        if args.evaluate_only:
-            ckpt = run.load_checkpoint("last")
-            if not same_training(ckpt["config"], config) or ckpt["round"] < config.federated.rounds:
-                log.info("[%s] not trained to its %d rounds yet; skipped", name, config.federated.rounds)
-                continue
-        else:
-            train = train_centralized_row if name in centralized else train_federated_row
-            try:
-                train(name, config, data, classifier, out / "runs", times)
-            except Interrupted:
-                log.warning("[%s] stopped at a round's end (Ctrl-C), its checkpoint saved; run the "
-                            "same command to continue", name)
-                return 130
-            finally:
-                # Re-read first: another study process may train other rows into this folder.
-                on_disk = json.loads(times_path.read_text()) if times_path.exists() else {}
-                if name in times:
-                    on_disk[name] = times[name]
-                times_path.write_text(json.dumps(on_disk, indent=1))
+        ckpt = run.load_checkpoint("last")
+        if not same_training(ckpt["config"], config) or ckpt["round"] < config.federated.rounds:
+            log.info("[%s] not trained to its %d rounds yet; skipped", name, config.federated.rounds)
+            continue
         cached = json.loads(committed.read_text()) if committed.is_file() else {}
         if cached.get("key") == key and cached.get("train_time_s") == times.get(name):
             row = cached["row"]  # the same run, already measured

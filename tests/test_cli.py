@@ -149,3 +149,34 @@ def test_the_quickstart_preset_trains_a_conditional_g_with_an_ema(capsys, tmp_pa
                    "--name", "q", *TINY)[0] == 0
     saved = json.loads((tmp_path / "q" / "config.json").read_text())
     assert saved["model"]["conditional"] is True and saved["optim"]["ema_decay"] == 0.999
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "{run}", "--nrow", "0"], "--nrow must be positive"),
+    (["generate", "{run}", "--sigma", "0", "--truncation", "1"], "--sigma must be positive"),
+    (["generate", "{run}", "--truncation", "-1"], "--truncation must be >= 0"),
+    (["generate", "{run}", "--drs", "--out", "{tmp}/samples.jpg"], "--out must end in .png or .npz"),
+    (["evaluate", "{run}", "--k", "0"], "--k must be at least 1"),
+    (["evaluate", "{run}", "--sigma", "-0.5"], "--sigma must be positive"),
+    (["compare", "{run}", "--plot", "{tmp}/curves.txt"], "--plot must end in .png or .pdf or .svg"),
+    (["classifier", "train", "--out", "{tmp}/c.pt", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["classifier", "train", "--out", "{tmp}/c.pt", "--lr", "-1"], "--lr positive"),
+])
+def test_a_mistake_in_generate_evaluate_compare_or_classifier_is_one_line(capsys, tmp_path, npz, argv, message):
+    """Each of these once ended in a traceback, some only after the sampling was done."""
+    assert run_cli(capsys, "train", "--dataset", f"npz:{npz}", "--out-dir", tmp_path, "--name", "r", *TINY)[0] == 0
+    code, _, err = run_cli(capsys, *[a.format(run=tmp_path / "r", tmp=tmp_path) for a in argv])
+    assert code == 2, err
+    assert err.strip().splitlines()[-1].startswith("gankit: error:") and message in err
+    assert "Traceback" not in err
+
+
+def test_classifier_device_is_checked_before_any_work(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["classifier", "check", "--device", "tpu"])
+    assert exit_info.value.code == 2 and "invalid choice: 'tpu'" in capsys.readouterr().err
+    import torch
+
+    if not torch.cuda.is_available():
+        code, _, err = run_cli(capsys, "classifier", "check", "--device", "cuda")
+        assert code == 2 and "no CUDA GPU is available" in err

@@ -512,3 +512,20 @@ def test_the_eta_follows_the_recent_pace_not_a_slow_first_round(tmp_path, caplog
             recorder.end({"round": done, "train_time_s": elapsed}, None, lambda name, best: None)
     assert "round 4/10" in caplog.records[-1].getMessage()
     assert "50.0s/round, ETA 5m00s" in caplog.records[-1].getMessage()
+
+
+def test_rounds_get_pr_curves_when_asked(tmp_path):
+    """--pr-curves in a federation: each round's evaluation of the global G adds its PRD
+    curve's F8 and F1/8 to the history and draws the curve, as an epoch's does."""
+    from gankit.data import load_data
+    from gankit.evaluate import metric_classifier
+
+    config = npz_config(tmp_path, eval_every=1, eval_samples=100, pr_curves=True, rounds=2)
+    data = load_data(config.data)
+    run = RunDir.create(config)
+    model = GlobalModel(config, data, run, metric_classifier("", data.image_shape, data.num_classes))
+    for server_round in (1, 2):
+        record = model.end_round(server_round, model.weights, {})
+        assert 0 <= record["prd_f8"] <= 1 and 0 <= record["prd_f1_8"] <= 1
+    assert sorted(p.name for p in (run.path / "prd").iterdir()) == ["round_001.png", "round_002.png"]
+    assert [("prd_f8" in r, "prd_f1_8" in r) for r in run.history()] == [(True, True)] * 2

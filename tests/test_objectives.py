@@ -220,6 +220,25 @@ def test_mode_seeking_term_spreads_a_generator_that_ignores_z(tmp_path):
     assert spreads[1.0] > 5e-3
 
 
+def test_mode_seeking_pairs_share_their_mixture_component():
+    """With a mixture prior, each mode-seeking pair comes from one component (so the term
+    penalises a G that maps each component to one image); other latents are unchanged."""
+    from gankit.latent import GaussianPrior, MixturePrior
+    from gankit.steps import paired_latents
+
+    prior = MixturePrior(8, components=10, sigma_init=1e-6)  # z is its component's mean
+    torch.manual_seed(0)
+    z = paired_latents(prior, 64, 20, "cpu")
+    assert torch.allclose(z[:20], z[20:40], atol=1e-4)
+    assert not torch.allclose(z[:10], z[10:20], atol=1e-4)  # the pairs' components vary
+    torch.manual_seed(0)
+    assert torch.equal(paired_latents(prior, 64, 0, "cpu"), (torch.manual_seed(0), prior.sample(64))[1])
+    gaussian = GaussianPrior(8)
+    torch.manual_seed(0)
+    z = paired_latents(gaussian, 64, 20, "cpu")
+    assert not torch.allclose(z[:20], z[20:40])  # a Gaussian pair is two independent draws
+
+
 def test_auxiliary_classifier_teaches_g_the_labels_d_reads():
     """D's class head is fixed (class k = an image of mean (k - 4.5) / 5) and its score gives
     no signal, so only the class term moves G: G must learn one image level per label, and

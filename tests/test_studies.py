@@ -77,9 +77,11 @@ def test_every_committed_study_config_validates():
             assert (path.parent / entry["results"]).is_dir(), path.name
 
 
-def test_federated_study_table_is_rebuilt_from_committed_evaluations(tmp_path):
-    """Run folders stay out of git: the committed evaluations and histories alone rebuild the
-    table and plot on another machine, with the same numbers, and never train."""
+def test_federated_study_rows_train_on_ray_and_the_table_is_rebuilt_from_committed_evaluations(tmp_path):
+    """The rows train as parallel Ray tasks (each federation inline in its task) and a
+    finished row is never trained again. Run folders stay out of git: the committed
+    evaluations and histories alone rebuild the table and plot on another machine, with the
+    same numbers, and never train."""
     import json
     import subprocess
     import sys
@@ -88,14 +90,22 @@ def test_federated_study_table_is_rebuilt_from_committed_evaluations(tmp_path):
     config.write_text(json.dumps({
         "base": {"dataset": "mnist-5k", "conditional": True, "g_width": 8, "d_width": 8,
                  "batch_size": 16, "clients": 2, "rounds": 2, "local_steps": 2, "eval_every": 1,
-                 "eval_samples": 100, "tensorboard": False, "progress": False, "simulation": "inline"},
+                 "eval_samples": 100, "tensorboard": False, "progress": False},
         "evaluation": {"samples": 100, "downstream_epochs": 1},
-        "rows": {"iid": {"partition": "iid"}}}))
+        "rows": {"iid": {"partition": "iid"}, "skewed": {"partition": "dirichlet", "dirichlet_alpha": 0.5}}}))
     out = tmp_path / "out"
     study = [sys.executable, "experiments/federated_study.py", "--config", str(config), "--out", str(out)]
-    subprocess.run(study, check=True, capture_output=True)
+    done = subprocess.run(study, check=True, capture_output=True, text=True)
+    assert "training 2 rows on Ray" in done.stderr
     first = (out / "table.csv").read_text()
-    assert json.loads((out / "evaluations" / "iid.json").read_text())["row"]["rounds"] == 2
+    for name in ("iid", "skewed"):
+        assert json.loads((out / "evaluations" / f"{name}.json").read_text())["row"]["rounds"] == 2
+        assert json.loads((out / "runs" / name / "config.json").read_text())["federated"]["simulation"] == "inline"
+    times = json.loads((out / "train_times.json").read_text())
+    again = subprocess.run(study + ["--rows", "iid"], check=True, capture_output=True, text=True)
+    assert "[iid] reusing the finished run" in again.stderr
+    assert json.loads((out / "train_times.json").read_text()) == times  # nothing trained
+    assert (out / "table.csv").read_text().splitlines()[:2] == first.splitlines()[:2]
     import shutil
     shutil.rmtree(out / "runs")
     (out / "table.csv").unlink()
@@ -109,7 +119,30 @@ def test_federated_study_table_is_rebuilt_from_committed_evaluations(tmp_path):
     config.write_text(json.dumps(spec))
     done = subprocess.run(study + ["--evaluate-only"], check=True, capture_output=True, text=True)
     assert "measured another configuration" in done.stderr
-    assert (out / "table.csv").read_text().splitlines()[1:] == []
+    assert [r.split(",")[0] for r in (out / "table.csv").read_text().splitlines()[1:]] == ["skewed"]
+
+
+def test_a_federated_row_held_by_another_process_is_not_trained_twice(tmp_path):
+    """Two studies (or Ray tasks) given the same row: the second is refused while the first
+    holds the row's folder, and leaves it untouched."""
+    import fcntl
+    import importlib.util
+
+    from gankit.errors import UserError
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("federated_study", "experiments/federated_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    row = tmp_path / "runs" / "iid"
+    row.mkdir(parents=True)
+    (row / "history.jsonl").write_text('{"round": 1}\n')  # another process's first round
+    with open(row / ".lock", "a+") as other:  # that process's hold on the folder
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        config = tiny_config(tmp_path / "runs", mode="federated", name="iid")
+        with pytest.raises(UserError, match="in use by another gankit process"):
+            study.train_federated_row("iid", config, None, tmp_path / "runs")
+    assert (row / "history.jsonl").read_text() == '{"round": 1}\n'
 
 
 def test_federated_study_tables_rows_included_from_another_studys_committed_results(tmp_path):

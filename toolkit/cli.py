@@ -182,14 +182,15 @@ def generate_parser(sub) -> None:
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    from gankit.sampling import generate, write_images
+    from gankit.sampling import generate, image_file, write_images
 
     opts = GenerateOptions(**given_options(args, [GenerateOptions]))
     options = dataclasses.asdict(opts)
     out = options.pop("out")
+    # Checked before sampling, which can take minutes with --drs.
+    out = image_file(out) if out else (Path(opts.run) if Path(opts.run).is_dir()
+                                       else Path(opts.run).parent) / "generated.png"
     images, labels, nrow = generate(**options)
-    out = Path(out) if out else (Path(opts.run) if Path(opts.run).is_dir()
-                                 else Path(opts.run).parent) / "generated.png"
     write_images(images, labels, nrow, out)
     log.info("wrote %d images to %s", len(images), out)
     return 0
@@ -347,12 +348,17 @@ def compare_parser(sub) -> None:
     p.set_defaults(command=compare_command)
 
 
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+
+
 def compare_command(args: argparse.Namespace) -> int:
     from gankit.compare import plot, read_runs, summary, write_table
     from gankit.config import BEST_METRICS
 
     if args.metric not in BEST_METRICS:
         raise UserError(f"unknown --metric '{args.metric}' (choose from {', '.join(BEST_METRICS)})")
+    if args.plot and Path(args.plot).suffix.lower() not in PLOT_SUFFIXES:
+        raise UserError(f"--plot must end in {' or '.join(PLOT_SUFFIXES)}, got {args.plot}")
     runs = read_runs([Path(r) for r in args.runs])
     rows = [summary(run) for run in runs]
     print(write_table(rows, Path(args.out) if args.out else None, args.format), end="")
@@ -376,7 +382,8 @@ def classifier_parser(sub) -> None:
     data_options.add_argument("--test-root", default="",
                               help="folder with the MNIST test files (t10k-*), the test set of "
                                    "mnist-5k (default: --data-root); skipped when absent")
-    data_options.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
+    data_options.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                              help="cpu | cuda | auto (default: cpu)")
     train = actions.add_parser("train", parents=[data_options], help="train a classifier",
                                description="Train a metric classifier and write it with its "
                                            ".sha256; never over the shipped one unless asked.")
@@ -408,6 +415,11 @@ def classifier_train_command(args: argparse.Namespace) -> int:
     from gankit.metrics.classifier import (DEFAULT_CHECKPOINT, accuracy, save_classifier,
                                            train_classifier, training_and_test_data)
 
+    from gankit.trainer import resolve_device
+
+    if args.epochs < 1 or args.batch_size < 1 or not args.lr > 0:
+        raise UserError("--epochs and --batch-size must be at least 1 and --lr positive")
+    device = str(resolve_device(args.device))
     out = Path(args.out)
     if out.resolve() == DEFAULT_CHECKPOINT.resolve() and not args.replace_shipped:
         raise UserError(f"--out {out} is the shipped classifier; write elsewhere, or add "
@@ -420,7 +432,7 @@ def classifier_train_command(args: argparse.Namespace) -> int:
              args.dataset, args.epochs, "off" if args.no_augment else "on", args.seed)
     start = time.time()
     classifier = train_classifier(x, y, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                  augment=not args.no_augment, seed=args.seed, device=args.device,
+                                  augment=not args.no_augment, seed=args.seed, device=device,
                                   progress=not args.no_progress)
     metadata = dict(dataset=args.dataset, train_images=len(x), epochs=args.epochs,
                     batch_size=args.batch_size, lr=args.lr, augment=not args.no_augment,
@@ -439,9 +451,10 @@ def classifier_train_command(args: argparse.Namespace) -> int:
 
 def classifier_check_command(args: argparse.Namespace) -> int:
     from gankit.metrics.classifier import DEFAULT_CHECKPOINT, accuracy, load_classifier, training_and_test_data
+    from gankit.trainer import resolve_device
 
     path = Path(args.path) if args.path else DEFAULT_CHECKPOINT
-    classifier = load_classifier(path, device=args.device)  # verifies the sha256
+    classifier = load_classifier(path, device=str(resolve_device(args.device)))  # verifies the sha256
     print(f"{path}: sha256 verified")
     _, _, test_x, test_y, test_note = training_and_test_data(args.dataset, args.data_root,
                                                              args.test_root or args.data_root)

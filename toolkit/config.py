@@ -127,7 +127,8 @@ class ObjectiveConfig:
     d_steps_beta: float = option(0.99, "adaptive D steps: moving-average factor of D's accuracy")
     mode_seeking: float = option(
         0.0, "weight of the mode-seeking term in G's loss (Mao et al. 2019): fakes from two "
-             "latents with the same label are pushed apart, against a G that ignores z (0 = off)")
+             "latents with the same label (and mixture component) are pushed apart, against a G "
+             "that ignores z (0 = off)")
     aux_classifier: float = option(
         0.0, "weight of an auxiliary classifier (AC-GAN, Odena et al. 2017): D also learns the "
              "real images' classes, and G is trained to have its fakes read as the label asked "

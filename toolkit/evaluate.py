@@ -225,25 +225,27 @@ class EvalCallback(Callback):
         features = generated_features(gen, self.classifier, self.config)
         record.update(metrics_of_features(features, self.ref, self.config))
         if e.pr_curves:
-            record.update(self.pr_curve(trainer, features[0], record["epoch"]))
+            writer = trainer.recorder.writer if trainer.recorder is not None else None
+            record.update(pr_curve(self.ref, features[0], self.config.train.seed,
+                                   trainer.run.path / "prd" / f"epoch_{record['epoch']:03d}.png",
+                                   writer, record["epoch"]))
 
-    def pr_curve(self, trainer, features: Tensor, epoch: int) -> dict:
-        """The epoch's PRD curve: its F8 and F1/8 for the history, the plot in the run folder
-        and in TensorBoard."""
-        from gankit.metrics import plot_prd
 
-        curve = prd(self.ref.features, features, seed=self.config.train.seed)
-        path = trainer.run.path / "prd" / f"epoch_{epoch:03d}.png"
-        path.parent.mkdir(exist_ok=True)
-        plot_prd({f"epoch {epoch}": curve}, path)
-        writer = trainer.recorder.writer if trainer.recorder is not None else None
-        if writer is not None:
-            import numpy as np
-            from PIL import Image  # matplotlib's own dependency
+def pr_curve(ref: Reference, features: Tensor, seed: int, path: Path, writer=None, step: int = 0) -> dict:
+    """An evaluation's PRD curve (Sajjadi et al. 2018): its F8 and F1/8 for the history, the plot
+    at `path` (an epoch's or a round's) and, with a writer, in TensorBoard."""
+    from gankit.metrics import plot_prd
 
-            writer.add_image("prd", np.asarray(Image.open(path).convert("RGB")), epoch, dataformats="HWC")
-        f8, f1_8 = prd_f_beta(curve)
-        return {"prd_f8": float(f8), "prd_f1_8": float(f1_8)}
+    curve = prd(ref.features, features, seed=seed)
+    path.parent.mkdir(exist_ok=True)
+    plot_prd({path.stem.replace("_", " "): curve}, path)
+    if writer is not None:
+        import numpy as np
+        from PIL import Image  # matplotlib's own dependency
+
+        writer.add_image("prd", np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+    f8, f1_8 = prd_f_beta(curve)
+    return {"prd_f8": float(f8), "prd_f1_8": float(f1_8)}
 
 
 def generator_metrics(gen: LoadedGenerator, classifier, ref: Reference, config: Config) -> dict:
@@ -306,10 +308,12 @@ def evaluate_run(run: str, checkpoint: str = "last", num: int = 10000, seed: int
 
     from gankit.data import load_data
     from gankit.metrics import plot_prd
-    from gankit.sampling import load_discriminator, load_generator
+    from gankit.sampling import check_latent_scale, load_discriminator, load_generator
 
-    if num <= k or downstream_epochs < 0:
-        raise UserError(f"--num must exceed --k ({k}); --downstream-epochs must be >= 0")
+    if k < 1 or num <= k or downstream_epochs < 0:
+        raise UserError(f"--k must be at least 1 and --num must exceed it (got --k {k}, --num {num}); "
+                        "--downstream-epochs must be >= 0")
+    check_latent_scale(sigma, truncation)
     try:
         sweep = [float(v) for v in sigmas.split(",")] if sigmas else []
     except ValueError:

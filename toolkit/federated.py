@@ -397,11 +397,18 @@ class GlobalModel:
                 "epsilon_per_client": {c: round(v, 4) for c, v in eps.items()}}
 
     def evaluate(self) -> dict:
-        from gankit.evaluate import Reference, generator_metrics
+        """The global G's in-training metrics (and, with --pr-curves, the round's PRD curve)."""
+        from gankit.evaluate import Reference, generated_features, metrics_of_features, pr_curve
 
         if self._reference is None:
             self._reference = Reference.of(self.classifier, self.data.ref_x, self.data.ref_y)
-        return generator_metrics(self.generator, self.classifier, self._reference, self.config)
+        features = generated_features(self.generator, self.classifier, self.config)
+        metrics = metrics_of_features(features, self._reference, self.config)
+        if self.config.eval.pr_curves:
+            metrics.update(pr_curve(self._reference, features[0], self.config.train.seed,
+                                    self.run.path / "prd" / f"round_{self.round:03d}.png",
+                                    self.recorder.writer, self.round))
+        return metrics
 
     def save(self, name: str) -> None:
         """A checkpoint that `gankit generate` and `gankit evaluate` read like any other."""

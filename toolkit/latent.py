@@ -72,10 +72,15 @@ class MixturePrior(nn.Module):
         truncation = self.truncation if truncation is None else truncation
         device = device or self.means.device
         if component is None:
-            component = torch.randint(self.components, (n,), generator=generator, device=device)
+            component = self.draw_components(n, generator, device)
         # Truncation and the soft-truncation scale act on the standardised noise eps.
         eps = sigma * standard_normal((n, self.dim), truncation, generator, device)
         return self.means[component] + self.scales[component] * eps
+
+    def draw_components(self, n: int, generator: Optional[torch.Generator] = None, device=None) -> Tensor:
+        """Uniform component indices, as sample() draws them."""
+        return torch.randint(self.components, (n,), generator=generator,
+                             device=device or self.means.device)
 
     def regularizer(self) -> Tensor:
         return ((1.0 - self.scales) ** 2).sum()

@@ -161,6 +161,23 @@ def to_uint8(images: Tensor) -> np.ndarray:
 GENERATE_MODES = ("random", "grid", "lerp", "slerp", "dirichlet", "classes")
 
 
+def check_latent_scale(sigma: Optional[float], truncation: Optional[float]) -> None:
+    """--sigma and --truncation as a user gives them: a latent scale must be positive and a
+    truncation threshold (0 = off) not negative."""
+    if sigma is not None and not sigma > 0:
+        raise UserError(f"--sigma must be positive, got {sigma}")
+    if truncation is not None and not truncation >= 0:
+        raise UserError(f"--truncation must be >= 0 (0 = off), got {truncation}")
+
+
+def image_file(out: Path) -> Path:
+    """An output file of `gankit generate`, checked before any sampling is spent on it."""
+    out = Path(out)
+    if out.suffix not in (".png", ".npz"):
+        raise UserError(f"--out must end in .png or .npz, got {out}")
+    return out
+
+
 def generate(run: str, mode: str = "random", num: int = 64, checkpoint: str = "last",
              sigma: Optional[float] = None, truncation: Optional[float] = None,
              label: Optional[int] = None, seed: int = 0, no_ema: bool = False, nrow: int = 8,
@@ -170,8 +187,9 @@ def generate(run: str, mode: str = "random", num: int = 64, checkpoint: str = "l
              min_confidence: float = 0.0) -> tuple[Tensor, Optional[Tensor], int]:
     """Images of a run's (or a released) generator in one of GENERATE_MODES (the options are
     `gankit generate`'s): (images in [-1, 1], labels or None, images per grid row)."""
-    if num <= 0 or anchors < 2 or steps < 2:
-        raise UserError("--num must be positive, --anchors and --steps at least 2")
+    if num <= 0 or anchors < 2 or steps < 2 or nrow <= 0:
+        raise UserError("--num and --nrow must be positive, --anchors and --steps at least 2")
+    check_latent_scale(sigma, truncation)
     if mode not in GENERATE_MODES:
         raise UserError(f"unknown --mode '{mode}' (choose from {', '.join(GENERATE_MODES)})")
     if (drs or class_filter) and mode != "random":
@@ -253,9 +271,7 @@ def write_images(images: Tensor, labels: Optional[Tensor], nrow: int, out: Path)
     """A .png grid, or a .npz of uint8 images `x` (and labels `y`)."""
     from torchvision.utils import save_image
 
-    out = Path(out)
-    if out.suffix not in (".png", ".npz"):
-        raise UserError(f"--out must end in .png or .npz, got {out}")
+    out = image_file(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npz":
         arrays = {"x": to_uint8(images)}

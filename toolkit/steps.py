@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gankit.config import Config
-from gankit.latent import sample_labels
+from gankit.latent import MixturePrior, sample_labels
 from gankit.objectives import Objective, clip_weights, gradient_penalty
 
 
@@ -117,7 +117,7 @@ def generator_step(ctx: StepContext, D: nn.Module, g_opt: torch.optim.Optimizer,
     labels = ctx.fake_labels(n)
     if pairs and labels is not None:
         labels[pairs:2 * pairs] = labels[:pairs]  # each pair shares its label
-    z = ctx.prior.sample(n, device=ctx.device)
+    z = paired_latents(ctx.prior, n, pairs, ctx.device)
     fake = ctx.G(z, labels)
     aux = ctx.config.objective.aux_classifier if labels is not None else 0.0
     if aux:
@@ -148,6 +148,18 @@ def generator_step(ctx: StepContext, D: nn.Module, g_opt: torch.optim.Optimizer,
     with torch.no_grad():
         fooled = objective.says_real(scores.detach()).float().mean()
     return {**stats, "g_loss": loss.detach(), "d_acc_g_fakes": 1.0 - fooled}
+
+
+def paired_latents(prior: nn.Module, n: int, pairs: int, device) -> Tensor:
+    """n latents of which the second `pairs` share the mixture components of the first (for
+    the mode-seeking term). A mixture prior makes a collapse to one image per component easy,
+    since G can read the component off the means and ignore the rest of z; a pair from two
+    components differs anyway, so only same-component pairs penalise that collapse."""
+    if not pairs or not isinstance(prior, MixturePrior):
+        return prior.sample(n, device=device)
+    component = prior.draw_components(n, device=device)
+    component[pairs:2 * pairs] = component[:pairs]
+    return prior.sample(n, device=device, component=component)
 
 
 def mode_seeking_penalty(fake_a: Tensor, fake_b: Tensor, z_a: Tensor, z_b: Tensor,

@@ -6,7 +6,7 @@ import csv
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from gankit.config import RESUMABLE_CHANGES, Config, validate
 from gankit.presets import preset
@@ -41,9 +41,34 @@ def study_parser(description: str, default_config: Path, *, device: bool = True,
         ray.add_argument("--ray-address", default="",
                          help="a Ray cluster to run the rows on (default: a local Ray using every core)")
         ray.add_argument("--cpus-per-row", type=float, default=1.0, help="(default: 1)")
-        ray.add_argument("--gpus-per-row", type=float, default=0.0,
-                         help="a GPU fraction per row, e.g. 0.25 (default: 0)")
+        ray.add_argument("--gpus-per-row", type=float, default=None,
+                         help=f"a GPU fraction per row, e.g. 0.5 (default: {GPU_SHARE} when the rows "
+                              "train on a GPU, else 0)")
     return parser
+
+
+# The default GPU fraction of a row that trains on a GPU: the studies' MNIST networks are small,
+# so four rows share one GPU. A Ray task that reserves no GPU sees none (Ray empties
+# CUDA_VISIBLE_DEVICES for it), so a GPU row must always reserve some.
+GPU_SHARE = 0.25
+
+
+def gpus_per_row(args: argparse.Namespace, configs: dict[str, Config]) -> float:
+    """The GPU fraction each row's Ray task reserves: --gpus-per-row, or GPU_SHARE when any row
+    trains on a GPU (--device cuda, or auto on a machine with one)."""
+    import torch
+
+    on_gpu = any(c.train.device == "cuda" or (c.train.device == "auto" and torch.cuda.is_available())
+                 for c in configs.values())
+    share = getattr(args, "gpus_per_row", None)
+    if share is None:
+        return GPU_SHARE if on_gpu else 0.0
+    if share < 0:
+        raise SystemExit(f"--gpus-per-row must be >= 0, got {share}")
+    if on_gpu and share == 0:
+        raise SystemExit("--gpus-per-row 0 hides the GPU from every row, but the rows train on "
+                         "--device cuda; give a fraction such as 0.25")
+    return share
 
 
 def study_out(args: argparse.Namespace) -> Path:
@@ -109,13 +134,22 @@ def _train_row(name: str, config: Config, data, run: RunDir) -> float:
     return trainer.state.train_time
 
 
-def train_rows(configs: dict[str, Config], data, runs_dir: Path, args: argparse.Namespace) -> dict[str, float]:
-    """Train (or reuse) every row; returns each row's training seconds. By default each row is
-    a Ray task (a local Ray over every core, or the cluster at --ray-address) with
-    --cpus-per-row cores and --gpus-per-row of a GPU; --sequential trains them here, one
-    after another. Either way a finished row is reused and an interrupted one resumes."""
-    if args.sequential or (len(configs) <= 1 and not args.ray_address):
-        return {name: train_row(name, config, data, runs_dir) for name, config in configs.items()}
+def on_ray(args: argparse.Namespace, configs: dict) -> bool:
+    """Whether train_rows runs the rows as Ray tasks: unless --sequential, when there is more
+    than one row or a cluster to run on."""
+    return not args.sequential and (len(configs) > 1 or bool(args.ray_address))
+
+
+def train_rows(configs: dict[str, Config], data, runs_dir: Path, args: argparse.Namespace,
+               train: Callable = train_row) -> dict[str, Optional[float]]:
+    """Train (or reuse) every row with `train(name, config, data, runs_dir)`, which returns the
+    row's training seconds (None where it does not know them); returns those per row. By
+    default each row is a Ray task (a local Ray over every core, or the cluster at
+    --ray-address) with --cpus-per-row cores and --gpus-per-row of a GPU; --sequential trains
+    them here, one after another. Either way a finished row is reused, an interrupted one
+    resumes, and a row's folder is locked while it trains, so no row trains twice."""
+    if not on_ray(args, configs):
+        return {name: train(name, config, data, runs_dir) for name, config in configs.items()}
     import os
     import sys
 
@@ -128,15 +162,17 @@ def train_rows(configs: dict[str, Config], data, runs_dir: Path, args: argparse.
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.ERROR)
     try:
-        task = ray.remote(num_cpus=args.cpus_per_row, num_gpus=args.gpus_per_row)(train_row_task)
+        gpus = gpus_per_row(args, configs)
+        task = ray.remote(num_cpus=args.cpus_per_row, num_gpus=gpus)(train_row_task)
         threads = max(1, int(args.cpus_per_row))
-        pending = {name: task.remote(name, placed(config).to_dict(), str(Path(runs_dir).resolve()), threads)
+        pending = {name: task.remote(name, placed(config).to_dict(), str(Path(runs_dir).resolve()), threads, train)
                    for name, config in longest_first(configs).items()}
-        log.info("training %d rows on Ray (%s cores each)", len(pending), args.cpus_per_row)
+        log.info("training %d rows on Ray (%s cores%s each)", len(pending), args.cpus_per_row,
+                 f" and {gpus} of a GPU" if gpus else "")
         seconds = {}
         for name, future in pending.items():
             outcome = ray.get(future)
-            if isinstance(outcome, str):  # the row's one-line error
+            if isinstance(outcome, str):  # the row's one-line error (seconds are a number or None)
                 raise SystemExit(outcome)
             seconds[name] = outcome
         return seconds
@@ -158,18 +194,25 @@ def placed(config: Config) -> Config:
     return config.updated(changes)
 
 
-def train_row_task(name: str, config: dict, runs_dir: str, threads: int):
+def train_row_task(name: str, config: dict, runs_dir: str, threads: int, train: Callable):
     """One row in a Ray worker: its seconds, or its error as one line."""
     import torch
 
     from gankit.data import load_data
     from gankit.errors import UserError
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # The row's own log lines only: the root logger at INFO would also pass on every library's
+    # (Flower's database layer announces each of its plugins).
+    if not log.handlers:  # a Ray worker runs many tasks
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
     torch.set_num_threads(threads)
     try:
         row = Config.from_dict(config)
-        return train_row(name, row, load_data(row.data), Path(runs_dir))
+        return train(name, row, load_data(row.data), Path(runs_dir))
     except (SystemExit, UserError) as err:
         return f"[{name}] {err}"
 
@@ -206,6 +249,9 @@ def row_configs(spec: dict, base: dict, rows_arg: str, sets: list[str], runs_dir
     unknown = set(wanted) - set(spec["rows"])
     if unknown:
         raise SystemExit(f"unknown rows {sorted(unknown)}; the config has {list(spec['rows'])}")
+    malformed = [option for option in sets if "=" not in option]
+    if malformed:
+        raise SystemExit(f"--set takes OPTION=VALUE (e.g. --set epochs=1), got {malformed}")
     overrides = {k: parse_value(v) for k, v in (option.split("=", 1) for option in sets)}
     configs = {}
     for name, options in spec["rows"].items():
