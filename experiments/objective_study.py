@@ -186,7 +186,10 @@ def main() -> int:
     base = dict(spec["base"], seed=args.seed, device=args.device)
     if args.data_root:
         base["data_root"] = args.data_root
-    configs = row_configs(spec, base, args.rows, args.set, out / "runs")
+    # --rows chooses what trains; the table lists every row of the config that is measured,
+    # so a study landed a few rows at a time keeps one whole table.
+    configs = row_configs(spec, base, "", args.set, out / "runs")
+    wanted = set(row_configs(spec, base, args.rows, args.set, out / "runs"))
     data = load_data(next(iter(configs.values())).data)
     log.info("data: %s", data.description)
     if "g_steps" in spec:  # equal generator steps rather than equal epochs
@@ -201,8 +204,8 @@ def main() -> int:
     # machine) is tabled from that evaluation, never trained again: the study lands row by row.
     keys = {name: evaluation_key(ev, args.seed, config) for name, config in configs.items()}
     committed = {name: committed_evaluation(name, out, keys[name], config) for name, config in configs.items()}
-    to_train = {name: config for name, config in configs.items()
-                if committed[name] is None or (out / "runs" / name).is_dir()}
+    to_train = {name: config for name, config in configs.items() if name in wanted
+                and (committed[name] is None or (out / "runs" / name).is_dir())}
     if to_train and not args.evaluate_only:
         train_rows(to_train, data, out / "runs", args)  # in parallel on Ray by default
     table, trajectories, pending = [], [], []
@@ -238,8 +241,11 @@ def main() -> int:
 
     # All rows' grids side by side, in table order, from the per-row files.
     tabled = list(dict.fromkeys(r["row"] for r in table))
-    tiles = [read_image(str(out / "samples" / f"{name}.png")).float() / 255 for name in tabled]
-    save_image(torch.stack(tiles), out / "samples.png", nrow=4, padding=8, pad_value=1)
+    # Rows measured before the study kept a grid per row have none (their numbers only).
+    grids = [out / "samples" / f"{name}.png" for name in tabled if (out / "samples" / f"{name}.png").is_file()]
+    tiles = [read_image(str(grid)).float() / 255 for grid in grids]
+    if tiles:
+        save_image(torch.stack(tiles), out / "samples.png", nrow=4, padding=8, pad_value=1)
 
     write_csv(out / "table.csv", table, TABLE_COLUMNS)
     write_csv(out / "truncation.csv", trajectories, ["row", "sigma", "precision", "recall", "fid"])

@@ -228,6 +228,9 @@ def test_objective_study_lands_row_by_row_from_committed_evaluations(tmp_path):
     assert [r for r in both if r["row"] == "bce"] == first
     assert {r["row"] for r in both} == {"bce", "lsgan"}
     assert (out / "samples.png").stat().st_size > 0 and (out / "histories" / "bce.jsonl").is_file()
+    # --rows says what trains; the table keeps every measured row.
+    again = subprocess.run(study + ["--rows", "lsgan"], check=True, capture_output=True, text=True)
+    assert "[lsgan] training" not in again.stderr and read() == both
     spec["rows"]["bce"]["d_lr"] = 1e-3
     config.write_text(json.dumps(spec))
     shutil.rmtree(out / "runs")
