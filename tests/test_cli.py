@@ -156,6 +156,7 @@ def test_the_quickstart_preset_trains_a_conditional_g_with_an_ema(capsys, tmp_pa
     (["generate", "{run}", "--sigma", "0", "--truncation", "1"], "--sigma must be positive"),
     (["generate", "{run}", "--truncation", "-1"], "--truncation must be >= 0"),
     (["generate", "{run}", "--drs", "--out", "{tmp}/samples.jpg"], "--out must end in .png or .npz"),
+    (["generate", "{run}", "--mode", "classes", "--label", "3"], "--mode classes draws every class"),
     (["evaluate", "{run}", "--k", "0"], "--k must be at least 1"),
     (["evaluate", "{run}", "--sigma", "-0.5"], "--sigma must be positive"),
     (["compare", "{run}", "--plot", "{tmp}/curves.txt"], "--plot must end in .png or .pdf or .svg"),

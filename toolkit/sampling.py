@@ -196,6 +196,9 @@ def generate(run: str, mode: str = "random", num: int = 64, checkpoint: str = "l
         raise UserError("--drs and --class-filter apply to --mode random")
     if drs and class_filter:
         raise UserError("choose one of --drs and --class-filter")
+    if mode == "classes" and label is not None:
+        raise UserError("--mode classes draws every class (a column each); drop --label, or use "
+                        "--mode random --label N for one class")
     gen = load_generator(run, checkpoint, ema=not no_ema)
     if label is not None and not gen.num_classes:
         raise UserError("--label needs a conditional model; this run's generator is unconditional")
