@@ -373,7 +373,9 @@ def main() -> int:
     # Rows marked {"centralized": true} are trained by train_centralized_row.
     centralized = frozenset(name for name, o in spec["rows"].items() if o.get("centralized"))
     rows = {name: {k: v for k, v in o.items() if k != "centralized"} for name, o in spec["rows"].items()}
-    configs = row_configs({**spec, "rows": rows}, base, args.rows, args.set, out / "runs")
+    # --rows chooses what trains; the table lists every row of the config that is measured.
+    configs = row_configs({**spec, "rows": rows}, base, "", args.set, out / "runs")
+    wanted = set(row_configs({**spec, "rows": rows}, base, args.rows, args.set, out / "runs"))
     data = load_data(next(iter(configs.values())).data)
     log.info("data: %s", data.description)
     classifier = metric_classifier("", data.image_shape, data.num_classes)
@@ -385,13 +387,13 @@ def main() -> int:
     if not args.evaluate_only:
         from gankit.server.simulation import Interrupted
 
-        to_train = configs
-        if on_ray(args, configs):
+        to_train = {name: config for name, config in configs.items() if name in wanted}
+        if on_ray(args, to_train):
             # A Flower simulation cannot start its own Ray inside a Ray task, so there each
             # row's clients run inline, one after another in the row's task (the same model
             # with every client sampled; server/simulation.py). The engine is a placement
             # option: a finished row is the same row either way.
-            to_train = {n: c.updated({"simulation": "inline"}) for n, c in configs.items()}
+            to_train = {n: c.updated({"simulation": "inline"}) for n, c in to_train.items()}
         try:
             seconds = train_rows(to_train, data, out / "runs", args,
                                  train=functools.partial(train_study_row, centralized=centralized))
