@@ -261,3 +261,19 @@ def test_the_objective_study_answers_its_seed_questions_from_its_table():
     assert "By F1 of precision and recall the best is wgan-gp + DRS (0.594)" in best
     waiting = study.seed_answers([row("bce", "no", 0.6, 0.5, 20.0)])
     assert "Needs the bce, kl and rkl rows" in waiting[0] and "not measured yet" in waiting[-1]
+
+
+def test_rows_on_a_gpu_reserve_a_share_of_it_by_default(tmp_path):
+    """A Ray task that reserves no GPU sees none, so rows that train on cuda get a GPU share
+    unless told otherwise, and an explicit 0 for them is refused; CPU rows reserve none."""
+    import pytest
+
+    from gankit.studies import GPU_SHARE, gpus_per_row
+
+    gpu_rows = {"a": tiny_config(tmp_path, device="cuda")}
+    cpu_rows = {"a": tiny_config(tmp_path, device="cpu")}
+    assert gpus_per_row(argparse.Namespace(gpus_per_row=None), gpu_rows) == GPU_SHARE
+    assert gpus_per_row(argparse.Namespace(gpus_per_row=0.5), gpu_rows) == 0.5
+    assert gpus_per_row(argparse.Namespace(gpus_per_row=None), cpu_rows) == 0.0
+    with pytest.raises(SystemExit, match="hides the GPU"):
+        gpus_per_row(argparse.Namespace(gpus_per_row=0.0), gpu_rows)
