@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from gankit.studies import (on_ray, row_configs, same_training, study_out, study_parser, train_rows,
-                            write_csv)
+from gankit.studies import (chosen_rows, on_ray, row_configs, same_training, study_out,
+                            study_parser, train_rows, write_csv)
 from gankit.config import Config
 from gankit.data import load_data
 from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,
@@ -375,7 +375,7 @@ def main() -> int:
     rows = {name: {k: v for k, v in o.items() if k != "centralized"} for name, o in spec["rows"].items()}
     # --rows chooses what trains; the table lists every row of the config that is measured.
     configs = row_configs({**spec, "rows": rows}, base, "", args.set, out / "runs")
-    wanted = set(row_configs({**spec, "rows": rows}, base, args.rows, args.set, out / "runs"))
+    wanted = chosen_rows(spec, args.rows)
     data = load_data(next(iter(configs.values())).data)
     log.info("data: %s", data.description)
     classifier = metric_classifier("", data.image_shape, data.num_classes)

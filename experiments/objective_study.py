@@ -44,8 +44,8 @@ from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown
                               metric_classifier, plot_truncation, truncation_sweep)
 from gankit.runs import RunDir
 from gankit.sampling import load_discriminator, load_generator
-from gankit.studies import (equal_generator_steps, finished_state, row_configs, same_training,
-                            study_out, study_parser, train_rows, write_csv)
+from gankit.studies import (chosen_rows, equal_generator_steps, finished_state, row_configs,
+                            same_training, study_out, study_parser, train_rows, write_csv)
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 log = logging.getLogger("gankit")
@@ -189,7 +189,7 @@ def main() -> int:
     # --rows chooses what trains; the table lists every row of the config that is measured,
     # so a study landed a few rows at a time keeps one whole table.
     configs = row_configs(spec, base, "", args.set, out / "runs")
-    wanted = set(row_configs(spec, base, args.rows, args.set, out / "runs"))
+    wanted = chosen_rows(spec, args.rows)
     data = load_data(next(iter(configs.values())).data)
     log.info("data: %s", data.description)
     if "g_steps" in spec:  # equal generator steps rather than equal epochs

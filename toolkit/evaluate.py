@@ -248,15 +248,10 @@ def pr_curve(ref: Reference, features: Tensor, seed: int, path: Path, writer=Non
     return {"prd_f8": float(f8), "prd_f1_8": float(f1_8)}
 
 
-def generator_metrics(gen: LoadedGenerator, classifier, ref: Reference, config: Config) -> dict:
-    """core_metrics of `eval_samples` images drawn from fixed latents: seeded apart from
-    training, so that epochs (or rounds) compare and the training random stream is
-    untouched (resume stays exact)."""
-    return metrics_of_features(generated_features(gen, classifier, config), ref, config)
-
-
 def generated_features(gen: LoadedGenerator, classifier, config: Config) -> tuple[Tensor, Tensor]:
-    """(features, logits) of `eval_samples` images from fixed latents (seed + 2)."""
+    """(features, logits) of `eval_samples` images from fixed latents (seed + 2): seeded apart
+    from training, so that epochs (or rounds) compare and the training random stream is
+    untouched (resume stays exact)."""
     images, _ = gen.sample(config.eval.eval_samples, seed=config.train.seed + 2)
     return extract(classifier, images)
 

@@ -241,21 +241,27 @@ def parse_value(text: str):
         return text
 
 
+def chosen_rows(spec: dict, rows_arg: str) -> set[str]:
+    """The rows --rows names (comma-separated; empty: every row of the config)."""
+    wanted = {r for r in rows_arg.split(",") if r}
+    unknown = wanted - set(spec["rows"])
+    if unknown:
+        raise SystemExit(f"unknown rows {sorted(unknown)}; the config has {list(spec['rows'])}")
+    return wanted or set(spec["rows"])
+
+
 def row_configs(spec: dict, base: dict, rows_arg: str, sets: list[str], runs_dir: Path) -> dict[str, Config]:
     """Each wanted row's validated config: the row's `preset` (if it names one), the study's
     base options, then the row's own, then the --set overrides (last, so that a quick check
     shrinks every row alike)."""
-    wanted = [r for r in rows_arg.split(",") if r]
-    unknown = set(wanted) - set(spec["rows"])
-    if unknown:
-        raise SystemExit(f"unknown rows {sorted(unknown)}; the config has {list(spec['rows'])}")
+    wanted = chosen_rows(spec, rows_arg)
     malformed = [option for option in sets if "=" not in option]
     if malformed:
         raise SystemExit(f"--set takes OPTION=VALUE (e.g. --set epochs=1), got {malformed}")
     overrides = {k: parse_value(v) for k, v in (option.split("=", 1) for option in sets)}
     configs = {}
     for name, options in spec["rows"].items():
-        if wanted and name not in wanted:
+        if name not in wanted:
             continue
         options = dict(options)
         under = preset(options.pop("preset")) if "preset" in options else {}
