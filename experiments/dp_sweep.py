@@ -20,7 +20,12 @@ committed results):
                                train time
     metrics_vs_epsilon.png     each metric against epsilon (log x); non-private as a line
     samples/<row>.png          a sample grid per row
+    evaluations/<row>.json     what each row measured, keyed by its config and the settings
     runs/<row>/                the training runs (a finished run is reused, not retrained)
+
+--rows chooses what trains; the table keeps every row that is measured. A row whose
+evaluation is committed is tabled from it and never trained again, so a sweep can land a
+few rows at a time, on different machines; --evaluate-only tables what exists.
 """
 
 import json
@@ -35,7 +40,8 @@ from gankit.data import load_data
 from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,
                               metric_classifier)
 from gankit.sampling import load_discriminator, load_generator
-from gankit.studies import row_configs, study_out, study_parser, train_rows, write_csv
+from gankit.studies import (Evaluations, chosen_rows, finished_state, row_configs, study_out,
+                            study_parser, train_rows, write_csv)
 from gankit.runs import RunDir
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -125,24 +131,49 @@ def main() -> int:
     base = dict(spec["base"], seed=args.seed, device=args.device)
     if args.data_root:
         base["data_root"] = args.data_root
-    configs = row_configs(spec, base, args.rows, args.set, out / "runs")
+    # --rows chooses what trains; the table lists every row of the config that is measured,
+    # so a sweep landed a few rows at a time keeps one whole table.
+    configs = row_configs(spec, base, "", args.set, out / "runs")
+    wanted = chosen_rows(spec, args.rows)
     data = load_data(next(iter(configs.values())).data)
     log.info("data: %s", data.description)
     classifier = metric_classifier("", data.image_shape, data.num_classes)
     ref = Reference.of(classifier, data.ref_x, data.ref_y)
 
     started = time.perf_counter()
-    seconds = train_rows(configs, data, out / "runs", args)  # in parallel on Ray by default
-    table, grids = [], {}
+    evaluations = Evaluations(out)
+    keys = {name: {"evaluation": ev, "seed": args.seed, "epochs": config.train.epochs}
+            for name, config in configs.items()}
+    committed = {name: evaluations.matching(name, keys[name], config) for name, config in configs.items()}
+    # A row measured before (its evaluation committed, its run folder perhaps on another
+    # machine) is tabled from that evaluation, never trained again.
+    to_train = {name: config for name, config in configs.items() if name in wanted
+                and (committed[name] is None or (out / "runs" / name).is_dir())}
+    if to_train and not args.evaluate_only:
+        train_rows(to_train, data, out / "runs", args)  # in parallel on Ray by default
+    table, grids, pending = [], {}, []
     for name, config in configs.items():
-        train_time = seconds[name]
-        row, grids[name] = evaluate_row(name, out / "runs" / name, ref, classifier, data, ev,
-                                        args.seed)
-        row["train_time_s"] = round(train_time, 1)
+        run = RunDir(out / "runs" / name)
+        state = finished_state(run, config)
+        cached = committed[name]
+        if state is None and cached is None:
+            pending.append(name)
+            log.info("[%s] neither a finished run nor a committed evaluation; not tabled", name)
+            continue
+        if state is not None and not (cached and cached["train_time_s"] == round(state["train_time"], 1)):
+            row, grids[name] = evaluate_row(name, run.path, ref, classifier, data, ev, args.seed)
+            cached = evaluations.save(name, keys[name], config, train_time_s=round(state["train_time"], 1),
+                                      row=row)
+        else:
+            log.info("[%s] its evaluation is reused", name)
+        row = {**cached["row"], "train_time_s": cached["train_time_s"]}
         table.append(row)
         log.info("[%s] epsilon=%.3g fid=%.3g downstream=%.3g attack_auc=%.3f", name,
                  row["epsilon"], row["fid"], row.get("downstream_accuracy", float("nan")),
                  row["attack_auc"])
+    if not table:
+        log.info("no row is finished yet; no table written")
+        return 0
 
     from torchvision.utils import save_image
     for name, images in grids.items():
@@ -159,8 +190,10 @@ def main() -> int:
         f"history reports under its accountant, epsilon_prv the same steps under PRV "
         f"(inf: non-private). attack_auc: membership inference on D (Hayes et "
         f"al. 2019), {audit_n:,} training vs {audit_n:,} reference images, 0.5 = chance. "
-        f"Total time {total / 60:.1f} min.\n\n"
-        f"Command: `{command}`\n\n" + markdown_table(table, TABLE_COLUMNS))
+        f"This call: {total / 60:.1f} min (train_time_s is each row's own training time, "
+        "wherever it ran).\n\n"
+        + (f"Rows not yet measured: {', '.join(pending)}.\n\n" if pending else "")
+        + f"Command: `{command}`\n\n" + markdown_table(table, TABLE_COLUMNS))
     plot_metrics(out / "metrics_vs_epsilon.png", table)
     log.info("wrote %s (%.1f min)", out / "table.md", total / 60)
     return 0

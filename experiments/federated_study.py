@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from gankit.studies import (chosen_rows, on_ray, row_configs, same_training, study_out,
+from gankit.studies import (Evaluations, chosen_rows, on_ray, row_configs, same_training, study_out,
                             study_parser, train_rows, write_csv)
 from gankit.config import Config
 from gankit.data import load_data
@@ -77,15 +77,14 @@ def evaluation_key(ev: dict, seed: int, config: Config) -> dict:
     return {"evaluation": ev, "seed": seed, "rounds": config.federated.rounds}
 
 
-def committed_row(name: str, out: Path, key: dict, config: Config) -> Optional[dict]:
+def committed_row(evaluations: Evaluations, name: str, key: dict, config: Config) -> Optional[dict]:
     """A row's committed table row, if its evaluation measured this configuration with these
     settings (else None, and the log says why)."""
-    committed = out / "evaluations" / f"{name}.json"
-    cached = json.loads(committed.read_text()) if committed.is_file() else {}
-    if cached.get("key") != key or not same_training(cached["config"], config):
+    cached = evaluations.matching(name, key, config)
+    if cached is None:
         log.info("[%s] no run here%s; skipped", name,
                  " and its committed evaluation measured another configuration or "
-                 "other settings" if cached else "")
+                 "other settings" if evaluations.path(name).is_file() else "")
         return None
     log.info("[%s] no run folder here; its committed evaluation is tabled", name)
     # The same training, so its DP columns are the config's (also those added to the table
@@ -120,7 +119,7 @@ def included_rows(spec: dict, config_path: Path, args, ev: dict) -> tuple[list, 
         wanted = {n: o for n, o in other["rows"].items() if n in entry["rows"]}
         built = row_configs({**other, "rows": wanted}, base, "", [], results / "runs")
         for name, config in built.items():
-            row = committed_row(name, results, evaluation_key(ev, args.seed, config), config)
+            row = committed_row(Evaluations(results), name, evaluation_key(ev, args.seed, config), config)
             if row is not None:
                 rows.append(row)
                 configs[name] = config
@@ -356,15 +355,12 @@ def plot_client_dp_map(path: Path, table: list, histories: dict[str, Path], conf
 
 def main() -> int:
     parser = study_parser(__doc__.splitlines()[0], CONFIGS / "federated_small.json", device=False)
-    parser.add_argument("--evaluate-only", action="store_true",
-                        help="table the finished rows (and the committed evaluations of rows whose "
-                             "run folders are absent); never train")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     spec = json.loads(Path(args.config).read_text())
     out = study_out(args)
-    for sub in ("samples", "partitions", "evaluations", "histories"):
+    for sub in ("samples", "partitions", "histories"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     ev = dict(spec["evaluation"])
     if args.samples:
@@ -407,14 +403,14 @@ def main() -> int:
         times_path.write_text(json.dumps(times, indent=1))
 
     table, histories = [], {}
+    evaluations = Evaluations(out)
     for name, config in configs.items():
         run = RunDir(out / "runs" / name)
-        committed = out / "evaluations" / f"{name}.json"
         key = evaluation_key(ev, args.seed, config)
         if not run.checkpoint_path("last").exists():
             # A row trained on another machine: its committed evaluation and history are the
             # evidence (run folders stay out of git), if they measured what this table does.
-            row = committed_row(name, out, key, config)
+            row = committed_row(evaluations, name, key, config)
             if row is not None:
                 table.append(row)
                 histories[name] = out / "histories" / f"{name}.jsonl"
@@ -423,14 +419,13 @@ def main() -> int:
         if not same_training(ckpt["config"], config) or ckpt["round"] < config.federated.rounds:
             log.info("[%s] not trained to its %d rounds yet; skipped", name, config.federated.rounds)
             continue
-        cached = json.loads(committed.read_text()) if committed.is_file() else {}
-        if cached.get("key") == key and cached.get("train_time_s") == times.get(name):
+        cached = evaluations.matching(name, key, config)
+        if cached and cached.get("train_time_s") == times.get(name):
             row = cached["row"]  # the same run, already measured
         else:
             row = evaluate_row(name, config, run.path, ref, classifier, ev, args.seed, name in centralized)
             row["train_time_s"] = times.get(name, math.nan)
-            committed.write_text(json.dumps({"key": key, "train_time_s": times.get(name),
-                                             "config": config.to_dict(), "row": row}, indent=1))
+            evaluations.save(name, key, config, train_time_s=times.get(name), row=row)
         table.append(row)
         shutil.copy(run.history_path, out / "histories" / f"{name}.jsonl")
         histories[name] = out / "histories" / f"{name}.jsonl"

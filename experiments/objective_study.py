@@ -32,7 +32,6 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torchvision.io import read_image
@@ -44,8 +43,8 @@ from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown
                               metric_classifier, plot_truncation, truncation_sweep)
 from gankit.runs import RunDir
 from gankit.sampling import load_discriminator, load_generator
-from gankit.studies import (chosen_rows, equal_generator_steps, finished_state, row_configs,
-                            same_training, study_out, study_parser, train_rows, write_csv)
+from gankit.studies import (Evaluations, chosen_rows, equal_generator_steps, finished_state, row_configs,
+                            study_out, study_parser, train_rows, write_csv)
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 log = logging.getLogger("gankit")
@@ -162,27 +161,17 @@ def evaluation_key(ev: dict, seed: int, config) -> dict:
     return {"evaluation": ev, "seed": seed, "epochs": config.train.epochs}
 
 
-def committed_evaluation(name: str, out: Path, key: dict, config) -> Optional[dict]:
-    """A row's committed evaluation, if it measured this configuration with these settings."""
-    path = out / "evaluations" / f"{name}.json"
-    cached = json.loads(path.read_text()) if path.is_file() else {}
-    if cached.get("key") == key and same_training(cached.get("config", {}), config):
-        return cached
-    return None
-
-
 def main() -> int:
     parser = study_parser(__doc__.splitlines()[0], CONFIGS / "objective_study_small.json", samples=False)
-    parser.add_argument("--evaluate-only", action="store_true",
-                        help="table the finished rows and the committed evaluations; never train")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     spec = json.loads(Path(args.config).read_text())
     ev = spec["evaluation"]
     out = study_out(args)
-    for sub in ("samples", "evaluations", "histories"):
+    for sub in ("samples", "histories"):
         (out / sub).mkdir(parents=True, exist_ok=True)
+    evaluations = Evaluations(out)
     base = dict(spec["base"], seed=args.seed, device=args.device)
     if args.data_root:
         base["data_root"] = args.data_root
@@ -203,7 +192,7 @@ def main() -> int:
     # A row measured before (its evaluation committed, its run folder perhaps on another
     # machine) is tabled from that evaluation, never trained again: the study lands row by row.
     keys = {name: evaluation_key(ev, args.seed, config) for name, config in configs.items()}
-    committed = {name: committed_evaluation(name, out, keys[name], config) for name, config in configs.items()}
+    committed = {name: evaluations.matching(name, keys[name], config) for name, config in configs.items()}
     to_train = {name: config for name, config in configs.items() if name in wanted
                 and (committed[name] is None or (out / "runs" / name).is_dir())}
     if to_train and not args.evaluate_only:
@@ -220,10 +209,8 @@ def main() -> int:
         if state is not None and not (cached and cached["train_time_s"] == round(state["train_time"], 1)):
             row_results, trajectory, grid = evaluate_row(
                 name, run.path, ref, classifier, data, ev, args.seed)
-            cached = {"key": keys[name], "config": config.to_dict(),
-                      "train_time_s": round(state["train_time"], 1),
-                      "rows": row_results, "trajectory": trajectory}
-            (out / "evaluations" / f"{name}.json").write_text(json.dumps(cached, indent=1))
+            cached = evaluations.save(name, keys[name], config, train_time_s=round(state["train_time"], 1),
+                                      rows=row_results, trajectory=trajectory)
             shutil.copy(run.history_path, out / "histories" / f"{name}.jsonl")
             save_image(grid, out / "samples" / f"{name}.png", nrow=8, normalize=True,
                        value_range=(-1, 1), pad_value=1)

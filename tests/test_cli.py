@@ -113,6 +113,35 @@ def test_resume_refuses_changed_options_and_extends_epochs(capsys, tmp_path, npz
     assert run_cli(capsys, "train", *base)[0] == 2
 
 
+def test_resume_finds_moved_data_but_refuses_other_data(capsys, tmp_path, monkeypatch):
+    from test_data import write_idx
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "work" / "mnist"
+    data.mkdir(parents=True)
+    for split, n in (("train", 64), ("t10k", 32)):
+        write_idx(data / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(data / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    monkeypatch.chdir(tmp_path / "work")  # a relative --data-root, as users type it
+    assert run_cli(capsys, "train", "--data-root", "mnist", "--out-dir", tmp_path, "--name", "r",
+                   *TINY)[0] == 0
+    moved = tmp_path / "moved"
+    data.rename(moved)
+    monkeypatch.chdir(tmp_path)
+    # From another folder, with `auto` the run would silently fall back to mnist-5k.
+    code, _, err = run_cli(capsys, "train", "--resume", tmp_path / "r", "--epochs", "2")
+    assert code == 2 and "other data" in err and "--data-root" in err
+    code, _, err = run_cli(capsys, "train", "--resume", tmp_path / "r", "--epochs", "2",
+                           "--data-root", moved)
+    assert code == 0, err
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["data"]["data_root"] == str(moved)
+    # The same folder name with other images in it is refused too.
+    write_idx(moved / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (64, 28, 28)))
+    code, _, err = run_cli(capsys, "train", "--resume", tmp_path / "r", "--epochs", "3",
+                           "--data-root", moved)
+    assert code == 2 and "other data" in err
+
+
 def test_generate_png_and_npz(capsys, tmp_path, npz):
     assert run_cli(capsys, "train", "--dataset", f"npz:{npz}", "--conditional", "--out-dir",
                    tmp_path, "--name", "r", *TINY)[0] == 0

@@ -239,6 +239,40 @@ def test_objective_study_lands_row_by_row_from_committed_evaluations(tmp_path):
     assert "Rows not yet measured: bce" in (out / "table.md").read_text()
 
 
+def test_the_dp_sweep_lands_row_by_row_and_rows_never_shrink_its_table(tmp_path):
+    """As the objective study: --rows chooses what trains, a committed evaluation is tabled
+    without its run folder, and the committed files are not narrowed to the rows given."""
+    import csv
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    config = tmp_path / "tiny.json"
+    spec = {"base": {"dataset": "mnist-5k", "g_width": 8, "d_width": 8, "latent_dim": 8,
+                     "batch_size": 500, "epochs": 1, "eval_every": 0, "tensorboard": False,
+                     "progress": False},
+            "evaluation": {"samples": 100, "downstream_epochs": 0, "audit_samples": 100},
+            "rows": {"eps8": {"mode": "dp", "target_epsilon": 8}, "non-private": {"mode": "standard"}}}
+    config.write_text(json.dumps(spec))
+    out = tmp_path / "out"
+    sweep = [sys.executable, "experiments/dp_sweep.py", "--config", str(config), "--out", str(out),
+             "--sequential"]
+    read = lambda: {r["row"]: r for r in csv.DictReader(open(out / "table.csv"))}  # noqa: E731
+    subprocess.run(sweep + ["--rows", "eps8"], check=True, capture_output=True)
+    first = read()
+    assert set(first) == {"eps8"} and 0 < float(first["eps8"]["epsilon"]) <= 8
+    assert "Rows not yet measured: non-private" in (out / "table.md").read_text()
+    shutil.rmtree(out / "runs")  # as on a fresh clone: only the committed files remain
+    done = subprocess.run(sweep + ["--rows", "non-private"], check=True, capture_output=True, text=True)
+    assert "[eps8] training" not in done.stderr and "[non-private] training" in done.stderr
+    both = read()
+    assert both["eps8"] == first["eps8"] and both["non-private"]["epsilon"] == "inf"
+    assert (out / "samples" / "eps8.png").is_file() and (out / "samples" / "non-private.png").is_file()
+    again = subprocess.run(sweep + ["--evaluate-only"], check=True, capture_output=True, text=True)
+    assert "] training" not in again.stderr and read() == both
+
+
 def test_the_objective_study_answers_its_seed_questions_from_its_table():
     import importlib.util
 

@@ -300,10 +300,11 @@ GROUPS = {
     "eval": EvalConfig,
 }
 
-# Options that a resumed run may change; every other change is refused.
+# Options that a resumed run may change; every other change is refused. data_root is where
+# the data lives, not what it is: the checkpoint's data fingerprint refuses other data.
 RESUMABLE_CHANGES = {"epochs", "progress", "tensorboard", "log_every", "sample_every", "device",
                      "eval_every", "eval_samples", "rounds", "client_cpus", "pr_curves",
-                     "simulation"}
+                     "simulation", "data_root"}
 
 
 @dataclass

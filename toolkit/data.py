@@ -18,8 +18,9 @@ fixed stratified held-out slice of the training data that training never sees.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -52,10 +53,24 @@ class ImageData:
     ref_y: Optional[Tensor]
     name: str
     description: str
+    _fingerprint: Optional[str] = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_x.shape[1:])
+
+    def fingerprint(self) -> str:
+        """A digest of the training images and labels. A checkpoint keeps it, so a resume
+        whose --data-root now finds other data (a moved folder, `auto` falling back to
+        mnist-5k) is refused instead of continuing on the wrong images."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for t in (self.train_x, self.train_y):
+                if t is not None:
+                    digest.update(str(tuple(t.shape)).encode())
+                    digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+            self._fingerprint = digest.hexdigest()[:32]
+        return self._fingerprint
 
     @property
     def num_classes(self) -> int:

@@ -30,7 +30,8 @@ from gankit.models import build_generator, discriminator_for
 from gankit.partition import class_histogram, histogram_table, partition, save_histogram
 from gankit.recorder import Recorder, sample_grid
 from gankit.runs import RunDir
-from gankit.trainer import Trainer, checkpoint_header, generator_optimizer, seed_everything, unwrapped
+from gankit.trainer import (Trainer, checkpoint_header, generator_optimizer, refuse_other_data,
+                            seed_everything, unwrapped)
 
 log = logging.getLogger("gankit")
 
@@ -301,6 +302,7 @@ class GlobalModel:
 
     def resume(self) -> None:
         ckpt = self.run.load_checkpoint("last")
+        refuse_other_data(ckpt, self.data, self.run.checkpoint_path("last"))
         for net, key in ((self.G, "G"), (self.D, "D"), (self.prior, "prior")):
             net.load_state_dict(ckpt[key])
         self.round, self.best = ckpt["round"], ckpt.get("best")

@@ -19,6 +19,7 @@ import random
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -51,7 +52,17 @@ def checkpoint_header(config: Config, data: ImageData, num_classes: int) -> dict
     return {"format": CHECKPOINT_FORMAT, "config": config.to_dict(),
             "privacy": privacy_facts(config),
             "data": {"image_shape": list(data.image_shape), "num_classes": num_classes,
-                     "name": data.name}}
+                     "name": data.name, "fingerprint": data.fingerprint()}}
+
+
+def refuse_other_data(ckpt: dict, data: ImageData, checkpoint: Path) -> None:
+    """A resume may find its data elsewhere (--data-root may change), never other data.
+    Checkpoints written before the fingerprint existed carry none and are not checked."""
+    info = ckpt.get("data")
+    saved = info.get("fingerprint") if isinstance(info, dict) else None
+    if saved is not None and saved != data.fingerprint():
+        raise UserError(f"{checkpoint} was trained on other data than '{data.description}'; "
+                        "point --data-root at the run's own data")
 
 
 def ema_with_warmup(decay: float):
@@ -216,6 +227,7 @@ class Trainer:
 
     def resume(self) -> None:
         ckpt = self.run.load_checkpoint("last", map_location=self.device)
+        refuse_other_data(ckpt, self.data, self.run.checkpoint_path("last"))
         try:
             self.load_state_dict(ckpt)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
