@@ -35,13 +35,14 @@ import sys
 import time
 from pathlib import Path
 
+from torchvision.utils import save_image
+
 from gankit.audit import audit_discriminator
 from gankit.data import load_data
 from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,
                               metric_classifier)
 from gankit.sampling import load_discriminator, load_generator
-from gankit.studies import (Evaluations, chosen_rows, finished_state, row_configs, study_out,
-                            study_parser, train_rows, write_csv)
+from gankit.studies import chosen_rows, land_rows, row_configs, study_out, study_parser, write_csv
 from gankit.runs import RunDir
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -140,33 +141,18 @@ def main() -> int:
     classifier = metric_classifier("", data.image_shape, data.num_classes)
     ref = Reference.of(classifier, data.ref_x, data.ref_y)
 
+    def evaluate(name: str, run: RunDir) -> dict:
+        row, grid = evaluate_row(name, run.path, ref, classifier, data, ev, args.seed)
+        save_image(grid, out / "samples" / f"{name}.png", nrow=8, normalize=True, value_range=(-1, 1))
+        return {"row": row}
+
     started = time.perf_counter()
-    evaluations = Evaluations(out)
     keys = {name: {"evaluation": ev, "seed": args.seed, "epochs": config.train.epochs}
             for name, config in configs.items()}
-    committed = {name: evaluations.matching(name, keys[name], config) for name, config in configs.items()}
-    # A row measured before (its evaluation committed, its run folder perhaps on another
-    # machine) is tabled from that evaluation, never trained again.
-    to_train = {name: config for name, config in configs.items() if name in wanted
-                and (committed[name] is None or (out / "runs" / name).is_dir())}
-    if to_train and not args.evaluate_only:
-        train_rows(to_train, data, out / "runs", args)  # in parallel on Ray by default
-    table, grids, pending = [], {}, []
-    for name, config in configs.items():
-        run = RunDir(out / "runs" / name)
-        state = finished_state(run, config)
-        cached = committed[name]
-        if state is None and cached is None:
-            pending.append(name)
-            log.info("[%s] neither a finished run nor a committed evaluation; not tabled", name)
-            continue
-        if state is not None and not (cached and cached["train_time_s"] == round(state["train_time"], 1)):
-            row, grids[name] = evaluate_row(name, run.path, ref, classifier, data, ev, args.seed)
-            cached = evaluations.save(name, keys[name], config, train_time_s=round(state["train_time"], 1),
-                                      row=row)
-        else:
-            log.info("[%s] its evaluation is reused", name)
-        row = {**cached["row"], "train_time_s": cached["train_time_s"]}
+    measured, pending = land_rows(configs, wanted, out, keys, data, args, evaluate)
+    table = []
+    for name, saved in measured.items():
+        row = {**saved["row"], "train_time_s": saved["train_time_s"]}
         table.append(row)
         log.info("[%s] epsilon=%.3g fid=%.3g downstream=%.3g attack_auc=%.3f", name,
                  row["epsilon"], row["fid"], row.get("downstream_accuracy", float("nan")),
@@ -174,10 +160,6 @@ def main() -> int:
     if not table:
         log.info("no row is finished yet; no table written")
         return 0
-
-    from torchvision.utils import save_image
-    for name, images in grids.items():
-        save_image(images, out / "samples" / f"{name}.png", nrow=8, normalize=True, value_range=(-1, 1))
 
     write_csv(out / "table.csv", table, TABLE_COLUMNS)
     total = time.perf_counter() - started

@@ -43,8 +43,8 @@ from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown
                               metric_classifier, plot_truncation, truncation_sweep)
 from gankit.runs import RunDir
 from gankit.sampling import load_discriminator, load_generator
-from gankit.studies import (Evaluations, chosen_rows, equal_generator_steps, finished_state, row_configs,
-                            study_out, study_parser, train_rows, write_csv)
+from gankit.studies import (chosen_rows, equal_generator_steps, land_rows, row_configs, study_out,
+                            study_parser, write_csv)
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 log = logging.getLogger("gankit")
@@ -171,7 +171,6 @@ def main() -> int:
     out = study_out(args)
     for sub in ("samples", "histories"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    evaluations = Evaluations(out)
     base = dict(spec["base"], seed=args.seed, device=args.device)
     if args.data_root:
         base["data_root"] = args.data_root
@@ -188,39 +187,21 @@ def main() -> int:
     classifier = metric_classifier("", data.image_shape, data.num_classes)
     ref = Reference.of(classifier, data.ref_x, data.ref_y)
 
+    def evaluate(name: str, run: RunDir) -> dict:
+        rows, trajectory, grid = evaluate_row(name, run.path, ref, classifier, data, ev, args.seed)
+        shutil.copy(run.history_path, out / "histories" / f"{name}.jsonl")
+        save_image(grid, out / "samples" / f"{name}.png", nrow=8, normalize=True,
+                   value_range=(-1, 1), pad_value=1)
+        return {"rows": rows, "trajectory": trajectory}
+
     started = time.perf_counter()
-    # A row measured before (its evaluation committed, its run folder perhaps on another
-    # machine) is tabled from that evaluation, never trained again: the study lands row by row.
     keys = {name: evaluation_key(ev, args.seed, config) for name, config in configs.items()}
-    committed = {name: evaluations.matching(name, keys[name], config) for name, config in configs.items()}
-    to_train = {name: config for name, config in configs.items() if name in wanted
-                and (committed[name] is None or (out / "runs" / name).is_dir())}
-    if to_train and not args.evaluate_only:
-        train_rows(to_train, data, out / "runs", args)  # in parallel on Ray by default
-    table, trajectories, pending = [], [], []
-    for name, config in configs.items():
-        run = RunDir(out / "runs" / name)
-        state = finished_state(run, config)
-        cached = committed[name]
-        if state is None and cached is None:
-            pending.append(name)
-            log.info("[%s] neither a finished run nor a committed evaluation; not tabled", name)
-            continue
-        if state is not None and not (cached and cached["train_time_s"] == round(state["train_time"], 1)):
-            row_results, trajectory, grid = evaluate_row(
-                name, run.path, ref, classifier, data, ev, args.seed)
-            cached = evaluations.save(name, keys[name], config, train_time_s=round(state["train_time"], 1),
-                                      rows=row_results, trajectory=trajectory)
-            shutil.copy(run.history_path, out / "histories" / f"{name}.jsonl")
-            save_image(grid, out / "samples" / f"{name}.png", nrow=8, normalize=True,
-                       value_range=(-1, 1), pad_value=1)
-        else:
-            log.info("[%s] its evaluation is reused", name)
-        for r in cached["rows"]:
-            r["train_time_s"] = cached["train_time_s"]
-        table += cached["rows"]
-        trajectories += cached["trajectory"]
-        log.info("[%s] %s", name, " ".join(f"{k}={r.get(k, float('nan')):.3g}" for r in cached["rows"]
+    measured, pending = land_rows(configs, wanted, out, keys, data, args, evaluate)
+    table, trajectories = [], []
+    for name, saved in measured.items():
+        table += [{**r, "train_time_s": saved["train_time_s"]} for r in saved["rows"]]
+        trajectories += saved["trajectory"]
+        log.info("[%s] %s", name, " ".join(f"{k}={r.get(k, float('nan')):.3g}" for r in saved["rows"]
                                               for k in ("precision", "recall", "fid")))
     if not table:
         log.info("no row is finished yet; no table written")

@@ -115,6 +115,41 @@ class Evaluations:
         return record
 
 
+def land_rows(configs: dict[str, Config], wanted: set[str], out: Path, keys: dict[str, dict], data,
+              args: argparse.Namespace, evaluate: Callable[[str, RunDir], dict]) -> tuple[dict[str, dict], list[str]]:
+    """Train the wanted rows that need it, measure each finished run not measured yet with
+    `evaluate(name, run)` (what it returns is saved as the row's evaluation, with `keys[name]`),
+    and return every measured row's evaluation (in config order) and the rows still pending.
+
+    A row measured before (its evaluation committed, its run folder perhaps on another
+    machine) is tabled from that evaluation and never trained again; --evaluate-only trains
+    nothing. A run folder whose training time differs from its evaluation's (trained again)
+    is measured again."""
+    evaluations = Evaluations(out)
+    committed = {name: evaluations.matching(name, keys[name], config) for name, config in configs.items()}
+    to_train = {name: config for name, config in configs.items() if name in wanted
+                and (committed[name] is None or (out / "runs" / name).is_dir())}
+    if to_train and not args.evaluate_only:
+        train_rows(to_train, data, out / "runs", args)  # in parallel on Ray by default
+    measured, pending = {}, []
+    for name, config in configs.items():
+        run = RunDir(out / "runs" / name)
+        state = finished_state(run, config)
+        saved = committed[name]
+        if state is None and saved is None:
+            pending.append(name)
+            log.info("[%s] neither a finished run nor a committed evaluation; not tabled", name)
+            continue
+        train_time = None if state is None else round(state["train_time"], 1)
+        if state is not None and not (saved and saved["train_time_s"] == train_time):
+            saved = evaluations.save(name, keys[name], config, train_time_s=train_time,
+                                     **evaluate(name, run))
+        else:
+            log.info("[%s] its evaluation is reused", name)
+        measured[name] = saved
+    return measured, pending
+
+
 def train_row(name: str, config: Config, data, runs_dir: Path) -> float:
     """Train (or reuse) one row's run; returns its training seconds. A row's folder is locked
     while it trains, so two studies (or Ray tasks) never train the same row at once."""
