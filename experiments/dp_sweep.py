@@ -147,9 +147,7 @@ def main() -> int:
         return {"row": row}
 
     started = time.perf_counter()
-    keys = {name: {"evaluation": ev, "seed": args.seed, "epochs": config.train.epochs}
-            for name, config in configs.items()}
-    measured, pending = land_rows(configs, wanted, out, keys, data, args, evaluate)
+    measured, pending = land_rows(configs, wanted, out, ev, data, args, evaluate)
     table = []
     for name, saved in measured.items():
         row = {**saved["row"], "train_time_s": saved["train_time_s"]}

@@ -156,11 +156,6 @@ def seed_answers(table: list[dict]) -> list[str]:
     return answers
 
 
-def evaluation_key(ev: dict, seed: int, config) -> dict:
-    """What a committed evaluation must have measured to be tabled for this row."""
-    return {"evaluation": ev, "seed": seed, "epochs": config.train.epochs}
-
-
 def main() -> int:
     parser = study_parser(__doc__.splitlines()[0], CONFIGS / "objective_study_small.json", samples=False)
     args = parser.parse_args()
@@ -195,8 +190,7 @@ def main() -> int:
         return {"rows": rows, "trajectory": trajectory}
 
     started = time.perf_counter()
-    keys = {name: evaluation_key(ev, args.seed, config) for name, config in configs.items()}
-    measured, pending = land_rows(configs, wanted, out, keys, data, args, evaluate)
+    measured, pending = land_rows(configs, wanted, out, ev, data, args, evaluate)
     table, trajectories = [], []
     for name, saved in measured.items():
         table += [{**r, "train_time_s": saved["train_time_s"]} for r in saved["rows"]]

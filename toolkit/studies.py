@@ -96,7 +96,6 @@ class Evaluations:
 
     def __init__(self, out: Path):
         self.folder = out / "evaluations"
-        self.folder.mkdir(parents=True, exist_ok=True)
 
     def path(self, name: str) -> Path:
         return self.folder / f"{name}.json"
@@ -111,21 +110,29 @@ class Evaluations:
 
     def save(self, name: str, key: dict, config: Config, **measured) -> dict:
         record = {"key": key, "config": config.to_dict(), **measured}
+        self.folder.mkdir(parents=True, exist_ok=True)
         self.path(name).write_text(json.dumps(record, indent=1))
         return record
 
 
-def land_rows(configs: dict[str, Config], wanted: set[str], out: Path, keys: dict[str, dict], data,
+def evaluation_key(ev: dict, seed: int, config: Config) -> dict:
+    """What a committed evaluation of an epoch-based row must have measured to be tabled."""
+    return {"evaluation": ev, "seed": seed, "epochs": config.train.epochs}
+
+
+def land_rows(configs: dict[str, Config], wanted: set[str], out: Path, ev: dict, data,
               args: argparse.Namespace, evaluate: Callable[[str, RunDir], dict]) -> tuple[dict[str, dict], list[str]]:
     """Train the wanted rows that need it, measure each finished run not measured yet with
-    `evaluate(name, run)` (what it returns is saved as the row's evaluation, with `keys[name]`),
-    and return every measured row's evaluation (in config order) and the rows still pending.
+    `evaluate(name, run)` (what it returns is saved as the row's evaluation, keyed by the
+    evaluation settings `ev`, --seed and the row's epochs), and return every measured row's
+    evaluation (in config order) and the rows still pending.
 
     A row measured before (its evaluation committed, its run folder perhaps on another
     machine) is tabled from that evaluation and never trained again; --evaluate-only trains
     nothing. A run folder whose training time differs from its evaluation's (trained again)
     is measured again."""
     evaluations = Evaluations(out)
+    keys = {name: evaluation_key(ev, args.seed, config) for name, config in configs.items()}
     committed = {name: evaluations.matching(name, keys[name], config) for name, config in configs.items()}
     to_train = {name: config for name, config in configs.items() if name in wanted
                 and (committed[name] is None or (out / "runs" / name).is_dir())}
