@@ -222,7 +222,9 @@ class ReplyGuard(Strategy):
         if o.round != round_:  # aggregate_train without configure_train (as a test may call it)
             o = self.outcome = RoundOutcome(round_)
         accepted, seen = [], set()
-        for reply in replies:
+        # Ray hands replies over as they arrive; one fixed order keeps the float sums, and so
+        # the run, the same from run to run.
+        for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):
             o.received += 1
             node = reply.metadata.src_node_id
             if reply.has_error():

@@ -80,3 +80,12 @@ def release_run_folders():
 
     for path in list(runs._HELD):
         runs.RunDir(path).unlock()
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """An in-process federated client sets torch's thread count (--client-cpus); later tests
+    must not inherit it, or their floating-point results would depend on the test order."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

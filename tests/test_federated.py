@@ -437,16 +437,16 @@ def test_the_watchdog_ends_a_killed_processs_children(tmp_path):
     pid_file = tmp_path / "child.pid"
     driver = subprocess.Popen([sys.executable, "-c", (
         "import subprocess, sys, time\n"
-        "from server.watchdog import start_for_this_process\n"
+        "from gankit.server.watchdog import start_for_this_process\n"
         "start_for_this_process()\n"
         f"child = subprocess.Popen(['sleep', '120'])\n"
         f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
-        "time.sleep(120)\n")], cwd=os.getcwd(), start_new_session=True)
+        "time.sleep(120)\n")], start_new_session=True)
     deadline = time.time() + 20
     while time.time() < deadline and not pid_file.exists():
         time.sleep(0.1)
     child = int(pid_file.read_text())
-    time.sleep(1.5)  # the watchdog's first look at the driver's children
+    time.sleep(3)  # the watchdog's first looks (every second) at the driver's children, on a busy machine too
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
     deadline = time.time() + 10

@@ -1,6 +1,7 @@
 """A wheel built from the repository runs the main job in a fresh environment."""
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -15,9 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+    # Built from a copy of what the wheel is made of: building in the checkout would write
+    # build/ there and could pack a stale build/lib left by an earlier build.
+    source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, source / name)
+    for folder in ("toolkit", "server", "clients", "checkpoints"):
+        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(out), str(REPO)], check=True, capture_output=True, timeout=600)
+                    "-w", str(out), str(source)], check=True, capture_output=True, timeout=600)
     return next(out.glob("gankit-*.whl"))
 
 

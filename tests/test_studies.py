@@ -11,6 +11,8 @@ from gankit.studies import study_out, study_parser, train_rows
 from gankit.data import load_data
 from gankit.runs import RunDir
 
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"  # wherever pytest starts
+
 
 def test_rows_train_in_parallel_on_ray_and_a_finished_row_is_reused(tmp_path):
     rng = np.random.default_rng(0)
@@ -60,7 +62,7 @@ def test_every_committed_study_config_validates():
 
     from gankit.studies import row_configs
 
-    configs = sorted(Path("experiments/configs").glob("*.json"))
+    configs = sorted((EXPERIMENTS / "configs").glob("*.json"))
     assert configs
     for path in configs:
         spec = json.loads(path.read_text())
@@ -94,7 +96,7 @@ def test_federated_study_rows_train_on_ray_and_the_table_is_rebuilt_from_committ
         "evaluation": {"samples": 100, "downstream_epochs": 1},
         "rows": {"iid": {"partition": "iid"}, "skewed": {"partition": "dirichlet", "dirichlet_alpha": 0.5}}}))
     out = tmp_path / "out"
-    study = [sys.executable, "experiments/federated_study.py", "--config", str(config), "--out", str(out)]
+    study = [sys.executable, str(EXPERIMENTS / "federated_study.py"), "--config", str(config), "--out", str(out)]
     done = subprocess.run(study, check=True, capture_output=True, text=True)
     assert "training 2 rows on Ray" in done.stderr
     first = (out / "table.csv").read_text()
@@ -131,7 +133,7 @@ def test_a_federated_row_held_by_another_process_is_not_trained_twice(tmp_path):
     from gankit.errors import UserError
     import pytest
 
-    spec = importlib.util.spec_from_file_location("federated_study", "experiments/federated_study.py")
+    spec = importlib.util.spec_from_file_location("federated_study", str(EXPERIMENTS / "federated_study.py"))
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
     row = tmp_path / "runs" / "iid"
@@ -162,13 +164,13 @@ def test_federated_study_tables_rows_included_from_another_studys_committed_resu
     other.parent.mkdir()
     other.write_text(json.dumps({"base": tiny, "evaluation": evaluation, "rows": {
         "cdp": {"client_dp": "poisson", "fraction_train": 0.5, "client_dp_noise": 1.0, "client_dp_clip": 0.1}}}))
-    subprocess.run([sys.executable, "experiments/federated_study.py", "--config", str(other),
+    subprocess.run([sys.executable, str(EXPERIMENTS / "federated_study.py"), "--config", str(other),
                     "--out", str(tmp_path / "results" / "other")], check=True, capture_output=True)
     main = tmp_path / "configs" / "main.json"
     main.write_text(json.dumps({"base": tiny, "evaluation": evaluation, "rows": {"iid": {}},
                                 "include": [{"config": "other.json", "results": "../results/other",
                                              "rows": ["cdp"]}]}))
-    study = [sys.executable, "experiments/federated_study.py", "--config", str(main), "--out",
+    study = [sys.executable, str(EXPERIMENTS / "federated_study.py"), "--config", str(main), "--out",
              str(tmp_path / "main"), "--evaluate-only"]
     subprocess.run(study, check=True, capture_output=True)
     read = lambda path: list(csv.DictReader(open(path)))  # noqa: E731
@@ -188,7 +190,7 @@ def test_federated_study_tables_rows_included_from_another_studys_committed_resu
 def test_the_objective_study_plan_schedules_rows_longest_first():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("plan", "experiments/objective_study_plan.py")
+    spec = importlib.util.spec_from_file_location("plan", str(EXPERIMENTS / "objective_study_plan.py"))
     plan = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plan)
     # 5 and 4 start on the two cores; each 3 goes to the core free first: 4 + 3, then 5 + 3.
@@ -215,7 +217,7 @@ def test_objective_study_lands_row_by_row_from_committed_evaluations(tmp_path):
             "rows": {"bce": {"loss": "bce"}, "lsgan": {"loss": "lsgan"}}}
     config.write_text(json.dumps(spec))
     out = tmp_path / "out"
-    study = [sys.executable, "experiments/objective_study.py", "--config", str(config), "--out",
+    study = [sys.executable, str(EXPERIMENTS / "objective_study.py"), "--config", str(config), "--out",
              str(out), "--sequential"]
     read = lambda: list(csv.DictReader(open(out / "table.csv")))  # noqa: E731
     subprocess.run(study + ["--rows", "bce"], check=True, capture_output=True)
@@ -256,7 +258,7 @@ def test_the_dp_sweep_lands_row_by_row_and_rows_never_shrink_its_table(tmp_path)
             "rows": {"eps8": {"mode": "dp", "target_epsilon": 8}, "non-private": {"mode": "standard"}}}
     config.write_text(json.dumps(spec))
     out = tmp_path / "out"
-    sweep = [sys.executable, "experiments/dp_sweep.py", "--config", str(config), "--out", str(out),
+    sweep = [sys.executable, str(EXPERIMENTS / "dp_sweep.py"), "--config", str(config), "--out", str(out),
              "--sequential"]
     read = lambda: {r["row"]: r for r in csv.DictReader(open(out / "table.csv"))}  # noqa: E731
     subprocess.run(sweep + ["--rows", "eps8"], check=True, capture_output=True)
@@ -276,7 +278,7 @@ def test_the_dp_sweep_lands_row_by_row_and_rows_never_shrink_its_table(tmp_path)
 def test_the_objective_study_answers_its_seed_questions_from_its_table():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("objective_study", "experiments/objective_study.py")
+    spec = importlib.util.spec_from_file_location("objective_study", str(EXPERIMENTS / "objective_study.py"))
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
     row = lambda name, drs, p, r, fid: {"row": name, "drs": drs, "precision": p, "recall": r,  # noqa: E731
