@@ -41,8 +41,8 @@ from pathlib import Path
 
 import torch
 
-from gankit.studies import (parse_value, row_configs, same_training, study_out, study_parser,
-                            train_row, write_csv)
+from gankit.studies import (parse_value, row_configs, run_study, same_training, study_out,
+                            study_parser, train_row, write_csv)
 from gankit.data import load_data
 from gankit.errors import UserError
 from gankit.evaluate import Reference, evaluate_samples, markdown_table, metric_classifier
@@ -249,8 +249,6 @@ def main() -> int:
     parser.add_argument("--eval-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override an evaluation setting (repeatable)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the DP-SGD baseline")
-    parser.add_argument("--evaluate-only", action="store_true",
-                        help="evaluate finished rows; never train")
     parser.add_argument("--partial", action="store_true",
                         help="with --evaluate-only: also evaluate unfinished rows at their last "
                              "checkpoint (epsilon is what they spent so far; epochs_done says "
@@ -382,4 +380,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_study(main))

@@ -42,7 +42,8 @@ from gankit.data import load_data
 from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,
                               metric_classifier)
 from gankit.sampling import load_discriminator, load_generator
-from gankit.studies import chosen_rows, land_rows, row_configs, study_out, study_parser, write_csv
+from gankit.studies import (chosen_rows, land_rows, row_configs, run_study, study_out, study_parser,
+                            write_csv)
 from gankit.runs import RunDir
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -180,4 +181,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_study(main))

@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from gankit.studies import (Evaluations, chosen_rows, on_ray, row_configs, same_training, study_out,
-                            study_parser, train_rows, write_csv)
+from gankit.studies import (Evaluations, chosen_rows, on_ray, row_configs, run_study, same_training,
+                            study_out, study_parser, train_rows, write_csv)
 from gankit.config import Config
 from gankit.data import load_data
 from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,
@@ -469,4 +469,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_study(main))

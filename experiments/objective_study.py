@@ -43,8 +43,8 @@ from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown
                               metric_classifier, plot_truncation, truncation_sweep)
 from gankit.runs import RunDir
 from gankit.sampling import load_discriminator, load_generator
-from gankit.studies import (chosen_rows, equal_generator_steps, land_rows, row_configs, study_out,
-                            study_parser, write_csv)
+from gankit.studies import (chosen_rows, equal_generator_steps, land_rows, row_configs, run_study,
+                            study_out, study_parser, write_csv)
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 log = logging.getLogger("gankit")
@@ -231,4 +231,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_study(main))

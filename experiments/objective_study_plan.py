@@ -2,7 +2,7 @@
 
     python experiments/objective_study_plan.py                         # the CPU config, 1 thread a row
     python experiments/objective_study_plan.py --config experiments/configs/objective_study_cpu.json \
-        --steps 60 --cores 2 --out runs/objective_study_plan.md
+        --data-root ../shared/data/mnist --steps 60 --cores 2 --out runs/objective_study_plan.md
 
 Each row trains --steps D steps (after a few warm-up steps that are not timed) with its own
 options on the first images of the config's data, one thread, as a row does on Ray with
@@ -26,7 +26,7 @@ from gankit.config import n_critic
 from gankit.data import ImageData, load_data
 from gankit.evaluate import markdown_table
 from gankit.runs import RunDir
-from gankit.studies import equal_generator_steps, row_configs
+from gankit.studies import equal_generator_steps, row_configs, run_study
 from gankit.trainer import Trainer
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -64,6 +64,7 @@ def longest_first_makespan(seconds: list[float], cores: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=CONFIGS / "objective_study_cpu.json")
+    parser.add_argument("--data-root", default="", help="overrides the base data root")
     parser.add_argument("--rows", default="", help="comma-separated subset of the config's rows")
     parser.add_argument("--steps", type=int, default=40, help="timed D steps per row")
     parser.add_argument("--cores", type=int, default=2, help="rows trained at a time")
@@ -74,7 +75,8 @@ def main() -> int:
     torch.set_num_threads(1)
 
     spec = json.loads(args.config.read_text())
-    configs = row_configs(spec, dict(spec["base"]), args.rows, [], Path(tempfile.gettempdir()))
+    base = dict(spec["base"], **({"data_root": args.data_root} if args.data_root else {}))
+    configs = row_configs(spec, base, args.rows, [], Path(tempfile.gettempdir()))
     # The study's own data (the reference split held out), for its epoch length and the timing.
     data = load_data(next(iter(configs.values())).data)
     train_size = len(data.train_x)
@@ -104,4 +106,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_study(main))

@@ -313,3 +313,41 @@ def test_rows_on_a_gpu_reserve_a_share_of_it_by_default(tmp_path):
     assert gpus_per_row(argparse.Namespace(gpus_per_row=None), cpu_rows) == 0.0
     with pytest.raises(SystemExit, match="hides the GPU"):
         gpus_per_row(argparse.Namespace(gpus_per_row=0.0), gpu_rows)
+
+
+def test_a_users_mistake_stops_every_study_with_one_line_and_exit_code_2(tmp_path):
+    """A missing data folder, a bad --set value or a config that is no JSON is the user's
+    mistake, not a bug: one line on stderr naming the problem, exit code 2, no traceback,
+    and nothing trained or written."""
+    import json
+    import subprocess
+    import sys
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({
+        "base": {"dataset": "mnist", "data_root": str(tmp_path / "no-mnist-here"), "epochs": 1},
+        "evaluation": {"samples": 100, "downstream_epochs": 1, "drs_acceptance": 0.5,
+                       "truncation_sigmas": [1.0]},
+        "rows": {"bce": {"loss": "bce"}}}))
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"base": {')
+    out = tmp_path / "out"
+    objective = [str(EXPERIMENTS / "objective_study.py"), "--out", str(out), "--sequential"]
+    cases = [
+        (objective + ["--config", str(config)], "mnist is not under"),
+        (objective + ["--config", str(config), "--set", "epochs=-1"], "epochs"),
+        (objective + ["--config", str(broken)], "not valid JSON"),
+        (objective + ["--config", str(tmp_path / "missing.json")], "missing.json"),
+        ([str(EXPERIMENTS / "objective_study_plan.py"), "--config", str(config)], "mnist is not under"),
+        ([str(EXPERIMENTS / "dp_sweep.py"), "--config", str(broken), "--out", str(out)], "not valid JSON"),
+        ([str(EXPERIMENTS / "federated_study.py"), "--config", str(broken), "--out", str(out)], "not valid JSON"),
+        ([str(EXPERIMENTS / "dp_mnist.py"), "--config", str(broken), "--out", str(out)], "not valid JSON"),
+    ]
+    for argv, problem in cases:
+        done = subprocess.run([sys.executable] + argv, capture_output=True, text=True)
+        script = Path(argv[0]).name
+        assert done.returncode == 2, (argv, done.stderr[-2000:])
+        assert "Traceback" not in done.stderr, (argv, done.stderr[-2000:])
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"{script}: error: ") and problem in last, (argv, last)
+    assert not (out / "runs").exists() and not (out / "table.csv").exists()

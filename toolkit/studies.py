@@ -5,15 +5,34 @@ import argparse
 import csv
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
 from gankit.config import RESUMABLE_CHANGES, Config, validate
+from gankit.errors import UserError
 from gankit.presets import preset
 from gankit.runs import RunDir
 from gankit.trainer import Trainer
 
 log = logging.getLogger("gankit")
+
+
+def run_study(main: Callable[[], int]) -> int:
+    """A study script's exit code: its main's, or 2 with one line on stderr for a user's
+    mistake (a missing data folder, an invalid --set value, an unreadable config), as the
+    gankit CLI reports one; anything else is a bug and keeps its traceback."""
+    prog = Path(sys.argv[0]).name
+    try:
+        return main()
+    except UserError as err:
+        message = str(err)
+    except json.JSONDecodeError as err:
+        message = f"the config is not valid JSON: {err}"
+    except OSError as err:
+        message = f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else "")
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
 
 
 def study_parser(description: str, default_config: Path, *, device: bool = True, seed: bool = True,
