@@ -295,6 +295,13 @@ def test_the_objective_study_answers_its_seed_questions_from_its_table():
     assert "the best entry is bce + DRS (15.0)" in best
     assert "wgan-gp + DRS is number 2 of 7 at FID 16.0" in best
     assert "By F1 of precision and recall the best is wgan-gp + DRS (0.594)" in best
+    # A class-conditional row leads, and the objectives are also ranked without it.
+    table.append(row("conditional", "no", 0.77, 0.77, 2.0))
+    *_, best = study.seed_answers(table, frozenset({"conditional", "cgan-other"}))
+    assert "By FID the best entry is conditional (2.0); wgan-gp + DRS is number 3 of 8" in best
+    assert ("Among the unconditional rows (leaving out conditional, which is given each sample's "
+            "label): by FID the best entry is bce + DRS (15.0); wgan-gp + DRS is number 2 of 7") in best
+    assert best.endswith("By F1 of precision and recall the best is wgan-gp + DRS (0.594).")
     waiting = study.seed_answers([row("bce", "no", 0.6, 0.5, 20.0)])
     assert "Needs the bce, kl and rkl rows" in waiting[0] and "not measured yet" in waiting[-1]
 
