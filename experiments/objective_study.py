@@ -157,7 +157,8 @@ def seed_answers(table: list[dict], conditional: frozenset = frozenset()) -> lis
                 f"precision and recall the best is {label(by_f1)} ({by_f1['f1']:.3f})")
 
     if table:
-        answer = f"- **Is WGAN-GP + DRS best?** {best_of(table)[0].upper()}{best_of(table)[1:]}."
+        overall = best_of(table)
+        answer = f"- **Is WGAN-GP + DRS best?** {overall[0].upper()}{overall[1:]}."
         unconditional = [r for r in table if r["row"] not in conditional]
         if len(unconditional) < len(table) and unconditional:
             left_out = sorted(conditional & {r["row"] for r in table})
