@@ -159,9 +159,9 @@ def seed_answers(table: list[dict], conditional: frozenset = frozenset()) -> lis
     if table:
         overall = best_of(table)
         answer = f"- **Is WGAN-GP + DRS best?** {overall[0].upper()}{overall[1:]}."
+        left_out = sorted(conditional & {r["row"] for r in table})
         unconditional = [r for r in table if r["row"] not in conditional]
-        if len(unconditional) < len(table) and unconditional:
-            left_out = sorted(conditional & {r["row"] for r in table})
+        if left_out and unconditional:
             answer += (f" Among the unconditional rows (leaving out {', '.join(left_out)}, "
                        f"{'which is' if len(left_out) == 1 else 'which are'} given each sample's "
                        f"label): {best_of(unconditional)}.")

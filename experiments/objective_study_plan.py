@@ -75,7 +75,9 @@ def main() -> int:
     torch.set_num_threads(1)
 
     spec = json.loads(args.config.read_text())
-    base = dict(spec["base"], **({"data_root": args.data_root} if args.data_root else {}))
+    base = dict(spec["base"])
+    if args.data_root:
+        base["data_root"] = args.data_root
     configs = row_configs(spec, base, args.rows, [], Path(tempfile.gettempdir()))
     # The study's own data (the reference split held out), for its epoch length and the timing.
     data = load_data(next(iter(configs.values())).data)

@@ -16,12 +16,12 @@ from typing import Optional
 from argparse_dataclass import MISSING, _add_dataclass_options
 
 from gankit.config import GROUPS, RESUMABLE_CHANGES, Config, option, validate
-from gankit.errors import TrainingDiverged, UserError
+from gankit.errors import EXIT_USER_ERROR, TrainingDiverged, UserError, machine_error
 from gankit.presets import preset
 
 log = logging.getLogger("gankit")
 
-EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+EXIT_DIVERGED, EXIT_INTERRUPTED = 3, 130
 
 
 def add_options(parser: argparse.ArgumentParser, options_class, title: str) -> None:
@@ -507,9 +507,7 @@ def main(argv=None) -> int:
         print(f"gankit: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except OSError as err:
-        # A read-only folder, a full disk, a missing file: the machine's state, not a bug.
-        where = f" ({err.filename})" if err.filename else ""
-        print(f"gankit: error: {err.strerror or err}{where}", file=sys.stderr)
+        print(f"gankit: error: {machine_error(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except TrainingDiverged as err:
         print(f"gankit: training diverged: {err}", file=sys.stderr)

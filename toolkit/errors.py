@@ -1,8 +1,16 @@
 """Errors that a user's input can cause.
 
-The CLI turns every `UserError` into one line on stderr and exit code 2; anything else is a
-bug and keeps its traceback.
+The CLI and the study scripts turn every `UserError` into one line on stderr and exit code 2
+(`EXIT_USER_ERROR`); anything else is a bug and keeps its traceback.
 """
+
+EXIT_USER_ERROR = 2
+
+
+def machine_error(err: OSError) -> str:
+    """One line for an OSError: a read-only folder, a full disk, a missing file are the
+    machine's state, not a bug."""
+    return f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else "")
 
 
 class UserError(Exception):

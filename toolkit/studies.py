@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from gankit.config import RESUMABLE_CHANGES, Config, validate
-from gankit.errors import UserError
+from gankit.errors import EXIT_USER_ERROR, UserError, machine_error
 from gankit.presets import preset
 from gankit.runs import RunDir
 from gankit.trainer import Trainer
@@ -30,9 +30,9 @@ def run_study(main: Callable[[], int]) -> int:
     except json.JSONDecodeError as err:
         message = f"the config is not valid JSON: {err}"
     except OSError as err:
-        message = f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else "")
+        message = machine_error(err)
     print(f"{prog}: error: {message}", file=sys.stderr)
-    return 2
+    return EXIT_USER_ERROR
 
 
 def study_parser(description: str, default_config: Path, *, device: bool = True, seed: bool = True,
