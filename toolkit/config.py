@@ -75,6 +75,11 @@ class DataConfig:
     )
     limit: int = option(0, "use only the first N training images (0 = all)")
     image_size: int = option(0, "resize images to this size (0 = keep the data's own size)")
+    download: bool = option(False, "mnist/fashion-mnist: download into --data-root when the files "
+                                   "are not there (off: nothing is fetched or created unless asked)")
+    max_data_gb: float = option(8.0, "largest dataset gankit reads, in GB of float32 pixels; its "
+                                     "declared size is checked before it is read (raise it for "
+                                     "bigger data)")
 
 
 @dataclass
@@ -304,7 +309,7 @@ GROUPS = {
 # the data lives, not what it is: the checkpoint's data fingerprint refuses other data.
 RESUMABLE_CHANGES = {"epochs", "progress", "tensorboard", "log_every", "sample_every", "device",
                      "eval_every", "eval_samples", "rounds", "client_cpus", "pr_curves",
-                     "simulation", "data_root"}
+                     "simulation", "data_root", "download", "max_data_gb"}
 
 
 @dataclass
