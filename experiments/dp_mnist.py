@@ -345,7 +345,7 @@ def main() -> int:
         table.append(row)
         grids[name] = (images, labels)
         if name in spec.get("release", {}):  # row -> folder name under generators/
-            export_generator(run.path, out / "generators" / spec["release"][name])
+            export_generator(run.path, out / "generators" / spec["release"][name], force=True)
         log.info("[%s] epsilon=%.3g (prv %.3g) downstream=%.4f fid=%.3g baseline=%s", name,
                  row["epsilon"], row["epsilon_prv"], row["downstream_accuracy"], row["fid"],
                  row.get("dp_sgd_baseline_accuracy"))

@@ -36,8 +36,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from gankit.studies import (Evaluations, chosen_rows, on_ray, row_configs, run_study, same_training,
-                            study_out, study_parser, train_rows, write_csv)
+from gankit.studies import (Evaluations, chosen_rows, held_row, on_ray, row_configs, run_study,
+                            same_training, start_afresh, study_out, study_parser, train_rows,
+                            write_csv)
 from gankit.config import Config
 from gankit.data import load_data
 from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,
@@ -149,20 +150,6 @@ def add_row_seconds(run: RunDir, seconds: float) -> float:
     total = round((row_seconds(run) or 0.0) + seconds, 1)
     (run.path / ROW_TIME).write_text(json.dumps({"train_time_s": total}))
     return total
-
-
-def start_afresh(run: RunDir) -> None:
-    """Empty a row folder that started but finished no round (its lock file stays: held)."""
-    for child in run.path.iterdir():
-        if child.name != ".lock":
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-
-
-def held_row(runs_dir: Path, name: str) -> RunDir:
-    """The row's folder, locked for this process: two studies (or Ray tasks) never train it at once."""
-    run = RunDir(runs_dir / name)
-    run.path.mkdir(parents=True, exist_ok=True)
-    return run.lock()
 
 
 def finished(run: RunDir, config: Config, name: str) -> bool:

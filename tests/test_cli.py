@@ -82,7 +82,7 @@ def test_conditional_model_without_labels_is_refused(capsys, tmp_path):
 
 def test_all_problems_reported_together(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", "--g-lr", "-1", "--epochs", "0", "--out-dir", tmp_path)
-    assert code == 2 and "g-lr must be positive" in err and "epochs must be positive" in err
+    assert code == 2 and "g-lr must be positive" in err and "epochs must be in [1, 100000]" in err
 
 
 def test_config_file_then_command_line_overrides(capsys, tmp_path, npz):
@@ -181,13 +181,13 @@ def test_the_quickstart_preset_trains_a_conditional_g_with_an_ema(capsys, tmp_pa
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["generate", "{run}", "--nrow", "0"], "--nrow must be positive"),
+    (["generate", "{run}", "--nrow", "0"], "--nrow must be in [1, 1000], got 0"),
     (["generate", "{run}", "--sigma", "0", "--truncation", "1"], "--sigma must be positive"),
-    (["generate", "{run}", "--truncation", "-1"], "--truncation must be >= 0"),
+    (["generate", "{run}", "--truncation", "-1"], "--truncation must be in [0.1, 100] or 0 (off), got -1.0"),
     (["generate", "{run}", "--drs", "--out", "{tmp}/samples.jpg"], "--out must end in .png or .npz"),
     (["generate", "{run}", "--mode", "classes", "--label", "3"], "--mode classes draws every class"),
-    (["evaluate", "{run}", "--k", "0"], "--k must be at least 1"),
-    (["evaluate", "{run}", "--sigma", "-0.5"], "--sigma must be positive"),
+    (["evaluate", "{run}", "--k", "0"], "--k must be in [1, 1000], got 0"),
+    (["evaluate", "{run}", "--sigma", "-0.5"], "--sigma must be positive and at most 100, got -0.5"),
     (["compare", "{run}", "--plot", "{tmp}/curves.txt"], "--plot must end in .png or .pdf or .svg"),
     (["classifier", "train", "--out", "{tmp}/c.pt", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["classifier", "train", "--out", "{tmp}/c.pt", "--lr", "-1"], "--lr positive"),

@@ -309,7 +309,7 @@ def test_auxiliary_classifier_needs_a_conditional_model_with_a_head():
     from gankit.config import Config, validate
     from gankit.errors import ConfigError
     for overrides, message in [({"aux_classifier": 1.0}, "--conditional"),
-                               ({"aux_classifier": -1.0, "conditional": True}, "finite weight"),
+                               ({"aux_classifier": -1.0, "conditional": True}, r"--aux-classifier must be in \[0, 1e\+06\]"),
                                ({"aux_classifier": 1.0, "conditional": True, "d_arch": "cdcgan",
                                  "g_arch": "cdcgan", "d_norm": "none", "g_norm": "none"}, "output head")]:
         with pytest.raises(ConfigError, match=message):

@@ -341,11 +341,11 @@ def test_a_users_mistake_stops_every_study_with_one_line_and_exit_code_2(tmp_pat
     out = tmp_path / "out"
     objective = [str(EXPERIMENTS / "objective_study.py"), "--out", str(out), "--sequential"]
     cases = [
-        (objective + ["--config", str(config)], "mnist is not under"),
+        (objective + ["--config", str(config)], "mnist is not in"),
         (objective + ["--config", str(config), "--set", "epochs=-1"], "epochs"),
         (objective + ["--config", str(broken)], "not valid JSON"),
         (objective + ["--config", str(tmp_path / "missing.json")], "missing.json"),
-        ([str(EXPERIMENTS / "objective_study_plan.py"), "--config", str(config)], "mnist is not under"),
+        ([str(EXPERIMENTS / "objective_study_plan.py"), "--config", str(config)], "mnist is not in"),
         ([str(EXPERIMENTS / "dp_sweep.py"), "--config", str(broken), "--out", str(out)], "not valid JSON"),
         ([str(EXPERIMENTS / "federated_study.py"), "--config", str(broken), "--out", str(out)], "not valid JSON"),
         ([str(EXPERIMENTS / "dp_mnist.py"), "--config", str(broken), "--out", str(out)], "not valid JSON"),

@@ -15,8 +15,9 @@ from typing import Optional
 
 from argparse_dataclass import MISSING, _add_dataclass_options
 
-from gankit.config import GROUPS, RESUMABLE_CHANGES, Config, option, validate
-from gankit.errors import EXIT_USER_ERROR, TrainingDiverged, UserError, machine_error
+from gankit.config import GROUPS, RANGES, RESUMABLE_CHANGES, Config, Range, option, validate
+from gankit.errors import EXIT_USER_ERROR, ConfigError, TrainingDiverged, UserError, machine_error
+from gankit.files import free_path, open_append, output_path, refuse_links
 from gankit.presets import preset
 
 log = logging.getLogger("gankit")
@@ -28,6 +29,18 @@ def add_options(parser: argparse.ArgumentParser, options_class, title: str) -> N
     # argparse-dataclass 2.0 has no public way to put a dataclass's options into an argument
     # group; this helper does exactly that, and setup.cfg pins the release.
     _add_dataclass_options(options_class, parser.add_argument_group(title))
+
+
+MAX_SAMPLES = 10**6  # images one generate or evaluate call draws; 1e6 MNIST images are 3 GB
+
+
+def check_ranges(options, ranges: dict) -> None:
+    """A command's numeric options against their ranges, all problems in one line."""
+    problems = [problem for name, value in dataclasses.asdict(options).items()
+                if name in ranges and value is not None
+                and (problem := ranges[name].problem(name, value))]
+    if problems:
+        raise ConfigError(problems)
 
 
 def given_options(namespace: argparse.Namespace, classes) -> dict:
@@ -91,16 +104,21 @@ def train_command(args: argparse.Namespace) -> int:
         return federated_command(config, data, resume_dir)
     callbacks = training_callbacks(config, data, resolve_device(config.train.device))
     run = RunDir.open(resume_dir).lock() if resume_dir is not None else RunDir.create(config)
-    trainer = Trainer(config, data, run, callbacks=callbacks)
-    if resume_dir is not None:
-        trainer.resume()  # refuses a checkpoint it cannot trust before anything is written
-        if trainer.state.epoch >= config.train.epochs:
-            raise UserError(f"{run.path} has finished its {trainer.state.epoch} epochs; "
-                            "pass a larger --epochs to train longer")
-        config.save(run.config_path)  # records an extended --epochs
-    log_to_file(run.log_path)
-    log.info("run folder: %s", run.path)
-    status = trainer.fit()
+    try:
+        trainer = Trainer(config, data, run, callbacks=callbacks)
+        if resume_dir is not None:
+            trainer.resume()  # refuses a checkpoint it cannot trust before anything is written
+            if trainer.state.epoch >= config.train.epochs:
+                raise UserError(f"{run.path} has finished its {trainer.state.epoch} epochs; "
+                                "pass a larger --epochs to train longer")
+            config.save(run.config_path)  # records an extended --epochs
+        log_to_file(run.log_path)
+        log.info("run folder: %s", run.path)
+        status = trainer.fit()
+    except UserError:
+        if resume_dir is None:
+            run.discard_unstarted()  # a refused run leaves nothing behind
+        raise
     if status == "interrupted":
         return EXIT_INTERRUPTED
     log.info("finished: samples in %s, history in %s, checkpoints in %s", run.samples,
@@ -125,16 +143,20 @@ def federated_command(config, data, resume_dir) -> int:
         config.save(run.config_path)  # records an extended --rounds
     else:
         run = RunDir.create(config)
-    log_to_file(run.log_path)
-    log.info("run folder: %s", run.path)
     from gankit.server.simulation import Interrupted
 
     try:
+        log_to_file(run.log_path)
+        log.info("run folder: %s", run.path)
         simulate(config, data, run,
                  resume=resume_dir is not None and run.checkpoint_path("last").exists(),
                  classifier=training_classifier(config, data))
     except Interrupted:
         return EXIT_INTERRUPTED
+    except UserError:
+        if resume_dir is None:
+            run.discard_unstarted()  # a refused run leaves nothing behind
+        raise
     log.info("finished: samples in %s, history in %s, checkpoints in %s", run.samples,
              run.history_path, run.checkpoints)
     return 0
@@ -172,6 +194,16 @@ class GenerateOptions:
                                        "images D's class head reads as their label (post-processing "
                                        "of D: no privacy cost, no real data)")
     min_confidence: float = option(0.0, "class filter: the class head's least probability for the label")
+    force: bool = option(False, "overwrite --out if it exists")
+
+
+GENERATE_RANGES = {
+    "num": Range(1, MAX_SAMPLES), "nrow": Range(1, 1000), "anchors": Range(2, 1000),
+    "steps": Range(2, 1000), "span": Range(0, 100, low_open=True), "alpha": Range(0, 1e6, low_open=True),
+    "sigma": Range(0, 100, low_open=True), "truncation": RANGES["truncation"], "label": Range(0, 999),
+    "seed": RANGES["seed"], "drs_target_rate": Range(0, 1, low_open=True),
+    "drs_percentile": Range(0, 100), "min_confidence": Range(0, 1),
+}
 
 
 def generate_parser(sub) -> None:
@@ -185,13 +217,15 @@ def generate_command(args: argparse.Namespace) -> int:
     from gankit.sampling import generate, image_file, write_images
 
     opts = GenerateOptions(**given_options(args, [GenerateOptions]))
+    check_ranges(opts, GENERATE_RANGES)
     options = dataclasses.asdict(opts)
-    out = options.pop("out")
-    # Checked before sampling, which can take minutes with --drs.
-    out = image_file(out) if out else (Path(opts.run) if Path(opts.run).is_dir()
-                                       else Path(opts.run).parent) / "generated.png"
+    out, force = options.pop("out"), options.pop("force")
+    # Checked before sampling, which can take minutes with --drs. The default never
+    # replaces an earlier generated.png: it takes the next free name.
+    out = (output_path(image_file(out), force) if out else
+           free_path((Path(opts.run) if Path(opts.run).is_dir() else Path(opts.run).parent) / "generated.png"))
     images, labels, nrow = generate(**options)
-    write_images(images, labels, nrow, out)
+    write_images(images, labels, nrow, out, force)
     log.info("wrote %d images to %s", len(images), out)
     return 0
 
@@ -218,7 +252,16 @@ class EvaluateOptions:
     sigmas: str = option("", "also sweep the latent scale, e.g. 0.5,0.75,1,1.25: precision, "
                              "recall and FID per sigma (truncation.csv, truncation.png)")
     no_ema: bool = option(False, "use the raw generator even when the run kept an EMA")
-    out: str = option("", "output folder (default: <run>/eval/<checkpoint>[-drs])")
+    out: str = option("", "output folder (default: <run>/eval/<checkpoint>[-drs], or the next "
+                          "free <checkpoint>-2, -3, ...: an earlier evaluation is kept)")
+    force: bool = option(False, "write into --out even if it holds an earlier evaluation")
+
+
+EVALUATE_RANGES = {
+    "num": Range(2, MAX_SAMPLES), "seed": RANGES["seed"], "sigma": Range(0, 100, low_open=True),
+    "truncation": RANGES["truncation"], "drs_target_rate": Range(0, 1, low_open=True),
+    "drs_percentile": Range(0, 100), "downstream_epochs": Range(0, 1000), "k": Range(1, 1000),
+}
 
 
 def evaluate_parser(sub) -> None:
@@ -232,6 +275,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     from gankit.evaluate import evaluate_run, markdown_table, shown_metrics
 
     opts = EvaluateOptions(**given_options(args, [EvaluateOptions]))
+    check_ranges(opts, EVALUATE_RANGES)
     result, out = evaluate_run(**dataclasses.asdict(opts))
     if "truncation_sweep" in result:
         print(markdown_table(result["truncation_sweep"]))
@@ -248,6 +292,7 @@ class ExportOptions:
     out: str = option("", "folder to write generator.safetensors into")
     checkpoint: str = option("last", "which checkpoint: last | best")
     no_ema: bool = option(False, "export the raw generator even when the run kept an EMA")
+    force: bool = option(False, "overwrite a generator.safetensors already in --out")
 
 
 def export_command(args: argparse.Namespace) -> int:
@@ -256,7 +301,8 @@ def export_command(args: argparse.Namespace) -> int:
     opts = ExportOptions(**given_options(args, [ExportOptions]))
     if not opts.out:
         raise UserError("--out FOLDER is required")
-    path = export_generator(opts.run, Path(opts.out), opts.checkpoint, ema=not opts.no_ema)
+    path = export_generator(opts.run, Path(opts.out), opts.checkpoint, ema=not opts.no_ema,
+                            force=opts.force)
     log.info("wrote %s (%.1f MB): the generator alone; read it with gankit generate %s",
              path, path.stat().st_size / 1e6, opts.out)
     return 0
@@ -270,6 +316,8 @@ class ConvertOptions:
                                        "unpickler: tensors, numpy arrays and plain values only; "
                                        "anything else is refused); convert only files you made "
                                        "yourself")
+    force: bool = option(False, "replace a .safetensors checkpoint that is older than its .pt "
+                                "(a newer one is never replaced)")
 
 
 def convert_command(args: argparse.Namespace) -> int:
@@ -293,7 +341,17 @@ def convert_command(args: argparse.Namespace) -> int:
     except ImportError:
         from numpy.core.multiarray import _reconstruct
     allowed = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    if path.is_dir():
+        refuse_links(path)
     for f in files:
+        target = f.with_suffix(".safetensors")
+        if target.exists() or target.is_symlink():
+            # A conversion never goes back in time: a newer state file is the run's own.
+            if target.is_symlink() or target.stat().st_mtime >= f.stat().st_mtime:
+                log.info("kept %s: it is newer than %s (already converted, or trained on)", target, f)
+                continue
+            if not opts.force:
+                raise UserError(f"{target} exists (older than {f.name}); pass --force to replace it")
         try:
             with torch.serialization.safe_globals(allowed):
                 state = torch.load(f, map_location="cpu", weights_only=True)
@@ -303,7 +361,7 @@ def convert_command(args: argparse.Namespace) -> int:
         if not isinstance(state, dict) or "config" not in state:
             raise UserError(f"{f} is not a gankit checkpoint")
         state["format"] = 2  # the layout is unchanged; only the file format differs
-        target = save_state(state, f.with_suffix(".safetensors"))
+        save_state(state, target, "replace" if opts.force else "refuse")
         log.info("converted %s -> %s", f, target)
     return 0
 
@@ -343,6 +401,7 @@ def compare_parser(sub) -> None:
     p.add_argument("--format", default="markdown", help="markdown | csv (default: markdown)")
     p.add_argument("--out", default="", help="also write the table to this file")
     p.add_argument("--plot", default="", help="write the plots to this .png")
+    p.add_argument("--force", action="store_true", help="overwrite --out and --plot if they exist")
     p.add_argument("--metric", default="fid", help="the metric of the curves and of the epsilon "
                                                   "panel (default: fid)")
     p.set_defaults(command=compare_command)
@@ -359,11 +418,14 @@ def compare_command(args: argparse.Namespace) -> int:
         raise UserError(f"unknown --metric '{args.metric}' (choose from {', '.join(BEST_METRICS)})")
     if args.plot and Path(args.plot).suffix.lower() not in PLOT_SUFFIXES:
         raise UserError(f"--plot must end in {' or '.join(PLOT_SUFFIXES)}, got {args.plot}")
+    for out in (args.out, args.plot):
+        if out:
+            output_path(Path(out), args.force)  # before any run is read
     runs = read_runs([Path(r) for r in args.runs])
     rows = [summary(run) for run in runs]
-    print(write_table(rows, Path(args.out) if args.out else None, args.format), end="")
+    print(write_table(rows, Path(args.out) if args.out else None, args.format, args.force), end="")
     if args.plot:
-        plot(runs, rows, Path(args.plot), args.metric)
+        plot(runs, rows, Path(args.plot), args.metric, args.force)
         log.info("wrote %s", args.plot)
     return 0
 
@@ -382,6 +444,8 @@ def classifier_parser(sub) -> None:
     data_options.add_argument("--test-root", default="",
                               help="folder with the MNIST test files (t10k-*), the test set of "
                                    "mnist-5k (default: --data-root); skipped when absent")
+    data_options.add_argument("--download", action="store_true",
+                              help="download mnist/fashion-mnist into --data-root when absent")
     data_options.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
                               help="cpu | cuda | auto (default: cpu)")
     train = actions.add_parser("train", parents=[data_options], help="train a classifier",
@@ -427,7 +491,8 @@ def classifier_train_command(args: argparse.Namespace) -> int:
     if out.suffix != ".pt":
         raise UserError(f"--out must end in .pt, got {out}")
     x, y, test_x, test_y, test_note = training_and_test_data(args.dataset, args.data_root,
-                                                             args.test_root or args.data_root)
+                                                             args.test_root or args.data_root,
+                                                             download=args.download)
     log.info("training on %s images of %s, %d epochs, augmentation %s, seed %d", f"{len(x):,}",
              args.dataset, args.epochs, "off" if args.no_augment else "on", args.seed)
     start = time.time()
@@ -457,7 +522,8 @@ def classifier_check_command(args: argparse.Namespace) -> int:
     classifier = load_classifier(path, device=str(resolve_device(args.device)))  # verifies the sha256
     print(f"{path}: sha256 verified")
     _, _, test_x, test_y, test_note = training_and_test_data(args.dataset, args.data_root,
-                                                             args.test_root or args.data_root)
+                                                             args.test_root or args.data_root,
+                                                             download=args.download)
     if test_x is None:
         print(f"no test set: {test_note}; nothing to measure")
         return 0
@@ -491,8 +557,15 @@ def setup_logging() -> None:
     log.propagate = False
 
 
+class NoLinkFileHandler(logging.FileHandler):
+    """A log file that is never opened through a link placed in the run folder."""
+
+    def _open(self):
+        return open_append(self.baseFilename)
+
+
 def log_to_file(path: Path) -> None:
-    handler = logging.FileHandler(path)
+    handler = NoLinkFileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(handler)
 

@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional
 
 from gankit.config import BEST_METRICS, Config, privacy_facts
 from gankit.errors import UserError
+from gankit.files import make_folder, save_figure, write_text
 from gankit.runs import RunDir
 
 COLUMNS = ["run", "mode", "private", "epsilon", "delta", "done", "train_time_s", "fid", "best_fid",
@@ -68,7 +69,7 @@ def curve(run: Run, metric: str) -> list[tuple[int, float]]:
             if isinstance(r.get(metric), (int, float)) and run.unit in r]
 
 
-def plot(runs: list[Run], rows: list[dict], out: Path, metric: str = "fid") -> None:
+def plot(runs: list[Run], rows: list[dict], out: Path, metric: str = "fid", force: bool = False) -> None:
     """Three panels: `metric` per epoch (or round) for every run, final precision against
     recall, and final `metric` against epsilon (non-private runs at the right edge)."""
     import matplotlib
@@ -117,12 +118,12 @@ def plot(runs: list[Run], rows: list[dict], out: Path, metric: str = "fid") -> N
     ax_eps.grid(alpha=0.3, which="both")
     ax_eps.set_title(f"{metric} against privacy budget", fontsize=9)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    make_folder(out.parent)
+    save_figure(fig, out, "replace" if force else "refuse", dpi=120)
     plt.close(fig)
 
 
-def write_table(rows: list[dict], out: Optional[Path], fmt: str) -> str:
+def write_table(rows: list[dict], out: Optional[Path], fmt: str, force: bool = False) -> str:
     """The table as markdown or CSV text; also written to `out` when given."""
     import csv
     import io
@@ -140,6 +141,6 @@ def write_table(rows: list[dict], out: Optional[Path], fmt: str) -> str:
     else:
         raise UserError(f"unknown --format '{fmt}' (choose from markdown, csv)")
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+        make_folder(out.parent)
+        write_text(out, text, "replace" if force else "refuse")
     return text

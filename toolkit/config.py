@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from gankit.errors import ConfigError
+from gankit.files import parse_json, read_text, shorten, write_text
+
+MAX_CONFIG_BYTES = 2**20
 
 # cdcgan: the DP-GAN record's class-conditional DCGAN (Bie et al. 2023), toolkit/models/cdcgan.py
 GENERATOR_ARCHS = ("dcgan", "mlp", "cdcgan")
@@ -349,18 +352,15 @@ class Config:
         return cls(**groups)
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> "Config":
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"config file {path} is not valid JSON: {err}") from None
-        return cls.from_dict(raw)
+        return cls.from_dict(parse_json(read_text(path, "config file", MAX_CONFIG_BYTES),
+                                        f"config file {path}"))
 
     def flat(self) -> dict:
         """All options in one dict, keyed by field name (names are unique across groups)."""
@@ -376,6 +376,106 @@ class Config:
         for key, value in overrides.items():
             raw[owners[key]][key] = value
         return Config.from_dict(raw)
+
+
+@dataclass(frozen=True)
+class Range:
+    """Where a numeric option may lie: finite, within [low, high] (an end excluded when
+    open), or exactly 0 where 0 means "off". Upper ends bound what one machine can run."""
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+    zero_means_off: bool = False
+
+    def problem(self, name: str, value) -> Optional[str]:
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{flag} must be a finite number, got {value}"
+        if self.zero_means_off and value == 0:
+            return None
+        below = value <= self.low if self.low_open else value < self.low
+        above = value >= self.high if self.high_open else value > self.high
+        if below or above:
+            return f"{flag} must be {self.describe()}, got {shorten(repr(value))}"
+        return None
+
+
+    def describe(self) -> str:
+        if self.low == 0 and (self.low_open or self.high == INF):
+            text = "positive" if self.low_open else "non-negative"
+            if self.high != INF:
+                text += f" and {'below' if self.high_open else 'at most'} {self.high:g}"
+        else:
+            text = (f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                    f"{')' if self.high_open else ']'}")
+        return text + (" or 0 (off)" if self.zero_means_off else "")
+
+
+INF = math.inf
+POSITIVE = Range(0, INF, low_open=True)
+NON_NEGATIVE = Range(0, INF)
+FRACTION = Range(0, 1, high_open=True)  # [0, 1): betas, decays, dropout
+COUNT = Range(1, 10**9)
+OFF_OR_COUNT = Range(1, 10**9, zero_means_off=True)
+
+# Every int and float option's range (tests/test_config.py checks that none is missing).
+# The upper ends of sizes refuse what cannot run on one machine before anything is built.
+RANGES: dict[str, Range] = {
+    # data
+    "holdout_fraction": Range(0, 1, low_open=True, high_open=True),
+    "limit": Range(1, 10**9, zero_means_off=True),
+    "image_size": Range(4, 1024, zero_means_off=True),
+    "max_data_gb": POSITIVE,
+    # model
+    "g_width": Range(1, 2048), "d_width": Range(1, 2048),
+    "g_depth": Range(1, 12, zero_means_off=True), "d_depth": Range(1, 12, zero_means_off=True),
+    "d_dropout": FRACTION, "instance_noise": Range(0, 100),
+    "maxout_pieces": Range(1, 64), "label_embed_dim": Range(1, 4096),
+    # objective
+    "n_critic": Range(1, 10_000, zero_means_off=True),
+    "d_steps_threshold": Range(0, 1, low_open=True, high_open=True),
+    "d_steps_grace": Range(0, 10**9), "d_steps_beta": FRACTION,
+    "mode_seeking": Range(0, 1e6), "aux_classifier": Range(0, 1e6),
+    "clip_value": Range(0, 1e6, low_open=True), "gp_weight": Range(0, 1e6),
+    "label_smoothing": Range(0, 0.5, high_open=True),
+    "real_label_min": Range(0, 1), "real_label_max": Range(0, 1),
+    "fake_label_min": Range(0, 1), "fake_label_max": Range(0, 1),
+    # latent
+    "latent_dim": Range(1, 4096), "latent_sigma": Range(0, 100, low_open=True),
+    "truncation": Range(0.1, 100, zero_means_off=True),
+    "mixture_components": Range(1, 10_000), "mixture_sigma_init": Range(0, 100, low_open=True),
+    "mixture_sigma_reg": Range(0, 1e6),
+    # optim
+    "g_lr": Range(0, 10, low_open=True), "d_lr": Range(0, 10, low_open=True),
+    "g_beta1": FRACTION, "g_beta2": FRACTION, "d_beta1": FRACTION, "d_beta2": FRACTION,
+    "lr_gamma": Range(0, 1, low_open=True), "ema_decay": FRACTION,
+    # train
+    "epochs": Range(1, 100_000), "batch_size": Range(1, 10**6), "seed": Range(0, 2**32 - 1),
+    "sample_every": COUNT, "log_every": COUNT, "checkpoint_every": OFF_OR_COUNT,
+    # privacy: an epsilon below 0.01 is noise the accountants cannot find in finite time
+    "target_epsilon": Range(0.01, 100, zero_means_off=True),
+    "noise_multiplier": Range(0, 1e6, low_open=True),
+    "delta": Range(0, 1, low_open=True, high_open=True, zero_means_off=True),
+    "max_grad_norm": Range(0, 1e6, low_open=True),
+    "physical_batch_size": OFF_OR_COUNT,
+    # federated
+    "clients": Range(1, 10**6), "rounds": Range(1, 10**6), "local_steps": Range(1, 10**7),
+    "fraction_train": Range(0, 1, low_open=True), "min_clients": Range(0, 10**6),
+    "proximal_mu": Range(0, 1e6), "server_lr": Range(0, 100, low_open=True),
+    "server_step": Range(0, 1e6, low_open=True), "server_momentum": FRACTION,
+    "trim_fraction": Range(0, 0.5, high_open=True), "krum_malicious": Range(0, 10**6),
+    "dirichlet_alpha": Range(0, 1e6, low_open=True), "classes_per_client": Range(1, 1000),
+    "client_dp_noise": Range(0, 1e6), "client_dp_clip": Range(0, 1e6, low_open=True),
+    "client_cpus": Range(0, 1024, low_open=True),
+    # eval
+    "eval_every": Range(0, 10**9), "eval_samples": Range(1, 10**6), "prdc_k": Range(1, 1000),
+}
+
+
+def range_problems(config: "Config") -> list[str]:
+    return [problem for group in config.to_dict().values() for name, value in group.items()
+            if name in RANGES and (problem := RANGES[name].problem(name, value))]
 
 
 def type_problems(name: str, value: Any, kind: type) -> list[str]:
@@ -402,31 +502,23 @@ def federated_problems(f: FederatedConfig) -> list[str]:
                                  (f.sync, SYNCS, "sync"), (f.simulation, SIMULATIONS, "simulation")]:
         if value not in allowed:
             problems.append(f"unknown {what} '{value}' (choose from {', '.join(allowed)})")
-    for value, what in [(f.clients, "clients"), (f.rounds, "rounds"), (f.local_steps, "local-steps"),
-                        (f.dirichlet_alpha, "dirichlet-alpha"), (f.classes_per_client, "classes-per-client"),
-                        (f.client_dp_clip, "client-dp-clip"), (f.client_cpus, "client-cpus"),
-                        (f.server_lr, "server-lr"), (f.server_step, "server-step")]:
-        if value <= 0:
-            problems.append(f"{what} must be positive, got {value}")
-    for value, what in [(f.min_clients, "min-clients"), (f.proximal_mu, "proximal-mu"),
-                        (f.krum_malicious, "krum-malicious"), (f.client_dp_noise, "client-dp-noise")]:
-        if value < 0:
-            problems.append(f"{what} must be non-negative, got {value}")
-    if not 0 < f.fraction_train <= 1:
-        problems.append(f"fraction-train must be in (0, 1], got {f.fraction_train}")
-    if not 0 <= f.server_momentum < 1:
-        problems.append(f"server-momentum must be in [0, 1), got {f.server_momentum}")
     if f.client_dp == "poisson" and f.strategy != "fedavg":
         problems.append(f"--client-dp poisson is its own DP-FedAvg; it cannot run with strategy "
                         f"'{f.strategy}' (use fedavg)")
-    if not 0 <= f.trim_fraction < 0.5:
-        problems.append(f"trim-fraction must be in [0, 0.5), got {f.trim_fraction}")
     if f.min_clients > f.clients:
         problems.append(f"min-clients ({f.min_clients}) cannot exceed clients ({f.clients})")
     if f.client_dp != "none" and f.strategy not in ("fedavg", "fedprox"):
         problems.append(f"client-level DP adds noise to a FedAvg-style mean; it does not compose "
                         f"with strategy '{f.strategy}' (use fedavg or fedprox)")
     return problems
+
+
+def run_name_problem(name: str) -> Optional[str]:
+    """A run name is one folder name: nothing that leaves --out-dir."""
+    if (name in (".", "..") or any(c in name for c in "/\\") or len(name) > 200
+            or any(ord(c) < 32 for c in name)):
+        return f"--name must be one folder name (no '/', no '..'), got '{shorten(name)}'"
+    return None
 
 
 def n_critic(config: Config) -> int:
@@ -442,17 +534,13 @@ def validate(config: Config, num_classes: Optional[int] = None) -> None:
     """
     from gankit.objectives import OBJECTIVES  # late: objectives imports torch
 
-    d, m, o, z, opt, t, e = (config.data, config.model, config.objective, config.latent,
-                             config.optim, config.train, config.eval)
-    problems = []
+    m, o, z, opt, t, e = (config.model, config.objective, config.latent, config.optim,
+                          config.train, config.eval)
+    problems = range_problems(config)
 
     def choice(value, allowed, what):
         if value not in allowed:
             problems.append(f"unknown {what} '{value}' (choose from {', '.join(allowed)})")
-
-    def positive(value, what, strict=True):
-        if value < 0 or (strict and value == 0):
-            problems.append(f"{what} must be {'positive' if strict else 'non-negative'}, got {value}")
 
     choice(m.g_arch, GENERATOR_ARCHS, "generator")
     choice(m.d_arch, DISCRIMINATOR_ARCHS, "discriminator")
@@ -468,6 +556,8 @@ def validate(config: Config, num_classes: Optional[int] = None) -> None:
                         "(client-level DP covers it: the frequencies stay inside the clipped update)")
     choice(opt.lr_decay, LR_DECAYS, "lr decay")
     choice(t.mode, MODES, "mode")
+    if run_name_problem(t.name):
+        problems.append(run_name_problem(t.name))
     choice(t.device, DEVICES, "device")
     p = config.privacy
     choice(p.accountant, ACCOUNTANTS, "accountant")
@@ -477,64 +567,20 @@ def validate(config: Config, num_classes: Optional[int] = None) -> None:
     if p.fake_gradients == "public" and p.grad_sample_mode != "bk":
         problems.append("--fake-gradients public needs --grad-sample-mode bk (Opacus' modes clip "
                         "every pass through D)")
-    for value, what in [(p.target_epsilon, "target-epsilon"), (p.delta, "delta"),
-                        (p.physical_batch_size, "physical-batch-size")]:
-        positive(value, what, strict=False)
-    for value, what in [(p.noise_multiplier, "noise-multiplier"), (p.max_grad_norm, "max-grad-norm")]:
-        positive(value, what)
-    if p.delta >= 1:
-        problems.append(f"delta must be below 1, got {p.delta}")
     if t.mode == "dp" or (t.mode == "federated" and config.federated.sample_dp):
         problems += dp_problems(config)
     problems += federated_problems(config.federated)
 
-    for value, what in [
-        (opt.g_lr, "g-lr"), (opt.d_lr, "d-lr"), (t.epochs, "epochs"),
-        (t.batch_size, "batch-size"), (z.latent_dim, "latent-dim"), (m.g_width, "g-width"),
-        (m.d_width, "d-width"), (z.latent_sigma, "latent-sigma"),
-        (z.mixture_components, "mixture-components"), (z.mixture_sigma_init, "mixture-sigma-init"),
-        (m.maxout_pieces, "maxout-pieces"), (m.label_embed_dim, "label-embed-dim"),
-        (t.sample_every, "sample-every"), (t.log_every, "log-every"),
-        (e.eval_samples, "eval-samples"), (e.prdc_k, "prdc-k"),
-    ]:
-        positive(value, what)
-    for value, what in [
-        (o.n_critic, "n-critic"), (o.clip_value, "clip-value"), (o.gp_weight, "gp-weight"),
-        (m.g_depth, "g-depth"), (m.d_depth, "d-depth"), (m.instance_noise, "instance-noise"),
-        (d.limit, "limit"), (d.image_size, "image-size"), (z.truncation, "truncation"),
-        (z.mixture_sigma_reg, "mixture-sigma-reg"), (t.checkpoint_every, "checkpoint-every"),
-        (e.eval_every, "eval-every"),
-    ]:
-        positive(value, what, strict=False)
-    for value, what in [(opt.g_beta1, "g-beta1"), (opt.g_beta2, "g-beta2"),
-                        (opt.d_beta1, "d-beta1"), (opt.d_beta2, "d-beta2"),
-                        (opt.ema_decay, "ema-decay")]:
-        if not 0 <= value < 1:
-            problems.append(f"{what} must be in [0, 1), got {value}")
-    if not 0 <= m.d_dropout < 1:
-        problems.append(f"d-dropout must be in [0, 1), got {m.d_dropout}")
-    if not 0 < d.holdout_fraction < 1:
-        problems.append(f"holdout-fraction must be in (0, 1), got {d.holdout_fraction}")
-    if not 0 < opt.lr_gamma <= 1:
-        problems.append(f"lr-gamma must be in (0, 1], got {opt.lr_gamma}")
-    if 0 < z.truncation < 0.1:
-        problems.append(f"truncation {z.truncation} would resample almost every latent; use >= 0.1")
 
     smoothing = o.label_smoothing or (o.real_label_min, o.real_label_max, o.fake_label_min,
                                       o.fake_label_max) != (1.0, 1.0, 0.0, 0.0)
     if smoothing and o.loss in OBJECTIVES and not OBJECTIVES[o.loss].uses_targets:
         problems.append(f"label smoothing and soft labels apply to bce and lsgan, not '{o.loss}'")
-    if not (o.mode_seeking >= 0 and math.isfinite(o.mode_seeking)):
-        problems.append(f"mode-seeking must be a finite weight >= 0, got {o.mode_seeking}")
-    if not (o.aux_classifier >= 0 and math.isfinite(o.aux_classifier)):
-        problems.append(f"aux-classifier must be a finite weight >= 0, got {o.aux_classifier}")
-    elif o.aux_classifier and not m.conditional:
+    if o.aux_classifier and not m.conditional:
         problems.append("aux-classifier trains D to predict labels: add --conditional")
     elif o.aux_classifier and m.d_arch == "cdcgan":
         problems.append("aux-classifier needs a discriminator with an output head (dcgan, mlp or "
                         "maxout); the cdcgan discriminator ends in a convolution")
-    if not 0 <= o.label_smoothing < 0.5:
-        problems.append(f"label-smoothing must be in [0, 0.5), got {o.label_smoothing}")
     if o.label_smoothing and (o.real_label_min, o.real_label_max) != (1.0, 1.0):
         problems.append("give either label-smoothing or a real label range, not both")
     if o.real_label_min > o.real_label_max or o.fake_label_min > o.fake_label_max:
@@ -549,11 +595,6 @@ def validate(config: Config, num_classes: Optional[int] = None) -> None:
         problems.append("wgan clips weights; spectral-norm and clipping together are not supported "
                         "(use wgan-gp or hinge with spectral norm)")
     choice(o.d_steps_schedule, D_STEPS_SCHEDULES, "d-steps-schedule")
-    if not 0 < o.d_steps_threshold < 1:
-        problems.append(f"d-steps-threshold must be in (0, 1), got {o.d_steps_threshold}")
-    if not 0 <= o.d_steps_beta < 1:
-        problems.append(f"d-steps-beta must be in [0, 1), got {o.d_steps_beta}")
-    positive(o.d_steps_grace, "d-steps-grace", strict=False)
     for arch, norm, flag in [(m.g_arch, m.g_norm, "g-norm"), (m.d_arch, m.d_norm, "d-norm")]:
         if arch == "cdcgan" and norm != "none":
             problems.append(f"the cdcgan networks have no normalization layers: add --{flag} none "

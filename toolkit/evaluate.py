@@ -22,6 +22,7 @@ from torch import Tensor
 from gankit.config import Config
 from gankit.data import ImageData
 from gankit.errors import UserError
+from gankit.files import free_path, make_folder, save_figure, write_text
 from gankit.metrics import (classifier_score, fid, kid, mode_coverage, prd, prd_f_beta, prdc,
                             within_class_spread)
 from gankit.metrics.classifier import extract, load_classifier
@@ -204,7 +205,7 @@ def plot_truncation(trajectories: dict, path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -237,7 +238,7 @@ def pr_curve(ref: Reference, features: Tensor, seed: int, path: Path, writer=Non
     from gankit.metrics import plot_prd
 
     curve = prd(ref.features, features, seed=seed)
-    path.parent.mkdir(exist_ok=True)
+    make_folder(path.parent)
     plot_prd({path.stem.replace("_", " "): curve}, path)
     if writer is not None:
         import numpy as np
@@ -292,7 +293,8 @@ def evaluate_run(run: str, checkpoint: str = "last", num: int = 10000, seed: int
                  sigma: Optional[float] = None, truncation: Optional[float] = None, drs: bool = False,
                  drs_target_rate: float = 0.2, drs_percentile: Optional[float] = None,
                  downstream_epochs: int = 5, data_root: str = "", classifier: str = "", k: int = 3,
-                 sigmas: str = "", no_ema: bool = False, out: str = "") -> tuple[dict, Path]:
+                 sigmas: str = "", no_ema: bool = False, out: str = "",
+                 force: bool = False) -> tuple[dict, Path]:
     """What `gankit evaluate` does (the options are its own): draw `num` samples of a run's
     generator, measure them against the reference split and write metrics.json, metrics.md,
     prd.png and, with `sigmas`, truncation.csv and truncation.png into `out` (default
@@ -313,8 +315,18 @@ def evaluate_run(run: str, checkpoint: str = "last", num: int = 10000, seed: int
         sweep = [float(v) for v in sigmas.split(",")] if sigmas else []
     except ValueError:
         raise UserError(f"--sigmas must be comma-separated numbers, got '{sigmas}'") from None
-    if any(v <= 0 for v in sweep):
-        raise UserError("--sigmas must be positive")
+    if not all(0 < v <= 100 for v in sweep):  # NaN fails this too
+        raise UserError("--sigmas must be positive numbers up to 100")
+    run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
+    # Chosen before minutes of sampling: an explicit folder holding files is replaced only
+    # with --force; the default never replaces an earlier evaluation.
+    if out:
+        folder = Path(out)
+        if folder.is_symlink() or (folder.is_dir() and any(folder.iterdir()) and not force):
+            raise UserError(f"{folder} holds an earlier evaluation; pass --force to replace it, "
+                            "or choose another --out")
+    else:
+        folder = free_path(run_dir / "eval" / (checkpoint + ("-drs" if drs else "")))
     start = time.perf_counter()
     gen = load_generator(run, checkpoint, ema=not no_ema)
     data_config = gen.config.data
@@ -336,16 +348,14 @@ def evaluate_run(run: str, checkpoint: str = "last", num: int = 10000, seed: int
     if sweep:
         result["truncation_sweep"] = truncation_sweep(gen, ref, net, sweep, num, seed, k)
     result["seconds"] = round(time.perf_counter() - start, 1)
-    run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
-    folder = Path(out) if out else run_dir / "eval" / (checkpoint + ("-drs" if drs else ""))
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    (folder / "metrics.md").write_text(markdown_table([{"metric": key, "value": v}
-                                                       for key, v in shown_metrics(metrics).items()]))
+    make_folder(folder)
+    write_text(folder / "metrics.json", json.dumps(result, indent=2) + "\n")
+    write_text(folder / "metrics.md", markdown_table([{"metric": key, "value": v}
+                                                      for key, v in shown_metrics(metrics).items()]))
     plot_prd({name: curve}, folder / "prd.png")
     if sweep:
         trajectory = result["truncation_sweep"]
-        (folder / "truncation.csv").write_text(
+        write_text(folder / "truncation.csv",
             "sigma,precision,recall,fid\n"
             + "".join(f"{p['sigma']},{p['precision']},{p['recall']},{p['fid']}\n" for p in trajectory))
         plot_truncation({name: trajectory}, folder / "truncation.png")

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from gankit.errors import ConfigError
+from gankit.files import make_folder, save_figure, write_text
 
 SCHEMES = ("iid", "dirichlet", "pathological")
 
@@ -114,8 +115,8 @@ def histogram_table(histogram: list[list[int]]) -> str:
 
 def save_histogram(path: Path, histogram: list[list[int]], scheme: str, **details) -> None:
     """partition.json (the counts) and partition.png (a stacked bar per client)."""
-    Path(path).mkdir(parents=True, exist_ok=True)
-    (Path(path) / "partition.json").write_text(json.dumps(
+    make_folder(path)
+    write_text(Path(path) / "partition.json", json.dumps(
         {"scheme": scheme, **details, "class_counts": histogram}, indent=1))
     import matplotlib
     matplotlib.use("Agg")
@@ -134,5 +135,5 @@ def save_histogram(path: Path, histogram: list[list[int]], scheme: str, **detail
         ax.legend(title="class", fontsize=6, title_fontsize=7, ncol=2, bbox_to_anchor=(1.01, 1),
                   loc="upper left")
     fig.tight_layout()
-    fig.savefig(Path(path) / "partition.png", dpi=110)
+    save_figure(fig, Path(path) / "partition.png", dpi=110)
     plt.close(fig)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from gankit.config import BEST_METRICS, Config
+from gankit.files import grid_png, write_bytes
 from gankit.runs import RunDir
 
 log = logging.getLogger("gankit")
@@ -91,11 +92,10 @@ class Recorder:
         `name` holding `best`, the best value so far (this record's when it improved)."""
         done = record[self.unit]
         if grid is not None:
-            from torchvision.utils import make_grid, save_image
+            from torchvision.utils import make_grid
 
             images, nrow = grid
-            save_image(images, self.run.samples / f"{self.unit}_{done:03d}.png", nrow=nrow,
-                       normalize=True, value_range=(-1, 1))
+            write_bytes(self.run.samples / f"{self.unit}_{done:03d}.png", grid_png(images, nrow))
             if self.writer is not None:
                 self.writer.add_image("samples", make_grid(images, nrow=nrow, normalize=True,
                                                            value_range=(-1, 1)), done)

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
 
-from gankit.config import RESUMABLE_CHANGES, Config
+from gankit.config import RESUMABLE_CHANGES, Config, run_name_problem
 from gankit.errors import UserError
+from gankit.files import (FILE_MODE, LinkRefused, append_text, make_folder, parse_json, read_text,
+                          refuse_links, write_text)
 from gankit.statefile import load_state, save_state
 
 
@@ -39,18 +42,49 @@ class RunDir:
 
     @classmethod
     def create(cls, config: Config) -> "RunDir":
+        """A new run's folder. An existing folder is never taken over (only the folder's own
+        --resume continues it); a refused run is removed again by `discard_unstarted`."""
         t = config.train
         name = t.name or f"{config.model.g_arch}-{config.objective.loss}-{time.strftime('%Y%m%d-%H%M%S')}"
+        check_run_name(name)
         run = cls(Path(t.out_dir) / name)
-        run.path.mkdir(parents=True, exist_ok=True)
+        if run.path.is_symlink():
+            raise LinkRefused(f"{run.path} is a symbolic link; pick another --name")
+        if run.path.exists():
+            held = run.path.resolve() in _HELD
+            entries = sorted(p.name for p in run.path.iterdir()) if run.path.is_dir() else ["?"]
+            if entries and entries != ([".lock"] if held else []):
+                what = ("holds a run" if run.checkpoint_path("last").exists() or run.history_path.exists()
+                        else "exists and is not empty")
+                raise UserError(f"{run.path} {what}; continue a run with --resume {run.path}, or "
+                                "pick another --name")
+        else:
+            missing = [p for p in (run.path, *run.path.parents) if not p.exists()]
+            make_folder(run.path)
+            run._created = missing[-1]  # the top-most folder this run made
         run.lock()  # before anything is written: a second process stops here
-        if run.checkpoint_path("last").exists() or run.history_path.exists():
-            raise UserError(f"run folder {run.path} already holds a run; "
-                            f"continue it with --resume {run.path} or pick another --name")
-        run.samples.mkdir(parents=True, exist_ok=True)
-        run.checkpoints.mkdir(parents=True, exist_ok=True)
+        make_folder(run.samples)
+        make_folder(run.checkpoints)
         config.save(run.config_path)
         return run
+
+    _created: Optional[Path] = None
+
+    def discard_unstarted(self) -> None:
+        """Remove what `create` made for a run that was refused before it trained: no history
+        record and no checkpoint means nothing of value is lost."""
+        if self.history_path.exists() or self.checkpoint_path("last").exists():
+            return
+        self.unlock()
+        if self._created is not None:
+            shutil.rmtree(self._created, ignore_errors=True)  # rmtree never follows links
+        else:
+            for entry in ("config.json", "samples", "checkpoints", "tb", "train.log"):
+                path = self.path / entry
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                elif path.exists() or path.is_symlink():
+                    path.unlink()
 
     def lock(self) -> "RunDir":
         """Hold the folder for this process (released when it exits, even by kill -9): two
@@ -59,7 +93,14 @@ class RunDir:
 
         if self.path.resolve() in _HELD:
             return self
-        handle = open(self.path / ".lock", "a+")
+        refuse_links(self.path)
+        try:
+            fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
+        except OSError:
+            if (self.path / ".lock").is_symlink():
+                raise LinkRefused(f"{self.path / '.lock'} is a symbolic link; remove it") from None
+            raise
+        handle = os.fdopen(fd, "r+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -81,8 +122,9 @@ class RunDir:
     @classmethod
     def open(cls, path: Path) -> "RunDir":
         run = cls(path)
-        if not run.config_path.is_file():
+        if not run.config_path.is_file() or run.path.is_symlink():
             raise UserError(f"{path} is not a run folder (no config.json)")
+        refuse_links(run.path)
         return run
 
     def config(self) -> Config:
@@ -109,8 +151,7 @@ class RunDir:
 
     # --- history -----------------------------------------------------------------------------
     def append_history(self, record: dict) -> None:
-        with open(self.history_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(self.history_path, json.dumps(record) + "\n")
 
     def history(self) -> list[dict]:
         """Every complete record. A crash in the middle of a write leaves a partial last
@@ -118,12 +159,13 @@ class RunDir:
         line anywhere else is a damaged file."""
         if not self.history_path.exists():
             return []
-        lines = [line for line in self.history_path.read_text().splitlines() if line.strip()]
+        text = read_text(self.history_path, "history", MAX_HISTORY_BYTES)
+        lines = [line for line in text.splitlines() if line.strip()]
         records = []
         for i, line in enumerate(lines):
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+                record = parse_json(line, f"{self.history_path} line {i + 1}")
+            except UserError:
                 if i == len(lines) - 1:
                     break
                 raise UserError(f"{self.history_path} line {i + 1} is not a JSON record; "
@@ -136,7 +178,7 @@ class RunDir:
     def truncate_history(self, done: int, key: str = "epoch") -> None:
         """Drop records of epochs (or rounds) after the checkpoint (written just before a crash)."""
         kept = [r for r in self.history() if isinstance(r.get(key), int) and r[key] <= done]
-        self.history_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        write_text(self.history_path, "".join(json.dumps(r) + "\n" for r in kept))
 
     # --- checkpoints -------------------------------------------------------------------------
     def checkpoint_path(self, name: str) -> Path:
@@ -159,6 +201,13 @@ _HELD: dict = {}
 
 CHECKPOINT_SUFFIX = ".safetensors"
 LEGACY_SUFFIX = ".pt"
+MAX_HISTORY_BYTES = 256 * 2**20  # about a million records
+
+
+def check_run_name(name: str) -> None:
+    problem = run_name_problem(name)
+    if problem:
+        raise UserError(problem)
 
 
 def refuse_legacy(path: Path) -> None:

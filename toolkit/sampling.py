@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gankit.config import Config, privacy_facts
-from gankit.errors import UserError
+from gankit.config import Config, privacy_facts, validate
+from gankit.errors import ConfigError, UserError
+from gankit.files import grid_png, make_folder, shorten, write_bytes
 from gankit.latent import build_prior
 from gankit.models import build_generator, discriminator_for
 from gankit.runs import find_checkpoint
@@ -72,6 +73,8 @@ class LoadedGenerator:
 
 
 RELEASE_FILE = "generator.safetensors"
+MAX_IMAGE_SIDE = 1024  # as --image-size
+MAX_CLASSES = 1000  # as a dataset's labels (gankit.data)
 
 
 def read_checkpoint(path, checkpoint: str = "last", device="cpu") -> tuple[dict, Config, dict]:
@@ -83,10 +86,45 @@ def read_checkpoint(path, checkpoint: str = "last", device="cpu") -> tuple[dict,
     else:
         _, ckpt_path = find_checkpoint(path, checkpoint)
     ckpt = load_state(ckpt_path, device)  # runs no code, whatever the file holds
+    if not (isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("data"), dict)):
+        raise UserError(f"{ckpt_path} is not a checkpoint of this toolkit (no config or data entry)")
     try:
-        return ckpt, Config.from_dict(ckpt["config"]), ckpt["data"]
-    except (KeyError, TypeError) as err:
-        raise UserError(f"{ckpt_path} is not a checkpoint of this toolkit (no {err})") from None
+        config = Config.from_dict(ckpt["config"])
+        # The same rules as a user's options: a crafted latent size of 1e9 is refused here,
+        # before any network is built from it.
+        validate(config)
+    except ConfigError as err:
+        raise UserError(f"{ckpt_path} holds an invalid config: {err}") from None
+    return ckpt, config, data_info(ckpt["data"], ckpt_path)
+
+
+def data_info(info: dict, where) -> dict:
+    """A checkpoint's record of its data (image shape, classes), checked before use."""
+    shape, classes = info.get("image_shape"), info.get("num_classes")
+    whole = (lambda v: isinstance(v, int) and not isinstance(v, bool))
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(map(whole, shape))
+            and shape[0] in (1, 3) and all(1 <= side <= MAX_IMAGE_SIDE for side in shape[1:])):
+        raise UserError(f"{where}: image_shape must be (channels 1 or 3, height, width) with "
+                        f"sides up to {MAX_IMAGE_SIDE}, got {shorten(repr(shape))}")
+    if not (whole(classes) and 0 <= classes <= MAX_CLASSES):
+        raise UserError(f"{where}: num_classes must be 0..{MAX_CLASSES}, got {shorten(repr(classes))}")
+    return {**info, "image_shape": tuple(shape)}
+
+
+def load_weights(module: nn.Module, weights, what: str, where) -> None:
+    """Weights from a checkpoint into a network its config describes: one line if they do
+    not fit, and non-finite weights (a diverged run) refused rather than drawn as black."""
+    try:
+        module.load_state_dict(weights)
+    except (RuntimeError, KeyError, TypeError, AttributeError, ValueError) as err:
+        raise UserError(f"{where}: its {what} weights do not fit the network its config "
+                        f"describes ({shorten(str(err).splitlines()[0] if str(err) else type(err).__name__, 160)})") from None
+    bad = [name for name, t in module.state_dict().items()
+           if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise UserError(f"{where}: its {what} holds non-finite weights ({bad[0]}"
+                        f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); the run diverged "
+                        "before this checkpoint, so it cannot draw images")
 
 
 def load_discriminator(path, checkpoint: str = "last", device="cpu") -> nn.Module:
@@ -96,7 +134,7 @@ def load_discriminator(path, checkpoint: str = "last", device="cpu") -> nn.Modul
         raise UserError(f"{path} holds a released generator without its discriminator; "
                         "rejection sampling needs the run's own checkpoint")
     D = discriminator_for(config, tuple(info["image_shape"]), info["num_classes"]).to(device)
-    D.load_state_dict(ckpt["D"])
+    load_weights(D, ckpt["D"], "discriminator", path)
     return D.eval()
 
 
@@ -104,28 +142,29 @@ def load_generator(path, checkpoint: str = "last", ema: bool = True, device="cpu
     """Rebuild G and its prior from a run folder, checkpoint file or released generator, in
     eval mode."""
     ckpt, config, info = read_checkpoint(path, checkpoint, device)
-    return generator_from(ckpt, config, info, ema, device)
+    return generator_from(ckpt, config, info, ema, device, where=path)
 
 
 def generator_from(ckpt: dict, config: Config, info: dict, ema: bool = True,
-                   device="cpu") -> LoadedGenerator:
+                   device="cpu", where="the checkpoint") -> LoadedGenerator:
     G = build_generator(config.model, config.latent.latent_dim, tuple(info["image_shape"]),
                         info["num_classes"]).to(device)
-    if ema and ckpt.get("ema"):  # a released generator is already the EMA one, if any
+    if ema and isinstance(ckpt.get("ema"), dict) and ckpt["ema"]:  # a released G is already the EMA one, if any
         # AveragedModel keeps the averaged network under "module." next to a counter.
-        G.load_state_dict({k[len("module."):]: v for k, v in ckpt["ema"].items()
-                           if k.startswith("module.")})
+        load_weights(G, {k[len("module."):]: v for k, v in ckpt["ema"].items()
+                         if isinstance(k, str) and k.startswith("module.")}, "generator (EMA)", where)
     else:
-        G.load_state_dict(ckpt["G"])
+        load_weights(G, ckpt.get("G"), "generator", where)
     prior = build_prior(config.latent, config.train.seed).to(device)
-    prior.load_state_dict(ckpt["prior"])
+    load_weights(prior, ckpt.get("prior"), "latent prior", where)
     # Checkpoints converted from gankit < 0.2 predate the record: derive it once here.
-    privacy = ckpt.get("privacy") or privacy_facts(config)
+    privacy = ckpt.get("privacy") if isinstance(ckpt.get("privacy"), dict) else privacy_facts(config)
     return LoadedGenerator(G.eval(), prior.eval(), config, info["num_classes"],
                            tuple(info["image_shape"]), privacy)
 
 
-def export_generator(path, out: Path, checkpoint: str = "last", ema: bool = True) -> Path:
+def export_generator(path, out: Path, checkpoint: str = "last", ema: bool = True,
+                     force: bool = False) -> Path:
     """Write the generator alone (weights, prior, the config that rebuilds it, what the run
     protects and the epsilon it spent) to `out/generator.safetensors`: what a private run
     may release, since G is post-processing of the private D. No discriminator, optimizer
@@ -139,16 +178,15 @@ def export_generator(path, out: Path, checkpoint: str = "last", ema: bool = True
     last = history[-1] if history else {}
     spent = {k: last[k] for k in ("epsilon", "epsilon_rdp", "epsilon_prv", "delta",
                                   "accountant", "noise_multiplier", "dp_steps") if k in last}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(Path(out))
     released = gen.config.to_dict()
     # The seed drives the private run's sampling and noise: it is not released.
     released["train"]["seed"] = 0
     return save_state({"released": True, "config": released, "data": info,
                        "privacy": gen.privacy, "spent": spent, "G": gen.G.state_dict(),
                        "prior": gen.prior.state_dict(),
-                       "epoch": ckpt.get("state", {}).get("epoch")},
-                      out / RELEASE_FILE)
+                       "epoch": (ckpt["state"] if isinstance(ckpt.get("state"), dict) else {}).get("epoch")},
+                      out / RELEASE_FILE, "replace" if force else "refuse")
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -270,16 +308,21 @@ def exploration_latents(gen, mode: str, num: int, seed: int, sigma, truncation, 
     return z, labels, gen.num_classes
 
 
-def write_images(images: Tensor, labels: Optional[Tensor], nrow: int, out: Path) -> None:
-    """A .png grid, or a .npz of uint8 images `x` (and labels `y`)."""
-    from torchvision.utils import save_image
+def write_images(images: Tensor, labels: Optional[Tensor], nrow: int, out: Path,
+                 force: bool = False) -> None:
+    """A .png grid, or a .npz of uint8 images `x` (and labels `y`); an existing file is
+    replaced only with `force`."""
+    import io
 
     out = image_file(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(out.parent)
     if out.suffix == ".npz":
         arrays = {"x": to_uint8(images)}
         if labels is not None:
             arrays["y"] = labels.cpu().numpy()
-        np.savez_compressed(out, **arrays)
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        data = buffer.getvalue()
     else:
-        save_image(images, out, nrow=nrow, normalize=True, value_range=(-1, 1))
+        data = grid_png(images, nrow)
+    write_bytes(out, data, "replace" if force else "refuse")

@@ -16,7 +16,6 @@ and numpy arrays; anything else in a file is refused.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from gankit.errors import UserError
+from gankit.files import Exists, parse_json, write_bytes
 
 HEADER_KEY = "gankit"
 FORMAT = 2  # 1 was the pickled .pt checkpoint
@@ -101,6 +101,13 @@ def _decode(value: Any, tensors: dict, where: str) -> Any:
     raise StateFileError(f"{where}: unexpected value of type {type(value).__name__}")
 
 
+def decode(skeleton: Any, tensors: dict, where: str) -> Any:
+    try:
+        return _decode(skeleton, tensors, where)
+    except RecursionError:  # JSON nested just shallow enough to parse
+        raise StateFileError(f"{where}: nests deeper than a state file does") from None
+
+
 def to_parts(state: dict) -> tuple[str, dict]:
     """(JSON text, tensors): a state as what a message can carry without pickle (a Flower
     ConfigRecord string and ArrayRecord), read back by `from_parts`."""
@@ -109,31 +116,30 @@ def to_parts(state: dict) -> tuple[str, dict]:
 
 
 def from_parts(text: str, tensors: dict, where: str) -> dict:
+    if not isinstance(text, str):
+        raise StateFileError(f"{where}: not a JSON state")
     try:
-        skeleton = json.loads(text)
-    except (TypeError, json.JSONDecodeError):
+        skeleton = parse_json(text, where)
+    except UserError:
         raise StateFileError(f"{where}: not a JSON state") from None
-    state = _decode(skeleton, tensors, where)
+    state = decode(skeleton, tensors, where)
     if not isinstance(state, dict):
         raise StateFileError(f"{where}: not a state dictionary")
     return state
 
 
-def save_state(state: dict, path: Path) -> Path:
+def save_state(state: dict, path: Path, exists: Exists = "replace") -> Path:
     """Write `state` to `path` atomically (a crash mid-write leaves the old file whole)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     tensors: dict = {}
     header = json.dumps({"format": FORMAT, "state": _encode(state, tensors)})
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        save_file(tensors, str(tmp), metadata={HEADER_KEY: header})
-        os.replace(tmp, path)
+        # Atomic and never through a link (gankit.files); a full disk leaves the old file whole.
+        return write_bytes(path, save(tensors, metadata={HEADER_KEY: header}), exists)
     except OSError as err:
-        tmp.unlink(missing_ok=True)  # a full disk must not leave half a file behind
         raise StateFileError(f"could not write {path}: {err.strerror or err}") from None
-    return path
 
 
 def load_state(path: Path, device="cpu") -> dict:
@@ -150,14 +156,13 @@ def load_state(path: Path, device="cpu") -> dict:
         tensors = load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise StateFileError(f"{path} is not a gankit state file ({err})") from None
-    try:
-        header = json.loads(metadata[HEADER_KEY])
-    except (KeyError, json.JSONDecodeError, TypeError):
-        raise StateFileError(f"{path} is a safetensors file without gankit's header") from None
+    if not isinstance(metadata.get(HEADER_KEY), str):
+        raise StateFileError(f"{path} is a safetensors file without gankit's header")
+    header = parse_json(metadata[HEADER_KEY], f"{path}'s header")
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise StateFileError(f"{path} has state-file format {header.get('format') if isinstance(header, dict) else '?'}, "
                              f"this gankit reads format {FORMAT}")
-    state = _decode(header.get("state"), tensors, str(path))
+    state = decode(header.get("state"), tensors, str(path))
     if not isinstance(state, dict):
         raise StateFileError(f"{path} does not hold a state dictionary")
     return state

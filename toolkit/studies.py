@@ -5,6 +5,7 @@ import argparse
 import csv
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -200,6 +201,20 @@ def trained_to_the_end(ckpt: dict, config: Config) -> bool:
     return ckpt["state"]["epoch"] >= config.train.epochs and same_training(ckpt["config"], config)
 
 
+def start_afresh(run: RunDir) -> None:
+    """Empty a row folder that started but finished no round (its lock file stays: held)."""
+    for child in run.path.iterdir():
+        if child.name != ".lock":
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+
+
+def held_row(runs_dir: Path, name: str) -> RunDir:
+    """The row's folder, locked for this process: two studies (or Ray tasks) never train it at once."""
+    run = RunDir(runs_dir / name)
+    run.path.mkdir(parents=True, exist_ok=True)
+    return run.lock()
+
+
 def _train_row(name: str, config: Config, data, run: RunDir) -> float:
     run_path = run.path
     if run.checkpoint_path("last").exists():
@@ -214,6 +229,8 @@ def _train_row(name: str, config: Config, data, run: RunDir) -> float:
         trainer = Trainer(Config.from_dict(ckpt["config"]), data, run)
         trainer.resume()  # an interrupted study continues where it stopped
     else:
+        if run.path.is_dir():  # a row that started but saved no checkpoint starts again
+            start_afresh(held_row(run.path.parent, name))
         trainer = Trainer(config, data, RunDir.create(config))
     log.info("[%s] training: %s", name, trainer.run.path)
     status = trainer.fit()

@@ -230,7 +230,7 @@ class Trainer:
         refuse_other_data(ckpt, self.data, self.run.checkpoint_path("last"))
         try:
             self.load_state_dict(ckpt)
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
             # A state file runs no code, but it can still be damaged or made for another run.
             raise UserError(f"{self.run.checkpoint_path('last')} does not fit this run "
                             f"({type(err).__name__}: {str(err)[:200]})") from None

@@ -136,9 +136,11 @@ def plot_prd(curves: dict, path, title: str | None = None) -> str:
     if curves:
         ax.legend(loc="lower left", fontsize="small")
     fig.tight_layout()
+    from gankit.files import make_folder, save_figure
+
     path = os.fspath(path)
     directory = os.path.dirname(path)
     if directory:
-        os.makedirs(directory, exist_ok=True)
-    fig.savefig(path)
+        make_folder(directory)
+    save_figure(fig, path)
     return path
