@@ -512,3 +512,15 @@ def test_deep_nesting_in_a_checkpoint_header_is_one_line(capsys, tmp_path):
 def test_an_error_never_echoes_a_huge_value(capsys, tmp_path):
     line = refused(capsys, "train", "--out-dir", tmp_path, "--name", "n/" + "x" * 10**6)
     assert len(line) < 500
+
+
+def test_networks_too_large_for_the_machine_are_refused_before_they_are_built(capsys, tmp_path, npz_data):
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    line = refused(capsys, "train", "--out-dir", tmp_path / "runs", *TINY, f"npz:{npz_data}",
+                   "--g-width", "2048", "--d-width", "2048", "--image-size", "256",
+                   message="--max-model-gb 8")
+    assert "1.47e+03 GB" in line  # 4 copies (weights, gradients, Adam's moments) of 91.7e9 weights
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KB: nothing built
+    assert not (tmp_path / "runs").exists()

@@ -92,6 +92,7 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[Config, Optional[Pat
 def train_command(args: argparse.Namespace) -> int:
     from gankit.data import load_data
     from gankit.evaluate import training_callbacks
+    from gankit.models import check_training_memory
     from gankit.runs import RunDir
     from gankit.trainer import Trainer, resolve_device
 
@@ -100,6 +101,7 @@ def train_command(args: argparse.Namespace) -> int:
     data = load_data(config.data)
     log.info("data: %s", data.description)
     validate(config, data.num_classes)
+    check_training_memory(config, data.image_shape, data.num_classes)
     if config.train.mode == "federated":
         return federated_command(config, data, resume_dir)
     callbacks = training_callbacks(config, data, resolve_device(config.train.device))

@@ -113,6 +113,9 @@ class ModelConfig:
         "projection", "how the discriminator sees labels: " + " | ".join(CONDITIONINGS)
     )
     label_embed_dim: int = option(32, "size of the generator's label embedding")
+    max_model_gb: float = option(8.0, "largest training state of G and D (weights, gradients, "
+                                      "optimizer moments) in GB, checked before they are built "
+                                      "(raise it on a larger machine)")
 
 
 @dataclass
@@ -312,7 +315,8 @@ GROUPS = {
 # the data lives, not what it is: the checkpoint's data fingerprint refuses other data.
 RESUMABLE_CHANGES = {"epochs", "progress", "tensorboard", "log_every", "sample_every", "device",
                      "eval_every", "eval_samples", "rounds", "client_cpus", "pr_curves",
-                     "simulation", "data_root", "download", "max_data_gb"}
+                     "simulation", "data_root", "download", "max_data_gb",
+                     "max_model_gb"}
 
 
 @dataclass
@@ -431,7 +435,7 @@ RANGES: dict[str, Range] = {
     "g_width": Range(1, 2048), "d_width": Range(1, 2048),
     "g_depth": Range(1, 12, zero_means_off=True), "d_depth": Range(1, 12, zero_means_off=True),
     "d_dropout": FRACTION, "instance_noise": Range(0, 100),
-    "maxout_pieces": Range(1, 64), "label_embed_dim": Range(1, 4096),
+    "maxout_pieces": Range(1, 64), "label_embed_dim": Range(1, 4096), "max_model_gb": POSITIVE,
     # objective
     "n_critic": Range(1, 10_000, zero_means_off=True),
     "d_steps_threshold": Range(0, 1, low_open=True, high_open=True),

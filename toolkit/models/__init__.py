@@ -79,3 +79,23 @@ def discriminator_for(config: Config, image_shape: tuple[int, int, int], num_cla
     """The run's D: its model options, with the class head when the objective uses one."""
     return build_discriminator(config.model, image_shape, num_classes,
                                class_head=config.objective.aux_classifier > 0)
+
+
+# Weights, their gradients and Adam's two moments, plus an EMA copy of G when kept.
+TRAINING_COPIES = 4
+
+
+def check_training_memory(config: Config, image_shape: tuple[int, int, int], num_classes: int) -> None:
+    """Refuse networks whose weights and optimizer state alone exceed --max-model-gb, before
+    any is allocated: they are counted on the meta device, which holds no memory."""
+    with torch.device("meta"):
+        G = build_generator(config.model, config.latent.latent_dim, image_shape, num_classes)
+        D = discriminator_for(config, image_shape, num_classes)
+    g_params = sum(p.numel() for p in G.parameters())
+    d_params = sum(p.numel() for p in D.parameters())
+    copies = TRAINING_COPIES * (g_params + d_params) + (g_params if config.optim.ema_decay else 0)
+    need_gb = copies * 4 / 1e9
+    if need_gb > config.model.max_model_gb:
+        raise ConfigError(f"G ({g_params:,} weights) and D ({d_params:,}) need {need_gb:.3g} GB for "
+                          f"training state, above --max-model-gb {config.model.max_model_gb:g}; use "
+                          "smaller widths or depths, or raise --max-model-gb if the machine has it")
