@@ -8,10 +8,10 @@ process, takes its partition (seeded, so every machine agrees on the split), tra
 `local_steps` discriminator steps with the toolkit's loop (toolkit/federated.py) and
 returns both networks with metrics (examples, losses).
 
-Sample-level DP: the server decides each client's noise multiplier and private steps and
-sends them in the train config with the partition it expects this node to hold ("client",
-learnt from this node's answer to a query message, `identify`); the client trains with
-exactly these and reports them back, and refuses a round meant for another partition.
+The server sends, in the train config, the partition it expects this node to hold ("client",
+learnt from this node's answer to a query message, `identify`); the client refuses a round
+meant for another partition. Sample-level DP: the server also decides each client's noise
+multiplier and private steps; the client trains with exactly these and reports them back.
 
 With --sync d the message's "arrays" hold D alone, which is all the client sends back
 (clipped and noised alone under client-level DP); G and the prior come in "generator".
@@ -61,11 +61,11 @@ def local_training(msg: Message, context: Context) -> Message:
                           f"the run has {config.federated.clients} clients")
     torch.set_num_threads(max(1, int(config.federated.client_cpus)))
     cfg = msg.content["config"]
+    if "client" in cfg and int(cfg["client"]) != client:
+        raise ConfigError(f"the server sent this node a round for partition {cfg['client']}, but it "
+                          f"holds partition {client}")
     noise, steps = None, None
     if config.federated.sample_dp:
-        if int(cfg["client"]) != client:
-            raise ConfigError(f"the server sent this node a round for partition {cfg['client']}, but it "
-                              f"holds partition {client}")
         noise, steps = float(cfg["noise-multiplier"]), int(cfg["dp-steps"])
     carry = kept_state(context) if config.federated.client_optimizer == "keep" else None
     received = msg.content["arrays"].to_torch_state_dict()

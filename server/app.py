@@ -12,6 +12,10 @@ Two ways in:
 - deployment (`flwr run` against a SuperLink): the module attribute `app` below reads
   the run config keys `config` (a config JSON file), `out-dir`/`name` overrides and
   `resume` (true to continue the run folder).
+
+A round whose global model is not finite raises TrainingDiverged before its history record
+or checkpoint is written (gankit.federated.GlobalModel.end_round); it ends the simulation
+(the CLI's exit code 3) or the deployed ServerApp (Flower marks the run failed).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +33,7 @@ from flwr.serverapp import Grid, ServerApp
 from gankit.server.strategy import build_strategy, load_strategy_state, sampled_clients, strategy_state
 from gankit.config import Config, validate
 from gankit.data import ImageData, load_data
+from gankit.errors import TrainingDiverged
 from gankit.federated import (GlobalModel, client_partitions, describe_partitions, describe_sample_dp,
                                sample_dp_plan, statistics_keys)
 from gankit.runs import RunDir
@@ -132,4 +138,23 @@ def main(grid: Grid, context: Context) -> None:
     validate(config, data.num_classes)
     resume = bool(rc.get("resume", False))
     run = RunDir.open(Path(config.train.out_dir) / config.train.name) if resume else RunDir.create(config)
-    serve(grid, config, run, data, resume=resume, classifier=training_classifier(config, data))
+    # The round lines, dropped replies and a divergence go to Flower's log stream (this process's
+    # stdout, which `flwr run --stream` and `flwr log` show) and to the run folder's log, as a
+    # CLI run's do.
+    handlers, level = [logging.StreamHandler(sys.stdout), logging.FileHandler(run.log_path)], log.level
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        serve(grid, config, run, data, resume=resume, classifier=training_classifier(config, data))
+    except TrainingDiverged as err:
+        # Raised on to Flower, which marks the run failed with this text; the run folder keeps
+        # the last good round's checkpoint.
+        log.error("training diverged: %s", err)
+        raise
+    finally:
+        for handler in handlers:
+            log.removeHandler(handler)
+            handler.close()
+        log.setLevel(level)

@@ -10,12 +10,14 @@
 `ReplyGuard` wraps any Flower strategy (the way Flower's DP wrappers do) and is the trust
 boundary between the clients and the aggregation. A client reply reaches the strategy only
 when it
-- carries no error and comes from a node that was sent this round, once;
-- holds exactly the global model's arrays (same keys, shapes and dtypes, finite values) and
-  exactly the expected metrics (integers where integers belong, finite numbers elsewhere,
-  counts within what the server planned);
-- under sample-level DP, echoes what the server sent its node (partition, noise multiplier,
-  steps; see `PartitionAssignments`).
+- carries no error and comes from a node that was sent this round, once, in reply to the
+  message this round sent it;
+- holds exactly the global model's arrays (same keys, shapes and dtypes, finite values, none
+  further than MAX_STEP from the global model the node was sent) and exactly the expected
+  metrics (integers where integers belong, finite numbers elsewhere, counts within what the
+  server planned);
+- names the partition its node holds and, under sample-level DP, echoes what the server sent
+  its node (noise multiplier, steps; see `PartitionAssignments`).
 Any other reply is dropped, counted and logged; it never ends the round. Every accepted reply
 weighs the same (the server does not take a client's word for its example count). A round with
 fewer than --min-clients accepted replies keeps the previous global model. The guard numbers
@@ -42,6 +44,22 @@ from gankit.config import Config
 from gankit.federated import reply_metric_types, split_for_sync
 
 log = logging.getLogger("gankit")
+
+
+# The furthest any value of a reply may lie from the global model its node was sent. It keeps
+# out what no honest client sends and what would break the server's arithmetic (a reply of
+# 1e30s leaves a plain mean of 1e29s, and its square, in a server optimizer's second moment or
+# a DP wrapper's norm, is infinite), and nothing an honest client could: Adam moves a weight by
+# at most lr (1 - beta1) / sqrt(1 - beta2) a step (Kingma and Ba 2015, 2.1), about 16 lr, so the
+# project's largest configurations (lr 8e-4, 50 local steps) move a weight by less than 1.
+# Within the bound a well-formed update is averaged in: it can still ruin a plain mean, which
+# only the robust strategies or client-level DP's clipping prevent.
+MAX_STEP = 1e6
+# Under --client-dp server, Flower's clipping divides by each update's norm (float32): a reply
+# that leaves the model where it was (norm 0, or values so close that their squares underflow)
+# would raise ZeroDivisionError and end the run. Below this norm a reply is dropped; no honest
+# round moves the weights that little.
+MIN_CLIPPED_NORM = 1e-12
 
 
 def sampled_clients(config: Config) -> int:
@@ -139,15 +157,16 @@ class PartitionAssignments:
         return partition, ""
 
     def assign(self, messages: list[Message], grid: Grid) -> list[tuple[Message, dict]]:
-        """Each message with its node's assignment added to its config; nodes without a
-        partition are left out of the round."""
+        """Each message with its node's assignment (its partition as "client", and the plan's
+        entry) added to its config; nodes without a partition are left out of the round."""
         self.learn_partitions([m.metadata.dst_node_id for m in messages], grid)
         out = []
         for message in messages:
             node = message.metadata.dst_node_id
             if node not in self.partition_of:
                 continue
-            assignment = dict(self.plan[self.partition_of[node]])
+            partition = self.partition_of[node]
+            assignment = {"client": partition, **self.plan[partition]}
             content = RecordDict(dict(message.content.items()))
             # Each node gets its own config record: Flower's strategies share one between messages.
             content["config"] = ConfigRecord({**message.content["config"], **assignment})
@@ -169,6 +188,8 @@ class ReplyGuard(Strategy):
     required_metrics, optional_metrics : metric name -> int or float.
     metric_limits : metric name -> (lowest, highest) value accepted.
     min_replies : fewest accepted replies that update the model.
+    min_update_norm : a reply whose update (over the floating arrays, against the global model
+        its node was sent) has a smaller L2 norm is dropped (see MIN_CLIPPED_NORM); 0: no bound.
     round_offset : rounds done before this run started (resume).
     assignments : sample-level DP's per-node assignments, or None.
     """
@@ -177,7 +198,7 @@ class ReplyGuard(Strategy):
                  optional_metrics: Optional[dict[str, type]] = None,
                  metric_limits: Optional[dict[str, tuple[float, float]]] = None, *, min_replies: int = 1,
                  round_offset: int = 0, assignments: Optional[PartitionAssignments] = None,
-                 arrays_key: str = "arrays", metrics_key: str = "metrics",
+                 min_update_norm: float = 0.0, arrays_key: str = "arrays", metrics_key: str = "metrics",
                  weighted_by_key: str = "num-examples", plain_mean_keys: frozenset = frozenset()):
         super().__init__()
         self.strategy = strategy
@@ -190,10 +211,15 @@ class ReplyGuard(Strategy):
         self.optional_metrics = dict(optional_metrics or {})
         self.metric_limits = dict(metric_limits or {})
         self.min_replies = max(0, min_replies)
+        self.min_update_norm = min_update_norm
         self.round_offset = round_offset
         self.assignments = assignments
         self.arrays_key, self.metrics_key, self.weighted_by_key = arrays_key, metrics_key, weighted_by_key
         self.outcome = RoundOutcome(round_offset)
+        # This round's messages by node (the grid gives them their ids as it sends them) and
+        # the global model's arrays they carried.
+        self.messages: dict[int, Message] = {}
+        self.sent_arrays: dict[str, np.ndarray] = {}
 
     def __repr__(self) -> str:
         return f"ReplyGuard({self.strategy!r})"
@@ -213,6 +239,8 @@ class ReplyGuard(Strategy):
         else:
             assigned = self.assignments.assign(messages, grid)
         self.outcome.sent = {m.metadata.dst_node_id: assignment for m, assignment in assigned}
+        self.messages = {m.metadata.dst_node_id: m for m, _ in assigned}
+        self.sent_arrays = {k: a.numpy() for k, a in arrays.items()}
         return [m for m, _ in assigned]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -221,6 +249,7 @@ class ReplyGuard(Strategy):
         round_ = server_round + self.round_offset
         if o.round != round_:  # aggregate_train without configure_train (as a test may call it)
             o = self.outcome = RoundOutcome(round_)
+            self.messages, self.sent_arrays = {}, {}
         accepted, seen = [], set()
         # Ray hands replies over as they arrive; one fixed order keeps the float sums, and so
         # the run, the same from run to run.
@@ -285,6 +314,10 @@ class ReplyGuard(Strategy):
             return "no record of what this node was sent"
         if node in seen:
             return "a second reply from this node"
+        # Flower's grid pulls only the replies to this round's messages; a reply to another
+        # message (an earlier round's) is refused here too.
+        if node in self.messages and reply.metadata.reply_to_message_id != self.messages[node].metadata.message_id:
+            return f"a reply to message {reply.metadata.reply_to_message_id[:12]!r}, not to this round's"
         if not reply.has_content():
             return "no content"
         content = reply.content
@@ -302,6 +335,7 @@ class ReplyGuard(Strategy):
             extra, missing = sorted(keys - expected), sorted(expected - keys)
             return "arrays " + "; ".join(part for part in (f"not in the model: {extra[:5]}" if extra else "",
                                                            f"missing: {missing[:5]}" if missing else "") if part)
+        squares = 0.0  # of the update, over the floating arrays
         for key, (shape, dtype) in self.schema.items():
             try:
                 value = arrays[key].numpy()  # np.load without pickle (Flower's Array.numpy)
@@ -313,6 +347,16 @@ class ReplyGuard(Strategy):
                 return f"array {key} has dtype {value.dtype}, the model's is {dtype}"
             if not np.isfinite(value).all():
                 return f"array {key} is not finite"
+            if key in self.sent_arrays:
+                moved = np.abs(np.subtract(value, self.sent_arrays[key], dtype=np.float64))
+                step = float(np.max(moved, initial=0.0))
+                if step > MAX_STEP:
+                    return f"array {key} moves {step:.3g} from the global model sent (more than {MAX_STEP:g})"
+                if value.dtype.kind == "f":
+                    squares += float(np.sum(moved * moved))
+        if self.sent_arrays and math.sqrt(squares) < self.min_update_norm:
+            return (f"an update of norm {math.sqrt(squares):.3g}, below {self.min_update_norm:g} "
+                    f"(the model as it was sent)")
         return None
 
     def problem_with_metrics(self, metrics: MetricRecord, sent: dict) -> Optional[str]:
@@ -496,6 +540,7 @@ def build_strategy(config: Config, global_arrays: ArrayRecord, partition_sizes: 
     min_replies = 0 if f.client_dp == "poisson" else f.min_clients
     guard = ReplyGuard(strategy, ArrayRecord(replied), required, optional, limits, min_replies=min_replies,
                        round_offset=round_offset,
+                       min_update_norm=MIN_CLIPPED_NORM if f.client_dp == "server" else 0.0,
                        plain_mean_keys=statistics_keys if f.strategy in SERVER_OPTIMIZERS else frozenset(),
                        assignments=PartitionAssignments(sample_dp_plan if f.sample_dp
                                                         else [{} for _ in range(f.clients)]))

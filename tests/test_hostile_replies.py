@@ -1,7 +1,11 @@
 """Hostile client replies: the server's guard (server/strategy.py: ReplyGuard) drops every
-malformed or forged reply with a count and a reason, aggregates the honest ones exactly as if
-the others had not replied, and keeps the sample-level privacy account from what the server
-sent. The guard is called directly with Flower messages: no Ray, seconds in all."""
+malformed, forged, huge or late reply with a count and a reason, aggregates the honest ones
+exactly as if the others had not replied, and keeps the sample-level privacy account from what
+the server sent. The guard is called directly with Flower messages, in seconds.
+
+A global model that stops being finite anyway (an overflowing aggregate) stops the run like a
+diverged standard run: no record or checkpoint of that round, TrainingDiverged out of the inline
+and Ray simulations and the deployed ServerApp, exit code 3 from the CLI (one Ray run, ~25 s)."""
 
 from typing import Optional
 
@@ -14,7 +18,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from conftest import synthetic_data, tiny_config  # noqa: E402
-from gankit.server.strategy import build_strategy  # noqa: E402
+from gankit.server.strategy import MAX_STEP, build_strategy  # noqa: E402
 from gankit.federated import GlobalModel, sample_dp_plan  # noqa: E402
 from gankit.privacy import epsilon_of  # noqa: E402
 from gankit.runs import RunDir  # noqa: E402
@@ -129,7 +133,7 @@ HOSTILE = {
     "a pickled object array": (lambda a, m: ({**a, "w": PICKLED}, m), "cannot be read"),
     "NaN": (lambda a, m: ({**a, "w": np.array([0, np.nan, 0, 0], np.float32)}, m), "not finite"),
     "infinite": (lambda a, m: ({**a, "b": np.full((2, 3), np.inf, np.float32)}, m), "not finite"),
-    "num-examples 1e9": (lambda a, m: ({**a, "w": np.full(4, 1e6, np.float32)}, {**m, "num-examples": 10 ** 9}),
+    "num-examples 1e9": (lambda a, m: ({**a, "w": np.full(4, 100, np.float32)}, {**m, "num-examples": 10 ** 9}),
                          "outside"),
     "num-examples 1e9 as a float": (lambda a, m: (a, {**m, "num-examples": 1e9}), "not an integer"),
     "negative num-examples": (lambda a, m: (a, {**m, "num-examples": -5}), "outside"),
@@ -138,6 +142,10 @@ HOSTILE = {
     "metric of the wrong type": (lambda a, m: (a, {**m, "g_loss": [0.5, 0.5]}), "not a number"),
     "NaN metric": (lambda a, m: (a, {**m, "d_loss": float("nan")}), "not finite"),
     "client id out of range": (lambda a, m: (a, {**m, "client": 99}), "outside"),
+    "another node's partition": (lambda a, m: (a, {**m, "client": 0}), "server sent"),
+    "huge but finite": (lambda a, m: ({**a, "w": np.full(4, 1e30, np.float32), "b": np.full((2, 3), 1e30, np.float32)},
+                                      m), "moves"),
+    "just past MAX_STEP": (lambda a, m: ({**a, "w": np.full(4, MAX_STEP * 1.01, np.float32)}, m), "moves"),
 }
 
 
@@ -151,8 +159,8 @@ def test_a_hostile_reply_is_dropped_and_the_honest_replies_make_the_round(tmp_pa
         sent = start_round(guard, FakeGrid({101: 0, 102: 1, 103: 2, 104: 3}, 4))
         replies = [reply(sent[101 + i], honest_arrays(i), honest_metrics(config, sent[101 + i], i))
                    for i in range(3)]
-        if hostile:  # node 104 sends 1e6 where it can, so that taking it in would show
-            arrays, metrics = make_hostile({k: np.full_like(v, 10 ** 6) for k, v in GLOBAL.items()},
+        if hostile:  # node 104 sends 100 where it can (within MAX_STEP), so that taking it in would show
+            arrays, metrics = make_hostile({k: np.full_like(v, 100) for k, v in GLOBAL.items()},
                                            honest_metrics(config, sent[104], 3))
             replies.insert(1, reply(sent[104], arrays, metrics))
         return guard, aggregate_of(guard, replies)
@@ -247,7 +255,7 @@ def test_every_strategy_survives_a_round_of_all_hostile_kinds_at_once(tmp_path, 
         replies = [reply(sent[100 + i], honest_arrays(i), honest_metrics(config, sent[100 + i], i, 40))
                    for i in range(3)]
         for i, case in enumerate(hostile if with_hostile else [], start=3):
-            arrays, metrics = HOSTILE[case][0]({k: np.full_like(v, 10 ** 6) for k, v in GLOBAL.items()},
+            arrays, metrics = HOSTILE[case][0]({k: np.full_like(v, 100) for k, v in GLOBAL.items()},
                                                honest_metrics(config, sent[100 + i], i, 40))
             replies.append(reply(sent[100 + i], arrays, metrics))
         np.random.seed(0)  # the DP wrappers' noise
@@ -367,3 +375,221 @@ def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(tmp_path):
                                                for n in order]))
     assert_same(aggregates[0], aggregates[1])
     assert_same(aggregates[0], aggregates[2])
+
+
+def test_under_server_side_clipping_a_reply_without_an_update_is_dropped_not_a_crash(tmp_path):
+    # Flower's server-side clipping divides by the update's norm: the model sent back unchanged
+    # (or changed by less than its float32 squares can hold) raised ZeroDivisionError and ended
+    # the run.
+    config = config_of(tmp_path, clients=4, client_dp="server", client_dp_clip=1.0)
+    guard = build_strategy(config, records(GLOBAL), SIZES)
+    sent = start_round(guard, FakeGrid({1: 0, 2: 1, 3: 2, 4: 3}, 4))
+    unchanged = {**GLOBAL, "count": np.array(7, np.int64)}  # a counter moved, no weight did
+    tiny = {**GLOBAL, "w": np.array([1e-20, 0, 0, 0], np.float32)}
+    replies = [reply(sent[n], honest_arrays(n - 1), honest_metrics(config, sent[n], n - 1)) for n in (1, 2)]
+    replies += [reply(sent[3], unchanged, honest_metrics(config, sent[3], 2)),
+                reply(sent[4], tiny, honest_metrics(config, sent[4], 3))]
+    np.random.seed(0)
+    arrays, _ = guard.aggregate_train(1, replies)
+    reasons = dict(guard.outcome.dropped)
+    assert sorted(reasons) == [3, 4] and all("an update of norm" in why for why in reasons.values())
+    assert arrays is not None and guard.outcome.accepted == 2
+
+
+def sent_by_a_grid(sent: dict[int, Message]) -> dict[int, Message]:
+    """The messages as Flower's grids send them: each gets its id, in place."""
+    from uuid import uuid4
+
+    for message in sent.values():
+        message.metadata.__dict__["_message_id"] = uuid4().hex
+    return sent
+
+
+def test_a_reply_to_an_earlier_rounds_message_is_dropped(tmp_path):
+    # Flower's grid pulls only the replies to this round's messages and the SuperLink refuses a
+    # reply to a message it has deleted (tests/test_hostile_deployment.py); the guard refuses it too.
+    config = config_of(tmp_path, clients=3)
+    guard = build_strategy(config, records(GLOBAL), SIZES[:3])
+    grid = FakeGrid({1: 0, 2: 1, 3: 2}, 3)
+    first = sent_by_a_grid(start_round(guard, grid, 1))
+    guard.aggregate_train(1, [reply(first[n], honest_arrays(n - 1), honest_metrics(config, first[n], n - 1))
+                              for n in (1, 2, 3)])
+    second = sent_by_a_grid(start_round(guard, grid, 2))
+    late = reply(first[1], honest_arrays(0), honest_metrics(config, first[1], 0))  # node 1 answers round 1 again
+    honest = [reply(second[n], honest_arrays(n - 1), honest_metrics(config, second[n], n - 1)) for n in (2, 3)]
+    arrays, _ = guard.aggregate_train(2, [late] + honest)
+    assert len(guard.outcome.dropped) == 1
+    node, why = guard.outcome.dropped[0]
+    assert node == 1 and "not to this round's" in why
+    assert np.array_equal(arrays["w"].numpy(), np.full(4, 2.5, np.float32))  # nodes 2 and 3 only
+
+
+def test_max_step_is_measured_from_the_global_model_the_node_was_sent(tmp_path):
+    config = config_of(tmp_path, clients=3)
+    guard = build_strategy(config, records(GLOBAL), SIZES[:3])
+    # A global model far from zero: replies near it pass, a reply back at zero moves too far.
+    far = {k: v + 5e6 if v.dtype.kind == "f" else v for k, v in GLOBAL.items()}
+    sent = {m.metadata.dst_node_id: m for m in guard.configure_train(
+        1, records(far), ConfigRecord({"config-json": "{}"}), FakeGrid({1: 0, 2: 1, 3: 2}, 3))}
+    near = [{k: v + i if v.dtype.kind == "f" else v for k, v in far.items()} for i in (1, 2)]
+    replies = [reply(sent[n], values, honest_metrics(config, sent[n], n - 1)) for n, values in zip((1, 2), near)]
+    replies.append(reply(sent[3], honest_arrays(2), honest_metrics(config, sent[3], 2)))
+    arrays, _ = guard.aggregate_train(1, replies)
+    assert [node for node, _ in guard.outcome.dropped] == [3] and "moves 5e+06" in guard.outcome.dropped[0][1]
+    assert np.array_equal(arrays["w"].numpy(), np.full(4, 5000001.5, np.float32))
+
+
+def test_an_honest_round_at_fifty_times_the_default_learning_rate_stays_far_below_max_step(tmp_path):
+    from gankit.federated import local_round, statistics_keys
+
+    lr, steps = 1e-2, 20
+    config = config_of(tmp_path, clients=2, local_steps=steps, g_lr=lr, d_lr=lr)
+    data = synthetic_data()
+    model = GlobalModel(config, data, RunDir(tmp_path))
+    start = model.weights
+    trained, _ = local_round(config, data, start, client=0, server_round=1)
+    moves = {k: float((trained[k].double() - start[k].double()).abs().max())
+             for k in trained if trained[k].is_floating_point()}
+    statistics = statistics_keys(model.G, model.D, model.prior)
+    # Adam's step is at most lr (1 - beta1) / sqrt(1 - beta2) (Kingma and Ba 2015, 2.1); running
+    # statistics follow the activations instead.
+    adam_bound = lr * (1 - 0.5) / (1 - 0.999) ** 0.5 * steps
+    assert 0 < max(v for k, v in moves.items() if k not in statistics) <= adam_bound
+    assert max(moves.values()) < 10 < MAX_STEP / 1e4
+
+
+# --- a global model that stops being finite ---------------------------------------------------
+
+def overflowing_aggregate(monkeypatch, from_round: int) -> None:
+    """From `from_round` on, the aggregate of the accepted (finite) replies overflows, as a
+    server optimizer's step or client-level noise can make it: one array holds an infinity."""
+    from gankit.server.strategy import ReplyGuard
+
+    aggregate = ReplyGuard.aggregate_train
+
+    def overflowing(self, server_round, replies):
+        arrays, metrics = aggregate(self, server_round, replies)
+        if arrays is not None and self.outcome.round >= from_round:
+            key = next(iter(arrays.keys()))
+            value = arrays[key].numpy().copy()
+            value.flat[0] = np.inf
+            arrays[key] = Array(value)
+        return arrays, metrics
+
+    monkeypatch.setattr(ReplyGuard, "aggregate_train", overflowing)
+
+
+def last_checkpoint_by_round(monkeypatch) -> dict[int, bytes]:
+    """The bytes of last.safetensors as each round left it."""
+    saved = {}
+    end_round = GlobalModel.end_round
+
+    def recording(self, server_round, *args, **kwargs):
+        record = end_round(self, server_round, *args, **kwargs)
+        saved[server_round] = self.run.checkpoint_path("last").read_bytes()
+        return record
+
+    monkeypatch.setattr(GlobalModel, "end_round", recording)
+    return saved
+
+
+def npz_dataset(tmp_path) -> str:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "digits.npz"
+    np.savez(path, x=rng.integers(0, 256, (200, 28, 28), dtype=np.uint8), y=rng.integers(0, 10, 200))
+    return f"npz:{path}"
+
+
+def rounds_in_history(run_path) -> list[int]:
+    import json
+
+    return [json.loads(line)["round"] for line in (run_path / "history.jsonl").read_text().splitlines()]
+
+
+def test_the_server_refuses_a_non_finite_model_before_it_writes_the_round(tmp_path):
+    import torch
+
+    from gankit.errors import TrainingDiverged
+    from gankit.federated import split_for_sync
+
+    config = config_of(tmp_path, name="div", clients=2, rounds=3, sync="d")
+    run = RunDir.create(config)
+    model = GlobalModel(config, synthetic_data(), run)
+    model.end_round(1, model.train_generator(split_for_sync(model.weights, "d")[0], 1), {})
+    kept, before = run.checkpoint_path("last").read_bytes(), model.weights
+    # --sync d: an aggregated D with a NaN stops the round before G trains against it ...
+    d = {k: v.clone() for k, v in split_for_sync(model.weights, "d")[0].items()}
+    next(v for v in d.values() if v.is_floating_point()).view(-1)[0] = float("nan")
+    with pytest.raises(TrainingDiverged, match=r"the aggregated D became non-finite in round 2 \(d\..*; the last "
+                                               r"good checkpoint is round 1 \(.*last.safetensors\)"):
+        model.train_generator(d, 2)
+    assert all(torch.equal(model.weights[k], before[k]) for k in before)
+    # ... and so does a global model that G's training (or the aggregation) made non-finite.
+    weights = {k: v.clone() for k, v in model.weights.items()}
+    weights["g.body.0.weight"].view(-1)[0] = float("inf")
+    with pytest.raises(TrainingDiverged, match=r"the global model became non-finite in round 2 \(g.body.0.weight\)"):
+        model.end_round(2, weights, {})
+    assert model.round == 1 and [r["round"] for r in run.history()] == [1]
+    assert run.checkpoint_path("last").read_bytes() == kept
+
+
+def test_a_diverged_inline_federation_exits_3_with_the_last_good_round_and_resumes_from_it(tmp_path, monkeypatch,
+                                                                                           capsys):
+    from gankit import cli
+
+    overflowing_aggregate(monkeypatch, from_round=3)
+    saved = last_checkpoint_by_round(monkeypatch)
+    argv = ["train", "--mode", "federated", "--simulation", "inline", "--clients", "2", "--rounds", "4",
+            "--local-steps", "2", "--g-width", "8", "--d-width", "8", "--latent-dim", "8", "--batch-size", "32",
+            "--eval-every", "0", "--no-progress", "--no-tensorboard", "--dataset", npz_dataset(tmp_path),
+            "--out-dir", str(tmp_path), "--name", "fed"]
+    assert cli.main(argv) == 3
+    err = capsys.readouterr().err
+    run = tmp_path / "fed"
+    assert "the global model became non-finite in round 3 (g." in err
+    assert f"the last good checkpoint is round 2 ({run / 'checkpoints' / 'last.safetensors'})" in err
+    assert rounds_in_history(run) == [1, 2]
+    assert (run / "checkpoints" / "last.safetensors").read_bytes() == saved[2]
+    # Like a standard run's, the last good checkpoint resumes.
+    monkeypatch.undo()
+    assert cli.main(["train", "--resume", str(run)]) == 0
+    assert rounds_in_history(run) == [1, 2, 3, 4]
+
+
+def test_a_diverged_ray_simulation_raises_with_the_last_good_round(tmp_path, monkeypatch):
+    from gankit.data import load_data
+    from gankit.errors import TrainingDiverged
+    from gankit.server.simulation import simulate
+
+    overflowing_aggregate(monkeypatch, from_round=2)
+    saved = last_checkpoint_by_round(monkeypatch)
+    config = tiny_config(tmp_path, mode="federated", clients=2, rounds=3, local_steps=2, name="ray",
+                         dataset=npz_dataset(tmp_path), simulation="ray")
+    run = RunDir.create(config)
+    with pytest.raises(TrainingDiverged, match="non-finite in round 2.*last good checkpoint is round 1"):
+        simulate(config, load_data(config.data), run)
+    assert rounds_in_history(run.path) == [1]
+    assert run.checkpoint_path("last").read_bytes() == saved[1]
+
+
+def test_the_deployed_server_app_raises_a_divergence_to_flower_and_logs_it_in_the_run(tmp_path, monkeypatch):
+    from flwr.app import Context
+
+    from gankit.clients.app import app as client_app
+    from gankit.errors import TrainingDiverged
+    from gankit.server.app import main
+    from gankit.server.inline_grid import InlineGrid
+
+    overflowing_aggregate(monkeypatch, from_round=2)
+    config = tiny_config(tmp_path, mode="federated", clients=2, rounds=3, local_steps=2, name="deployed",
+                         dataset=npz_dataset(tmp_path))
+    config.save(tmp_path / "run.json")
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={"config": str(tmp_path / "run.json")})
+    # Flower's ServerApp runner marks the run failed with the exception's text ("ServerApp failed
+    # with exception: ..."), which `flwr ls` shows.
+    with pytest.raises(TrainingDiverged, match="non-finite in round 2"):
+        main(InlineGrid(client_app, 2), context)
+    assert rounds_in_history(tmp_path / "deployed") == [1]
+    logged = (tmp_path / "deployed" / "train.log").read_text()
+    assert "round 1/3" in logged and "training diverged: the global model became non-finite in round 2" in logged

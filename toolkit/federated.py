@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from gankit.config import Config, n_critic
 from gankit.data import ImageData
+from gankit.errors import TrainingDiverged
 from gankit.latent import build_prior
 from gankit.models import build_generator, discriminator_for
 from gankit.partition import class_histogram, histogram_table, partition, save_histogram
@@ -64,6 +65,11 @@ def statistics_keys(G: nn.Module, D: nn.Module, prior: nn.Module) -> frozenset[s
     """The packed keys that hold buffers (running statistics, step counters), not weights."""
     return frozenset(f"{prefix}.{k}" for prefix, module in prefixed(G, D, prior)
                      for k, _ in module.named_buffers())
+
+
+def nonfinite_keys(weights: dict[str, Tensor]) -> list[str]:
+    """The keys of the floating arrays that hold a NaN or an infinity."""
+    return [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
 
 
 def unpack(weights: dict[str, Tensor], G: nn.Module, D: nn.Module, prior: nn.Module) -> None:
@@ -313,11 +319,29 @@ class GlobalModel:
         self.run.truncate_history(self.round, key="round")
         log.info("resumed %s after round %d", self.run.path, self.round)
 
+    def refuse_nonfinite(self, server_round: int, weights: dict[str, Tensor],
+                         what: str = "the global model") -> None:
+        """Raise TrainingDiverged when any array of `weights` is not finite, before anything of
+        the round is written: the last checkpoint stays the last good round's, as a standard
+        run keeps its last good epoch."""
+        bad = nonfinite_keys(weights)
+        if not bad:
+            return
+        last = self.run.checkpoint_path("last")
+        kept = (f"the last good checkpoint is round {self.round} ({last})" if last.exists()
+                else "no checkpoint was written before this")
+        arrays = bad[0] + (f" and {len(bad) - 1} more arrays" if len(bad) > 1 else "")
+        raise TrainingDiverged(
+            f"{what} became non-finite in round {server_round} ({arrays}); {kept}. Try a lower "
+            f"--server-lr or --server-step, lower learning rates, or less client-level noise.")
+
     def end_round(self, server_round: int, weights: Optional[dict[str, Tensor]], train_metrics: dict,
                   extra: Optional[dict] = None) -> dict:
         """Take the aggregated weights (None: the round failed, keep the previous model),
-        evaluate, write samples, history and checkpoints. Returns the round's record."""
+        evaluate, write samples, history and checkpoints. Returns the round's record. Weights
+        that are not finite raise TrainingDiverged and write nothing."""
         if weights is not None:
+            self.refuse_nonfinite(server_round, weights)
             unpack(weights, self.G, self.D, self.prior)
         self.round = server_round
         # A round's time is the server's wall clock from the previous round's end (or the
@@ -357,6 +381,8 @@ class GlobalModel:
         from gankit.steps import StepContext, generator_step
 
         f, t = self.config.federated, self.config.train
+        # A non-finite D would only make G non-finite too: stop before training against it.
+        self.refuse_nonfinite(server_round, d_weights, "the aggregated D")
         unpack({**d_weights, **split_for_sync(self.weights, "d")[1]}, self.G, self.D, self.prior)
         ctx = StepContext(self.G, self.prior, get_objective(self.config.objective.loss), self.config,
                           self.num_classes, torch.device("cpu"))
