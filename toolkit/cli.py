@@ -18,7 +18,7 @@ from argparse_dataclass import MISSING, _add_dataclass_options
 from gankit.config import GROUPS, RANGES, RESUMABLE_CHANGES, Config, Range, option, validate
 from gankit.errors import EXIT_USER_ERROR, ConfigError, TrainingDiverged, UserError, machine_error
 from gankit.files import free_path, open_append, output_path, refuse_links
-from gankit.presets import preset
+from gankit.presets import PRESETS, preset
 
 log = logging.getLogger("gankit")
 
@@ -57,8 +57,8 @@ def train_parser(sub) -> None:
                                    "given here override those of --config.")
     p.add_argument("--config", metavar="FILE", help="start from a saved config.json")
     p.add_argument("--preset", metavar="NAME",
-                   help="start from a named option set (dp-record: the DP-GAN record's model, "
-                        "optimizer and adaptive D steps); --config and options override it")
+                   help="start from a measured recipe: " + ", ".join(PRESETS) + " (gankit presets "
+                        "describes each); --config and options override it")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a run exactly where its last checkpoint left off")
     for name, cls in GROUPS.items():
@@ -535,6 +535,20 @@ def classifier_check_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def presets_parser(sub) -> None:
+    p = sub.add_parser("presets", help="the measured recipes --preset names, with their results",
+                       description="List every preset: what it is for, what it measured and "
+                                   "the command that reproduces it.")
+    p.set_defaults(command=presets_command)
+
+
+def presets_command(args: argparse.Namespace) -> int:
+    from gankit.presets import describe
+
+    print(describe(), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="gankit", description="Privacy-aware collaborative GAN training toolkit.")
     sub = parser.add_subparsers(metavar="COMMAND", required=True, parser_class=Parser)
@@ -544,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     export_parser(sub)
     compare_parser(sub)
     classifier_parser(sub)
+    presets_parser(sub)
     return parser
 
 
