@@ -42,8 +42,10 @@ def test_help_lists_every_option_with_its_default(capsys):
     on_by_default = sum(f.default is True for g in GROUPS.values() for f in fields(g))
     assert flat.count("(default:") >= sum(len(fields(g)) for g in GROUPS.values()) - on_by_default
     # A --no-* flag turns its option off, and its help says so (never "(default: True)").
-    assert "--no-tensorboard write TensorBoard logs; on by default, this flag turns it off" in flat
-    assert flat.count("on by default, this flag turns it off") == on_by_default
+    assert "--no-tensorboard turn off: write TensorBoard logs (on by default)" in flat
+    assert flat.count("(on by default)") == on_by_default
+    # An option whose help states its default in words shows it once.
+    assert "--name NAME run folder name, one folder inside --out-dir (default: <arch>-<loss>-<timestamp>) --" in flat
     assert "(default: True)" not in flat
 
 

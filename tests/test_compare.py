@@ -47,3 +47,25 @@ def test_compare_refuses_what_is_not_a_run_or_a_metric(tmp_path, capsys):
     assert cli.main(["compare", str(run), "--format", "xml"]) == 2
     err = capsys.readouterr().err
     assert "not a run folder" in err and "unknown --metric 'g_loss'" in err and "Traceback" not in err
+
+
+def test_the_plot_names_non_private_runs_and_separates_labels_at_one_point(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from gankit.compare import figure, read_runs, summary
+
+    paths = [fake_run(tmp_path, "public", [{"epoch": 1, "fid": 50.0, "precision": 0.0, "recall": 0.0}]),
+             fake_run(tmp_path, "eps10", [{"epoch": 1, "fid": 80.0, "precision": 0.0, "recall": 0.0,
+                                           "epsilon": 10.0, "delta": 1e-5}], mode="dp", target_epsilon=10.0),
+             fake_run(tmp_path, "eps1", [{"epoch": 1, "fid": 90.0, "precision": 0.0, "recall": 0.0,
+                                          "epsilon": 1.0, "delta": 1e-5}], mode="dp", target_epsilon=1.0)]
+    runs = read_runs(paths)
+    fig = figure(runs, [summary(r) for r in runs])
+    _, ax_pr, ax_eps = fig.axes
+    # The non-private run sits at twice the largest epsilon, labelled as not private, not as 20.
+    labels = {tick.get_text(): x for tick, x in zip(ax_eps.get_xticklabels(), ax_eps.get_xticks())}
+    assert labels == {"1": 1.0, "10": 10.0, "not\nprivate": 20.0}
+    # Three runs at precision = recall = 0: three labels, each at its own height.
+    offsets = sorted(text.xyann[1] for text in ax_pr.texts)
+    assert offsets == [3, 12, 21]
+    plt.close(fig)

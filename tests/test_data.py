@@ -143,3 +143,12 @@ def test_batches_are_reproducible_and_resume_mid_epoch():
     assert tail == full[4:]
     assert full != [b.flatten().tolist() for b, _ in batches.epoch(3)]
     assert len({v for batch in full for v in batch}) == 48
+
+
+def test_the_data_line_counts_the_images_that_train(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.integers(0, 256, (200, 28, 28), dtype=np.uint8), y=rng.integers(0, 10, 200))
+    data = load_data(DataConfig(dataset=f"npz:{tmp_path / 'd.npz'}", limit=64))
+    assert len(data.train_x) == 64
+    assert f"npz:{tmp_path / 'd.npz'}: 64 (--limit) of 179 training images; reference" in data.description
+    assert "--limit" not in load_data(DataConfig(dataset=f"npz:{tmp_path / 'd.npz'}", limit=500)).description

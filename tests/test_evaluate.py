@@ -106,18 +106,20 @@ def test_evaluate_writes_json_table_and_prd_plot(trained_run, capsys):
     assert f"| kid_x1000 | {metrics['kid'] * 1e3:.4g} ± " in table and "| kid |" not in table
 
 
-def test_evaluate_with_rejection_sampling(trained_run):
+def test_evaluate_with_rejection_sampling(trained_run, capsys):
     assert cli.main(["evaluate", str(trained_run), "--num", "100", "--drs", "--downstream-epochs", "0",
                      "--drs-target-rate", "0.5"]) == 0
     result = json.loads((trained_run / "eval" / "last-drs" / "metrics.json").read_text())
     assert 0.2 < result["drs_acceptance_rate"] <= 1.0
+    said = f"rejection sampling accepted {100 * result['drs_acceptance_rate']:.1f}% of {result['drs_draws']} draws"
+    assert said in capsys.readouterr().err
     assert result["drs_uses_real_data"] is False  # bce logits need no calibration
 
 
 @pytest.mark.parametrize("argv, count", [
-    (["--mode", "grid", "--steps", "5"], 25),
-    (["--mode", "slerp", "--anchors", "3", "--steps", "4"], 7),
-    (["--mode", "dirichlet", "--num", "12"], 12),
+    (["--mode", "grid", "--steps", "5", "--label", "3"], 25),
+    (["--mode", "slerp", "--anchors", "3", "--steps", "4", "--label", "3"], 7),
+    (["--mode", "dirichlet", "--num", "12", "--label", "3"], 12),
     (["--mode", "classes", "--num", "30"], 30),  # --num counts images in every mode
     (["--mode", "classes", "--num", "64"], 60),  # whole rows of one image per class
     (["--drs", "--num", "20"], 20),
@@ -130,11 +132,16 @@ def test_generate_modes(trained_run, tmp_path, argv, count):
 def test_generate_refuses_bad_mode_combinations(trained_run, capsys):
     assert cli.main(["generate", str(trained_run), "--mode", "warp"]) == 2
     assert cli.main(["generate", str(trained_run), "--mode", "grid", "--drs"]) == 2
+    # A conditional G explores one class: which one is the user's to say, never silently 0.
+    for mode in ("grid", "lerp", "slerp", "dirichlet"):
+        assert cli.main(["generate", str(trained_run), "--mode", mode]) == 2
+        assert "pass --label N (0 to 9)" in capsys.readouterr().err
 
 
-def test_evaluate_truncation_sweep(trained_run, tmp_path):
+def test_evaluate_truncation_sweep(trained_run, tmp_path, capsys):
     assert cli.main(["evaluate", str(trained_run), "--num", "100", "--downstream-epochs", "0",
                      "--sigmas", "0.5,1.0", "--out", str(tmp_path)]) == 0
+    assert "metrics.md and prd.png, truncation.csv and truncation.png" in capsys.readouterr().err
     lines = (tmp_path / "truncation.csv").read_text().splitlines()
     assert lines[0] == "sigma,precision,recall,fid" and [l.split(",")[0] for l in lines[1:]] == ["0.5", "1.0"]
     assert (tmp_path / "truncation.png").stat().st_size > 0

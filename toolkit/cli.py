@@ -282,7 +282,11 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if "truncation_sweep" in result:
         print(markdown_table(result["truncation_sweep"]))
     print(markdown_table([shown_metrics(result["metrics"])]))
-    log.info("wrote %s, metrics.md and prd.png", out / "metrics.json")
+    if "drs_acceptance_rate" in result:
+        log.info("rejection sampling accepted %.1f%% of %d draws (gamma %.4g)",
+                 100 * result["drs_acceptance_rate"], result["drs_draws"], result["drs_gamma"])
+    log.info("wrote %s, metrics.md and prd.png%s", out / "metrics.json",
+             ", truncation.csv and truncation.png" if "truncation_sweep" in result else "")
     return 0
 
 

@@ -70,6 +70,15 @@ def curve(run: Run, metric: str) -> list[tuple[int, float]]:
 
 
 def plot(runs: list[Run], rows: list[dict], out: Path, metric: str = "fid", force: bool = False) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(runs, rows, metric)
+    make_folder(out.parent)
+    save_figure(fig, out, "replace" if force else "refuse", dpi=120)
+    plt.close(fig)
+
+
+def figure(runs: list[Run], rows: list[dict], metric: str = "fid"):
     """Three panels: `metric` per epoch (or round) for every run, final precision against
     recall, and final `metric` against epsilon (non-private runs at the right edge)."""
     import matplotlib
@@ -81,7 +90,7 @@ def plot(runs: list[Run], rows: list[dict], out: Path, metric: str = "fid", forc
         points = curve(run, metric)
         if points:
             ax_curve.plot(*zip(*points), "-o", ms=3, color=f"C{i}", label=run.name)
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator, NullLocator
 
     ax_curve.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_curve.set_xlabel("epoch (round for federated runs)")
@@ -92,11 +101,14 @@ def plot(runs: list[Run], rows: list[dict], out: Path, metric: str = "fid", forc
     ax_curve.legend(fontsize=7)
     ax_curve.set_title(f"{metric} during training", fontsize=9)
 
+    at_point: dict = {}  # runs drawn at the same place so far: their labels are stacked
     for i, r in enumerate(rows):
         if math.isfinite(r["precision"]) and math.isfinite(r["recall"]):
             ax_pr.scatter(r["recall"], r["precision"], color=f"C{i}", s=30)
-            ax_pr.annotate(r["run"], (r["recall"], r["precision"]), fontsize=7, xytext=(3, 3),
-                           textcoords="offset points")
+            place = (round(r["recall"], 2), round(r["precision"], 2))
+            stacked = at_point[place] = at_point.get(place, -1) + 1
+            ax_pr.annotate(r["run"], (r["recall"], r["precision"]), fontsize=7,
+                           xytext=(3, 3 + 9 * stacked), textcoords="offset points", color=f"C{i}")
     ax_pr.set_xlim(0, 1)
     ax_pr.set_ylim(0, 1)
     ax_pr.set_xlabel("recall (final)")
@@ -113,14 +125,21 @@ def plot(runs: list[Run], rows: list[dict], out: Path, metric: str = "fid", forc
             ax_eps.annotate(r["run"], (x, r[metric]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     if finite:
         ax_eps.set_xscale("log")
+        # Decades up to the largest epsilon, then one tick "not private" where those runs sit:
+        # an unlabelled point at twice the largest epsilon would read as that epsilon.
+        low = math.floor(math.log10(min(finite)))
+        decades = [10.0 ** k for k in range(low, math.ceil(math.log10(max(finite))) + 1)
+                   if 10.0 ** k < edge / 1.4]
+        private_only = all(math.isfinite(r["epsilon"]) for r in rows)
+        ax_eps.xaxis.set_minor_locator(NullLocator())
+        ax_eps.set_xticks(decades + ([] if private_only else [edge]))
+        ax_eps.set_xticklabels([f"{d:g}" for d in decades] + ([] if private_only else ["not\nprivate"]))
     ax_eps.set_xlabel("epsilon (squares: not private)")
     ax_eps.set_ylabel(f"{metric} (final)")
     ax_eps.grid(alpha=0.3, which="both")
     ax_eps.set_title(f"{metric} against privacy budget", fontsize=9)
     fig.tight_layout()
-    make_folder(out.parent)
-    save_figure(fig, out, "replace" if force else "refuse", dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def write_table(rows: list[dict], out: Optional[Path], fmt: str, force: bool = False) -> str:

@@ -57,8 +57,10 @@ def option(default: Any, help: str, **metadata: Any):
     """
     if default is True:
         # argparse-dataclass offers such an option only as --no-<name>, which turns it off.
-        return field(default=True, metadata={"help": f"{help}; on by default, this flag turns it off",
+        return field(default=True, metadata={"help": f"turn off: {help} (on by default)",
                                              **metadata})
+    if "(default:" in help:  # the help says the default in its own words
+        return field(default=default, metadata={"help": help, **metadata})
     shown = "none" if default is None else default
     return field(default=default, metadata={"help": f"{help} (default: {shown})", **metadata})
 
@@ -199,7 +201,8 @@ class TrainConfig:
     seed: int = option(0, "seed of every random choice in the run")
     device: str = option("cpu", "cpu | cuda | auto")
     out_dir: str = option("runs", "folder that holds run folders")
-    name: str = option("", "run folder name (default: <arch>-<loss>-<timestamp>)")
+    name: str = option("", "run folder name, one folder inside --out-dir (default: "
+                           "<arch>-<loss>-<timestamp>)")
     sample_every: int = option(1, "write a sample grid every N epochs")
     log_every: int = option(50, "write TensorBoard scalars every N steps")
     checkpoint_every: int = option(

@@ -537,7 +537,8 @@ def load_data(cfg: DataConfig) -> ImageData:
     else:
         raise DataError(f"unknown dataset '{short(name)}' (choose from mnist, fashion-mnist, mnist-5k, "
                         "folder:PATH, npz:PATH, auto)")
-    if cfg.limit:
+    if cfg.limit and cfg.limit < len(x):  # the count every description opens with
+        description = description.replace(f": {len(x):,} ", f": {cfg.limit:,} (--limit) of {len(x):,} ", 1)
         x, y = x[: cfg.limit], None if y is None else y[: cfg.limit]
     if cfg.image_size:
         x, rx = (F.interpolate(t, size=(cfg.image_size,) * 2, mode="bilinear", antialias=True,

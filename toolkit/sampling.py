@@ -242,6 +242,9 @@ def generate(run: str, mode: str = "random", num: int = 64, checkpoint: str = "l
         raise UserError("--label needs a conditional model; this run's generator is unconditional")
     if label is not None and not 0 <= label < gen.num_classes:
         raise UserError(f"--label {label} is not a class of this model (0 to {gen.num_classes - 1})")
+    if gen.num_classes and label is None and mode in ("grid", "lerp", "slerp", "dirichlet"):
+        raise UserError(f"--mode {mode} moves through one class's latent space on a conditional "
+                        f"model: pass --label N (0 to {gen.num_classes - 1})")
     if mode == "random":
         if drs:
             from gankit.data import load_data
@@ -273,7 +276,7 @@ def generate(run: str, mode: str = "random", num: int = 64, checkpoint: str = "l
     z, labels, nrow = exploration_latents(gen, mode, num, seed, sigma, truncation, nrow, anchors,
                                           steps, span, alpha)
     if gen.num_classes and labels is None:
-        labels = torch.full((len(z),), label if label is not None else 0)
+        labels = torch.full((len(z),), label)
     with torch.no_grad():
         images = torch.cat([gen.G(z[i:i + 500], None if labels is None else labels[i:i + 500])
                             for i in range(0, len(z), 500)])
