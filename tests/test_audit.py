@@ -105,3 +105,40 @@ def test_sweep_reads_the_reported_epsilon_and_plots(tmp_path):
              {"row": "non-private", "epsilon": float("inf"), **metrics}]
     sweep.plot_metrics(tmp_path / "m.png", table)
     assert (tmp_path / "m.png").stat().st_size > 0
+
+
+def test_gankit_audit_scores_a_run_against_its_own_data_and_keeps_earlier_results(tmp_path, capsys):
+    import numpy as np
+
+    from gankit import cli
+    from gankit.data import load_data
+    from gankit.sampling import load_discriminator
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.integers(0, 256, (120, 28, 28), dtype=np.uint8),
+             y=rng.integers(0, 10, 120))
+    run = tmp_path / "runs" / "r"
+    assert cli.main(["train", "--dataset", f"npz:{tmp_path / 'd.npz'}", "--mode", "dp", "--epochs", "1",
+                     "--g-width", "8", "--d-width", "8", "--latent-dim", "8", "--batch-size", "32",
+                     "--eval-every", "0", "--no-progress", "--no-tensorboard",
+                     "--out-dir", str(tmp_path / "runs"), "--name", "r"]) == 0
+    capsys.readouterr()
+    assert cli.main(["audit", str(run), "--seed", "3"]) == 0
+    said = capsys.readouterr().out
+    record = json.loads((run / "audit" / "membership.json").read_text())
+    # The same numbers as the library call on the run's own training and held-out images.
+    data = load_data(Config.load(run / "config.json").data)
+    expected = audit_discriminator(load_discriminator(run), (data.train_x, data.train_y),
+                                   (data.ref_x, data.ref_y), seed=3)
+    assert record["auc"] == expected["auc"] and record["n_members"] == expected["n_members"] == 12
+    epsilon = json.loads((run / "history.jsonl").read_text().splitlines()[-1])["epsilon"]
+    assert record["epsilon"] == epsilon
+    assert f"membership AUC {expected['auc']:.4f} on 12 training and 12 held-out images" in said
+    assert f"accounted epsilon {epsilon:.3g}" in said
+    assert cli.main(["audit", str(run)]) == 0
+    assert (run / "audit" / "membership-2.json").is_file()  # the first result is kept
+    # Other data than the run's own is refused: the members would not be members.
+    np.savez(tmp_path / "d.npz", x=rng.integers(0, 256, (120, 28, 28), dtype=np.uint8),
+             y=rng.integers(0, 10, 120))
+    assert cli.main(["audit", str(run)]) == 2
+    assert "trained on other data" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from argparse_dataclass import MISSING, _add_dataclass_options
 
 from gankit.config import GROUPS, RANGES, RESUMABLE_CHANGES, Config, Range, option, validate
 from gankit.errors import EXIT_USER_ERROR, ConfigError, TrainingDiverged, UserError, machine_error
-from gankit.files import free_path, open_append, output_path, refuse_links
+from gankit.files import free_path, make_folder, open_append, output_path, refuse_links, write_text
 from gankit.presets import PRESETS, preset
 
 log = logging.getLogger("gankit")
@@ -539,6 +539,70 @@ def classifier_check_command(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass
+class AuditOptions:
+    run: str = option("", "run folder or checkpoint file", args=["run"])
+    checkpoint: str = option("last", "which checkpoint of a run folder: last | best")
+    n: int = option(0, "training images and as many held-out images scored (0 = the smaller set)")
+    seed: int = option(0, "seed of the two random subsets")
+    data_root: str = option("", "where the run's data lives now (default: the run's --data-root)")
+    out: str = option("", "result file (default: <run>/audit/membership.json, or the next free name)")
+    force: bool = option(False, "overwrite --out if it exists")
+
+
+AUDIT_RANGES = {"n": Range(0, 10**7), "seed": RANGES["seed"]}
+
+
+def audit_parser(sub) -> None:
+    p = sub.add_parser("audit", help="membership-inference audit of a run's discriminator",
+                       description="Score the run's training images and held-out images with its "
+                                   "discriminator (Hayes et al. 2019) and report the attack's ROC "
+                                   "AUC (0.5 = chance) beside the run's accounted epsilon.")
+    add_options(p, AuditOptions, "audit options")
+    p.set_defaults(command=audit_command)
+
+
+def audit_command(args: argparse.Namespace) -> int:
+    import json
+
+    from gankit.audit import audit_discriminator
+    from gankit.data import load_data
+    from gankit.runs import find_checkpoint
+    from gankit.sampling import load_discriminator, read_checkpoint
+    from gankit.trainer import refuse_other_data
+
+    opts = AuditOptions(**given_options(args, [AuditOptions]))
+    check_ranges(opts, AUDIT_RANGES)
+    run_folder, _ = find_checkpoint(Path(opts.run), opts.checkpoint)
+    base = run_folder.path if run_folder is not None else Path(opts.run).parent
+    out = output_path(Path(opts.out), opts.force) if opts.out else free_path(base / "audit" / "membership.json")
+    ckpt, config, _ = read_checkpoint(opts.run, opts.checkpoint)
+    data_config = config.data
+    if opts.data_root:
+        data_config = dataclasses.replace(data_config, data_root=opts.data_root)
+    data = load_data(data_config)
+    refuse_other_data(ckpt, data, Path(opts.run))  # members must be the run's own images
+    D = load_discriminator(opts.run, opts.checkpoint)
+    result = audit_discriminator(D, (data.train_x, data.train_y), (data.ref_x, data.ref_y),
+                                 n=opts.n or None, seed=opts.seed)
+    history = run_folder.history() if run_folder is not None else []
+    spent = {k: history[-1][k] for k in ("epsilon", "delta", "accountant") if history and k in history[-1]}
+    record = {"run": str(opts.run), "checkpoint": opts.checkpoint, "attack": "LOGAN white-box (D's score)",
+              "auc": result["auc"], "n_members": result["n_members"],
+              "n_nonmembers": result["n_nonmembers"], "seed": opts.seed,
+              "member_score_mean": result["member_score_mean"],
+              "nonmember_score_mean": result["nonmember_score_mean"],
+              "members": data.description, **spent}
+    make_folder(out.parent)
+    write_text(out, json.dumps(record, indent=2) + "\n", "replace" if opts.force else "refuse")
+    budget = (f"accounted epsilon {spent['epsilon']:.3g} (delta {spent['delta']:g})" if "epsilon" in spent
+              else "not private")
+    print(f"membership AUC {result['auc']:.4f} on {result['n_members']:,} training and "
+          f"{result['n_nonmembers']:,} held-out images (0.5 = chance); {budget}")
+    log.info("wrote %s", out)
+    return 0
+
+
 def presets_parser(sub) -> None:
     p = sub.add_parser("presets", help="the measured recipes --preset names, with their results",
                        description="List every preset: what it is for, what it measured and "
@@ -563,6 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare_parser(sub)
     classifier_parser(sub)
     presets_parser(sub)
+    audit_parser(sub)
     return parser
 
 
