@@ -40,6 +40,7 @@ from gankit.studies import (Evaluations, chosen_rows, held_row, on_ray, row_conf
                             same_training, start_afresh, study_out, study_parser, train_rows,
                             write_csv)
 from gankit.config import Config
+from gankit.errors import StudyError
 from gankit.data import load_data
 from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,
                               metric_classifier)
@@ -115,7 +116,7 @@ def included_rows(spec: dict, config_path: Path, args, ev: dict) -> tuple[list, 
             continue
         missing = set(entry["rows"]) - set(other["rows"])
         if missing:
-            raise SystemExit(f"include: {other_path.name} has no rows {sorted(missing)}")
+            raise StudyError(f"include: {other_path.name} has no rows {sorted(missing)}")
         base = study_base(other, args)
         wanted = {n: o for n, o in other["rows"].items() if n in entry["rows"]}
         built = row_configs({**other, "rows": wanted}, base, "", [], results / "runs")
@@ -159,7 +160,7 @@ def finished(run: RunDir, config: Config, name: str) -> bool:
         return False
     ckpt = run.load_checkpoint("last")
     if not same_training(ckpt["config"], config):
-        raise SystemExit(f"[{name}] {run.path} holds a run of another configuration; "
+        raise StudyError(f"[{name}] {run.path} holds a run of another configuration; "
                          "remove it or choose another --out")
     return ckpt["round"] >= config.federated.rounds
 

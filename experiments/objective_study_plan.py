@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from gankit.config import n_critic
+from gankit.errors import StudyError
 from gankit.data import ImageData, load_data
 from gankit.evaluate import markdown_table
 from gankit.runs import RunDir
@@ -42,7 +43,7 @@ def seconds_per_d_step(config, data: ImageData, steps: int, warmup: int = 5) -> 
                                          "sample_every": 10 ** 6, "checkpoint_every": 0})
             size = n * config.train.batch_size
             if size > len(data.train_x):
-                raise SystemExit(f"--steps {steps} needs {size:,} training images; the data has "
+                raise StudyError(f"--steps {steps} needs {size:,} training images; the data has "
                                  f"{len(data.train_x):,}")
             subset = ImageData(data.train_x[:size], None if data.train_y is None else data.train_y[:size],
                                data.ref_x, data.ref_y, data.name, data.description)

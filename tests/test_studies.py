@@ -318,7 +318,9 @@ def test_rows_on_a_gpu_reserve_a_share_of_it_by_default(tmp_path):
     assert gpus_per_row(argparse.Namespace(gpus_per_row=None), gpu_rows) == GPU_SHARE
     assert gpus_per_row(argparse.Namespace(gpus_per_row=0.5), gpu_rows) == 0.5
     assert gpus_per_row(argparse.Namespace(gpus_per_row=None), cpu_rows) == 0.0
-    with pytest.raises(SystemExit, match="hides the GPU"):
+    from gankit.errors import StudyError
+
+    with pytest.raises(StudyError, match="hides the GPU"):
         gpus_per_row(argparse.Namespace(gpus_per_row=0.0), gpu_rows)
 
 
@@ -345,6 +347,8 @@ def test_a_users_mistake_stops_every_study_with_one_line_and_exit_code_2(tmp_pat
         (objective + ["--config", str(config), "--set", "epochs=-1"], "epochs"),
         (objective + ["--config", str(broken)], "not valid JSON"),
         (objective + ["--config", str(tmp_path / "missing.json")], "missing.json"),
+        (objective + ["--config", str(config), "--rows", "nope"], "unknown rows ['nope']"),
+        (objective + ["--config", str(config), "--set", "epochs"], "--set takes OPTION=VALUE"),
         ([str(EXPERIMENTS / "objective_study_plan.py"), "--config", str(config)], "mnist is not in"),
         ([str(EXPERIMENTS / "dp_sweep.py"), "--config", str(broken), "--out", str(out)], "not valid JSON"),
         ([str(EXPERIMENTS / "federated_study.py"), "--config", str(broken), "--out", str(out)], "not valid JSON"),

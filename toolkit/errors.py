@@ -29,5 +29,10 @@ class DataError(UserError):
     """A dataset that cannot be read or does not have the expected content."""
 
 
+class StudyError(UserError):
+    """A study cannot go on as asked: an unknown row, a folder holding another configuration,
+    a row that failed (its one-line reason)."""
+
+
 class TrainingDiverged(Exception):
     """A loss became NaN or infinite; the last good checkpoint is kept."""

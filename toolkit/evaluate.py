@@ -32,10 +32,6 @@ from gankit.trainer import Callback
 
 log = logging.getLogger(__name__)
 
-# Metrics where lower is better; everything else reported is higher-is-better.
-LOWER_IS_BETTER = {"fid", "kid", "kid_std", "mode_kl", "mode_tv"}
-
-
 def metric_classifier(path: str, image_shape, num_classes: int, device="cpu",
                       required: bool = True):
     """The classifier whose features define the metrics, checked against the data's shape.

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from gankit.config import RESUMABLE_CHANGES, Config, validate
-from gankit.errors import EXIT_USER_ERROR, UserError, machine_error
+from gankit.errors import EXIT_USER_ERROR, StudyError, UserError, machine_error
 from gankit.presets import preset
 from gankit.runs import RunDir
 from gankit.trainer import Trainer
@@ -87,9 +87,9 @@ def gpus_per_row(args: argparse.Namespace, configs: dict[str, Config]) -> float:
     if share is None:
         return GPU_SHARE if on_gpu else 0.0
     if share < 0:
-        raise SystemExit(f"--gpus-per-row must be >= 0, got {share}")
+        raise StudyError(f"--gpus-per-row must be >= 0, got {share}")
     if on_gpu and share == 0:
-        raise SystemExit("--gpus-per-row 0 hides the GPU from every row, but the rows train on "
+        raise StudyError("--gpus-per-row 0 hides the GPU from every row, but the rows train on "
                          "--device cuda; give a fraction such as 0.25")
     return share
 
@@ -224,7 +224,7 @@ def _train_row(name: str, config: Config, data, run: RunDir) -> float:
             log.info("[%s] reusing the finished run in %s", name, run_path)
             return ckpt["state"]["train_time"]
         if not same_training(ckpt["config"], config):
-            raise SystemExit(f"[{name}] {run_path} holds a run of another configuration; "
+            raise StudyError(f"[{name}] {run_path} holds a run of another configuration; "
                              "remove it or choose another --out")
         trainer = Trainer(Config.from_dict(ckpt["config"]), data, run)
         trainer.resume()  # an interrupted study continues where it stopped
@@ -238,7 +238,7 @@ def _train_row(name: str, config: Config, data, run: RunDir) -> float:
         # The budget stop of a dp run: its epsilon is what it is; evaluate what it trained.
         log.warning("[%s] stopped before the planned epochs (privacy budget)", name)
     elif status != "done":
-        raise SystemExit(f"[{name}] training did not finish")
+        raise StudyError(f"[{name}] training did not finish")
     return trainer.state.train_time
 
 
@@ -289,7 +289,7 @@ def train_rows(configs: dict[str, Config], data, runs_dir: Path, args: argparse.
         for name, future in pending.items():
             outcome = ray.get(future)
             if isinstance(outcome, str):  # the row's one-line error (seconds are a number or None)
-                raise SystemExit(outcome)
+                raise StudyError(outcome)
             seconds[name] = outcome
         return seconds
     finally:
@@ -329,7 +329,7 @@ def train_row_task(name: str, config: dict, runs_dir: str, threads: int, train: 
     try:
         row = Config.from_dict(config)
         return train(name, row, load_data(row.data), Path(runs_dir))
-    except (SystemExit, UserError) as err:
+    except UserError as err:
         return f"[{name}] {err}"
 
 
@@ -362,7 +362,7 @@ def chosen_rows(spec: dict, rows_arg: str) -> set[str]:
     wanted = {r for r in rows_arg.split(",") if r}
     unknown = wanted - set(spec["rows"])
     if unknown:
-        raise SystemExit(f"unknown rows {sorted(unknown)}; the config has {list(spec['rows'])}")
+        raise StudyError(f"unknown rows {sorted(unknown)}; the config has {list(spec['rows'])}")
     return wanted or set(spec["rows"])
 
 
@@ -373,7 +373,7 @@ def row_configs(spec: dict, base: dict, rows_arg: str, sets: list[str], runs_dir
     wanted = chosen_rows(spec, rows_arg)
     malformed = [option for option in sets if "=" not in option]
     if malformed:
-        raise SystemExit(f"--set takes OPTION=VALUE (e.g. --set epochs=1), got {malformed}")
+        raise StudyError(f"--set takes OPTION=VALUE (e.g. --set epochs=1), got {malformed}")
     overrides = {k: parse_value(v) for k, v in (option.split("=", 1) for option in sets)}
     configs = {}
     for name, options in spec["rows"].items():
