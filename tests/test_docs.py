@@ -1,0 +1,59 @@
+"""Every command shown in README.md and docs/ names options that exist, with values the
+option rules accept, so the documentation cannot drift from the code. gankit commands are
+parsed by gankit's own parser (and a train command's config resolved and validated); study
+and benchmark commands must name an existing script and only flags it defines."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from gankit import cli
+from gankit.config import validate
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+
+
+def shown_commands():
+    """(page, command) for every line of every ```bash block."""
+    for page in PAGES:
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                command = re.split(r"\s+#", line)[0].strip()
+                if command and not command.startswith("#"):
+                    yield page.relative_to(ROOT), command
+
+
+COMMANDS = list(shown_commands())
+GANKIT = [(p, c) for p, c in COMMANDS if c.startswith("gankit ")]
+SCRIPTS = [(p, c) for p, c in COMMANDS if re.match(r"python3? (experiments|benchmarks)/", c)]
+
+
+def test_the_pages_show_commands():
+    assert len(GANKIT) >= 40 and len(SCRIPTS) >= 5
+
+
+@pytest.mark.parametrize("page,command", GANKIT, ids=[c[:60] for _, c in GANKIT])
+def test_a_shown_gankit_command_parses_and_validates(page, command, capsys):
+    argv = shlex.split(command)[1:]
+    try:
+        args = cli.build_parser().parse_args(argv)
+    except SystemExit as stop:
+        assert stop.code == 0, f"{page}: `{command}` does not parse: {capsys.readouterr().err.strip()}"
+        return  # --help
+    if args.command is cli.train_command and not args.resume and not args.config:
+        config, _ = cli.resolve_train_config(args)
+        validate(config)
+
+
+@pytest.mark.parametrize("page,command", SCRIPTS, ids=[c[:60] for _, c in SCRIPTS])
+def test_a_shown_script_exists_and_takes_its_flags(page, command):
+    words = shlex.split(command)
+    script = ROOT / words[1]
+    assert script.is_file(), f"{page}: {words[1]} does not exist"
+    # A study's flags come from the script or the shared study parser (gankit.studies).
+    defined = script.read_text() + (ROOT / "toolkit" / "studies.py").read_text()
+    for flag in (w.split("=")[0] for w in words[2:] if w.startswith("--")):
+        assert f'"{flag}"' in defined, f"{page}: {words[1]} has no option {flag}"
