@@ -5,7 +5,8 @@
                                     FedAvgM: --server-step, --server-momentum)
     fedmedian, trimmed-mean, krum   robust to a minority of bad clients
     --client-dp server|client       Flower's DP-FedAvg wrappers (fixed clipping) around
-                                    fedavg/fedprox; the server reports epsilon
+                                    fedavg/fedprox, whose mean has a fixed denominator
+                                    (FixedDenominator); the server reports epsilon
 
 `ReplyGuard` wraps any Flower strategy (the way Flower's DP wrappers do) and is the trust
 boundary between the clients and the aggregation. A client reply reaches the strategy only
@@ -17,12 +18,18 @@ when it
   metrics (integers where integers belong, finite numbers elsewhere, counts within what the
   server planned);
 - names the partition its node holds and, under sample-level DP, echoes what the server sent
-  its node (noise multiplier, steps; see `PartitionAssignments`).
+  its node (noise multiplier, steps; see `PartitionAssignments`);
+- under --client-dp client, holds an update no longer than the clipping norm (up to float
+  rounding: `clipped_norm_allowance`): a client that skipped its clipping is dropped.
 Any other reply is dropped, counted and logged; it never ends the round. Every accepted reply
 weighs the same (the server does not take a client's word for its example count). A round with
 fewer than --min-clients accepted replies keeps the previous global model. The guard numbers
 rounds from where a resumed run left off (clients seed their batch order by it) and keeps what
 each round did in `outcome` (a RoundOutcome).
+
+Under client-level DP (--client-dp server|client) a dropped reply or a failed client does not
+weaken the noise: the mean inside Flower's wrapper divides the accepted clipped updates' sum by
+the number of clients sent the round, not by the number accepted (`FixedDenominator`).
 """
 
 from __future__ import annotations
@@ -60,6 +67,28 @@ MAX_STEP = 1e6
 # would raise ZeroDivisionError and end the run. Below this norm a reply is dropped; no honest
 # round moves the weights that little.
 MIN_CLIPPED_NORM = 1e-12
+# Under --client-dp client each client clips its own update to norm C (Flower's
+# fixedclipping_mod) and the guard drops a reply whose update is longer: a client that skips the
+# clipping (a hostile or misconfigured one) would move the model by more than the noise hides.
+# What an honest clipped update measures here differs from C by float32 rounding, which the
+# guard allows for (`clipped_norm_allowance`); beyond it, a relative CLIP_TOLERANCE.
+CLIP_TOLERANCE = 1e-6
+
+
+def clipped_norm_allowance(clip: float, reply_norm: float, largest_array: int, unit_roundoff: float) -> float:
+    """The longest update (L2, float64, over the floating arrays) that an honest client clipping
+    to `clip` with Flower's fixedclipping_mod can send back: clip (1 + CLIP_TOLERANCE + u sqrt(n))
+    + u ||reply||, u the arrays' unit roundoff (2^-24 for float32).
+
+    - u sqrt(n): the client measures its update's norm with float32 sums, one array at a time;
+      for an array of n values their relative error is about u sqrt(n) (Higham 2002, 4.2), and
+      an underestimated norm clips to a little more than C (measured: 5e-7 for 1e6 values,
+      1.6e-5 for 1e7, 7.7e-5 for 3e7; the bound's 6e-5, 1.9e-4, 3.3e-4).
+    - u ||reply||: the client sends global + clipped update rounded to float32, at most u |value|
+      from it a value. With weights of about 1 and a small C this is what dominates (1e6 values,
+      C 0.01: 4e-6 over C).
+    """
+    return clip * (1.0 + CLIP_TOLERANCE + unit_roundoff * math.sqrt(largest_array)) + unit_roundoff * reply_norm
 
 
 def sampled_clients(config: Config) -> int:
@@ -175,6 +204,72 @@ class PartitionAssignments:
         return out
 
 
+class FixedDenominator:
+    """The fixed-denominator mean, mixed into the FedAvg (or FedProx) inside Flower's DP wrappers
+    (--client-dp server|client; McMahan et al. 2018's estimator, as --client-dp poisson's).
+
+    Flower's wrappers add Gaussian noise of std z C / M (M: num_sampled_clients) to what the
+    strategy inside returns. FedAvg's mean of the m' replies that reach it has sensitivity C / m':
+    every reply the guard drops and every client that fails would lower the noise multiplier to
+    z m' / M, under the epsilon recorded for z. This strategy returns instead
+
+        global + (sum of the accepted clipped updates) / m,    m = max(sent, M),
+
+    `sent` being the clients the guard sent the round (it tells the strategy: `start_round`).
+    One client's data moves that sum by at most C whatever m' is, so the sensitivity is C / m
+    <= C / M and the noise multiplier at least z: exactly z when the guard sent M clients (the
+    usual case; it sends fewer when a sampled node holds no partition, more when extra connected
+    nodes and --fraction-train < 1 let Flower sample more, then with more noise than recorded).
+    A round in which every client sent is accepted (m' = m) returns FedAvg's own mean, bit for
+    bit what the wrapped FedAvg returned before this estimator. The arrays that are not floating
+    point (BatchNorm's step counters, which Flower's clipping leaves as they are) keep the mean
+    of the accepted replies.
+    """
+
+    def __init__(self, *args, num_sampled_clients: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.num_sampled_clients = num_sampled_clients
+        self.started: Optional[int] = None  # the round start_round was told of
+        self.global_arrays: dict[str, np.ndarray] = {}
+        self.denominator = num_sampled_clients
+
+    def start_round(self, server_round: int, global_arrays: dict[str, np.ndarray], sent: int) -> None:
+        """This round's global model and the number of clients sent it (from the guard)."""
+        self.started, self.global_arrays = server_round, global_arrays
+        self.denominator = max(sent, self.num_sampled_clients)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+        replies = list(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None:
+            return arrays, metrics
+        if self.started != server_round:
+            raise RuntimeError(f"round {server_round}: the fixed-denominator mean needs the round's global model "
+                               f"and clients sent (start_round), and has round {self.started}'s")
+        if len(replies) == self.denominator:
+            return arrays, metrics  # the plain mean is the estimator
+        for key, value in self.global_arrays.items():
+            if value.dtype.kind != "f":
+                continue
+            start = value.astype(np.float64)
+            total = np.zeros_like(start)
+            for reply in replies:
+                total += reply.content[self.arrayrecord_key][key].numpy().astype(np.float64) - start
+            arrays[key] = Array(np.asarray((start + total / self.denominator).astype(value.dtype)))
+        log.info("round %d: the mean update is the sum of %d accepted update(s) over the %d clients sent "
+                 "(client-level DP's fixed denominator)", server_round, len(replies), self.denominator)
+        return arrays, metrics
+
+
+class FixedDenominatorFedAvg(FixedDenominator, flwr_strategies.FedAvg):
+    pass
+
+
+class FixedDenominatorFedProx(FixedDenominator, flwr_strategies.FedProx):
+    pass
+
+
 class ReplyGuard(Strategy):
     """Wraps a Flower strategy: only well-formed replies reach it, each with the same weight.
 
@@ -190,6 +285,8 @@ class ReplyGuard(Strategy):
     min_replies : fewest accepted replies that update the model.
     min_update_norm : a reply whose update (over the floating arrays, against the global model
         its node was sent) has a smaller L2 norm is dropped (see MIN_CLIPPED_NORM); 0: no bound.
+    max_update_norm : a reply whose update has a larger L2 norm, beyond float rounding
+        (`clipped_norm_allowance`), is dropped: --client-dp client's clipping norm; inf: no bound.
     round_offset : rounds done before this run started (resume).
     assignments : sample-level DP's per-node assignments, or None.
     """
@@ -198,7 +295,8 @@ class ReplyGuard(Strategy):
                  optional_metrics: Optional[dict[str, type]] = None,
                  metric_limits: Optional[dict[str, tuple[float, float]]] = None, *, min_replies: int = 1,
                  round_offset: int = 0, assignments: Optional[PartitionAssignments] = None,
-                 min_update_norm: float = 0.0, arrays_key: str = "arrays", metrics_key: str = "metrics",
+                 min_update_norm: float = 0.0, max_update_norm: float = math.inf,
+                 arrays_key: str = "arrays", metrics_key: str = "metrics",
                  weighted_by_key: str = "num-examples", plain_mean_keys: frozenset = frozenset()):
         super().__init__()
         self.strategy = strategy
@@ -211,7 +309,13 @@ class ReplyGuard(Strategy):
         self.optional_metrics = dict(optional_metrics or {})
         self.metric_limits = dict(metric_limits or {})
         self.min_replies = max(0, min_replies)
-        self.min_update_norm = min_update_norm
+        self.min_update_norm, self.max_update_norm = min_update_norm, max_update_norm
+        floating = [(math.prod(shape), dtype) for shape, dtype in self.schema.values() if dtype.kind == "f"]
+        self.largest_array = max((n for n, _ in floating), default=0)
+        self.unit_roundoff = max((float(np.finfo(dtype).eps) / 2 for _, dtype in floating), default=0.0)
+        # Client-level DP: the mean inside the DP wrapper, told how many clients each round was sent.
+        inner = innermost(strategy)
+        self.fixed_denominator = inner if isinstance(inner, FixedDenominator) else None
         self.round_offset = round_offset
         self.assignments = assignments
         self.arrays_key, self.metrics_key, self.weighted_by_key = arrays_key, metrics_key, weighted_by_key
@@ -241,6 +345,8 @@ class ReplyGuard(Strategy):
         self.outcome.sent = {m.metadata.dst_node_id: assignment for m, assignment in assigned}
         self.messages = {m.metadata.dst_node_id: m for m, _ in assigned}
         self.sent_arrays = {k: a.numpy() for k, a in arrays.items()}
+        if self.fixed_denominator is not None:
+            self.fixed_denominator.start_round(round_, self.sent_arrays, len(assigned))
         return [m for m, _ in assigned]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -310,7 +416,8 @@ class ReplyGuard(Strategy):
         sent = self.outcome.sent
         if sent is not None and node not in sent:
             return "this node was not sent the round"
-        if sent is None and self.assignments is not None and self.assignments.carries_plan:
+        if sent is None and (self.fixed_denominator is not None or
+                             (self.assignments is not None and self.assignments.carries_plan)):
             return "no record of what this node was sent"
         if node in seen:
             return "a second reply from this node"
@@ -335,7 +442,7 @@ class ReplyGuard(Strategy):
             extra, missing = sorted(keys - expected), sorted(expected - keys)
             return "arrays " + "; ".join(part for part in (f"not in the model: {extra[:5]}" if extra else "",
                                                            f"missing: {missing[:5]}" if missing else "") if part)
-        squares = 0.0  # of the update, over the floating arrays
+        squares, reply_squares = 0.0, 0.0  # of the update and of the reply, over the floating arrays
         for key, (shape, dtype) in self.schema.items():
             try:
                 value = arrays[key].numpy()  # np.load without pickle (Flower's Array.numpy)
@@ -354,9 +461,16 @@ class ReplyGuard(Strategy):
                     return f"array {key} moves {step:.3g} from the global model sent (more than {MAX_STEP:g})"
                 if value.dtype.kind == "f":
                     squares += float(np.sum(moved * moved))
-        if self.sent_arrays and math.sqrt(squares) < self.min_update_norm:
-            return (f"an update of norm {math.sqrt(squares):.3g}, below {self.min_update_norm:g} "
-                    f"(the model as it was sent)")
+                    reply_squares += float(np.sum(np.square(value, dtype=np.float64)))
+        if not self.sent_arrays:
+            return None
+        norm = math.sqrt(squares)
+        if norm < self.min_update_norm:
+            return f"an update of norm {norm:.3g}, below {self.min_update_norm:g} (the model as it was sent)"
+        if norm > self.max_update_norm and norm > clipped_norm_allowance(
+                self.max_update_norm, math.sqrt(reply_squares), self.largest_array, self.unit_roundoff):
+            return (f"an update of norm {norm:.7g}, longer than the clipping norm {self.max_update_norm:g} "
+                    f"(the client did not clip it)")
         return None
 
     def problem_with_metrics(self, metrics: MetricRecord, sent: dict) -> Optional[str]:
@@ -518,6 +632,9 @@ def build_strategy(config: Config, global_arrays: ArrayRecord, partition_sizes: 
             "trimmed-mean": (flwr_strategies.FedTrimmedAvg, {"beta": f.trim_fraction}),
             "krum": (flwr_strategies.Krum, {"num_malicious_nodes": f.krum_malicious})}
     cls, extra = base[f.strategy]
+    if f.client_dp in ("server", "client"):  # inside Flower's DP wrapper: see FixedDenominator
+        cls = {"fedavg": FixedDenominatorFedAvg, "fedprox": FixedDenominatorFedProx}[f.strategy]
+        extra = {**extra, "num_sampled_clients": sampled}
     strategy = cls(**common, **extra)
     if f.client_dp == "poisson":
         from gankit.server.dp_fedavg import PoissonDPFedAvg
@@ -541,6 +658,7 @@ def build_strategy(config: Config, global_arrays: ArrayRecord, partition_sizes: 
     guard = ReplyGuard(strategy, ArrayRecord(replied), required, optional, limits, min_replies=min_replies,
                        round_offset=round_offset,
                        min_update_norm=MIN_CLIPPED_NORM if f.client_dp == "server" else 0.0,
+                       max_update_norm=f.client_dp_clip if f.client_dp == "client" else math.inf,
                        plain_mean_keys=statistics_keys if f.strategy in SERVER_OPTIMIZERS else frozenset(),
                        assignments=PartitionAssignments(sample_dp_plan if f.sample_dp
                                                         else [{} for _ in range(f.clients)]))

@@ -238,7 +238,10 @@ def test_failed_replies_and_too_few_good_ones_keep_the_model_without_ending_the_
 
 STRATEGIES = [dict(strategy=s) for s in ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean", "krum")] + \
              [dict(strategy="fedavgm", server_step=2.0, server_momentum=0.5),
-              dict(strategy="fedavg", client_dp="server"), dict(strategy="fedavg", client_dp="client")]
+              dict(strategy="fedavg", client_dp="server"),
+              # Under client-side clipping the guard drops updates longer than C: the honest
+              # replies here (norms up to 3 sqrt(10)) are taken as clipped to 10.
+              dict(strategy="fedavg", client_dp="client", client_dp_clip=10.0)]
 
 
 @pytest.mark.parametrize("options", STRATEGIES, ids=lambda o: "+".join(map(str, o.values())))
@@ -394,6 +397,82 @@ def test_under_server_side_clipping_a_reply_without_an_update_is_dropped_not_a_c
     reasons = dict(guard.outcome.dropped)
     assert sorted(reasons) == [3, 4] and all("an update of norm" in why for why in reasons.values())
     assert arrays is not None and guard.outcome.accepted == 2
+
+
+# --- client-side clipping (--client-dp client): the server checks what the clients did ---------
+
+def update_norm(message: Message, start: dict) -> float:
+    """The L2 norm of a reply's update over the floating arrays, in float64 (as the guard measures it)."""
+    arrays = message.content["arrays"]
+    return float(np.sqrt(sum(np.sum((arrays[k].numpy().astype(np.float64) - v) ** 2)
+                             for k, v in start.items() if v.dtype.kind == "f")))
+
+
+def test_under_client_side_clipping_an_update_longer_than_the_clipping_norm_is_dropped(tmp_path, caplog):
+    clip = 0.5
+    # Updates along one weight (so float32 holds their norm exactly): 1.5 C, C (1 - 1e-9) (which
+    # float32 rounds to C itself), one float32 step above C, C (1 + 1e-3) and C / 2. The step
+    # counter moved, as an honest client's does; the norm is the floating arrays'.
+    lengths = {1: 1.5 * clip, 2: clip * (1 - 1e-9), 3: float(np.nextafter(np.float32(clip), np.float32(1))),
+               4: clip * (1 + 1e-3), 5: clip / 2}
+
+    def round_with(client_dp: str):
+        config = config_of(tmp_path, clients=5, client_dp=client_dp, client_dp_clip=clip)
+        guard = build_strategy(config, records(GLOBAL), SIZES + [80])
+        sent = start_round(guard, FakeGrid({n: n - 1 for n in lengths}, 5))
+        replies = [reply(sent[n], {**GLOBAL, "w": np.array([length, 0, 0, 0], np.float32), "count": np.array(5)},
+                         honest_metrics(config, sent[n], n - 1, 40))
+                   for n, length in lengths.items()]
+        np.random.seed(0)
+        assert guard.aggregate_train(1, replies)[0] is not None
+        return guard.outcome, [update_norm(r, GLOBAL) for r in replies]
+
+    o, norms = round_with("client")
+    assert norms[:3] == [0.75, 0.5, 0.5 + 2 ** -24] and norms[3] > 0.5005
+    assert (o.received, o.accepted, o.aggregated) == (5, 3, True)
+    assert [node for node, _ in o.dropped] == [1, 4]
+    assert "an update of norm 0.75, longer than the clipping norm 0.5 (the client did not clip it)" == o.dropped[0][1]
+    assert "longer than the clipping norm 0.5" in o.dropped[1][1]
+    assert "dropped the reply of node 1: an update of norm 0.75" in caplog.text
+    # The server clips under server-side clipping: there every one of these replies is taken.
+    o, _ = round_with("server")
+    assert (o.accepted, o.dropped) == (5, [])
+
+
+@pytest.mark.parametrize("values, weights, clip", [(10 ** 6, 1.0, 0.01), (4 * 10 ** 6, 0.05, 0.1)],
+                         ids=["1e6 weights of 1, C 0.01", "4e6 weights of 0.05, C 0.1"])
+def test_under_client_side_clipping_an_update_flowers_mod_clipped_is_always_taken(tmp_path, values, weights, clip):
+    # Float32 rounding puts an honestly clipped update above C by more than a relative 1e-6 here:
+    # global + clipped update is rounded to float32, and the client sums squares in float32.
+    from flwr.app import Context
+    from flwr.clientapp.mod import fixedclipping_mod
+
+    from gankit.server.strategy import CLIP_TOLERANCE
+
+    rng = np.random.default_rng(0)
+    start = {"w": (rng.normal(size=values) * weights).astype(np.float32),
+             "b": (rng.normal(size=(values // 1000, 10)) * weights).astype(np.float32), "count": np.array(0)}
+    config = config_of(tmp_path, client_dp="client", client_dp_clip=clip)
+    guard = build_strategy(config, records(start), SIZES)
+    sent = {m.metadata.dst_node_id: m for m in guard.configure_train(
+        1, records(start), ConfigRecord({"config-json": "{}"}), FakeGrid({1: 0, 2: 1, 3: 2, 4: 3}, 4))}
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    replies = []
+    for node, message in sent.items():
+        # Trained weights, far longer than C from the global model (the step counter stays: Flower's
+        # clipping counts it in the norm, which would leave the weights well inside C).
+        trained = {k: v + (rng.normal(size=v.shape) * 1e-3).astype(np.float32) if v.dtype.kind == "f" else v
+                   for k, v in start.items()}
+
+        def local_training(msg, ctx, trained=trained, client=node - 1):
+            return reply(msg, trained, honest_metrics(config, msg, client))
+
+        replies.append(fixedclipping_mod(message, context, local_training))
+    norms = [update_norm(r, start) for r in replies]
+    assert max(norms) > clip * (1 + CLIP_TOLERANCE) and min(norms) > clip * (1 - 1e-4)
+    np.random.seed(0)
+    guard.aggregate_train(1, replies)
+    assert (guard.outcome.accepted, guard.outcome.dropped) == (4, [])
 
 
 def sent_by_a_grid(sent: dict[int, Message]) -> dict[int, Message]:
