@@ -142,7 +142,7 @@ def add_baseline(row: dict, data, ev: dict, seed: int, measured: list = ()) -> b
     from gankit.privacy import dp_sgd_baseline_noise, dp_sgd_classifier_accuracy
 
     def noise(r: dict) -> float:
-        if "dp_sgd_baseline_noise" not in r:  # (rows baselined before the twelfth session)
+        if "dp_sgd_baseline_noise" not in r:  # (older rows do not record it)
             r["dp_sgd_baseline_noise"] = dp_sgd_baseline_noise(
                 len(data.train_x), r["epsilon"], r["delta"], ev["baseline_epochs"])
         return r["dp_sgd_baseline_noise"]
@@ -273,7 +273,7 @@ def main() -> int:
     ref = Reference.of(classifier, data.ref_x, data.ref_y)
     device_name = (torch.cuda.get_device_name() if args.device == "cuda"
                    # The vector unit too: an epoch took 1.9 times as long on an AVX2-only CPU
-                   # (eleventh session) as on earlier machines, so times compare only alike.
+                   # as on other 2-core machines, so times compare only alike.
                    else f"cpu ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()})")
 
     started = time.perf_counter()
@@ -292,7 +292,7 @@ def main() -> int:
             if cached["key"]["evaluation"] != ev:
                 log.warning("[%s] its committed evaluation used other settings; skipped", name)
                 continue
-            # (Evaluations committed before the fifth session carry no config to compare.)
+            # (Older committed evaluations carry no config to compare.)
             if "config" in cached and not same_training(cached["config"], config):
                 log.warning("[%s] its committed evaluation measured another configuration; skipped", name)
                 continue
@@ -318,7 +318,7 @@ def main() -> int:
         last = run.load_checkpoint("last")
         # The baseline is an add-on to an evaluation, not part of what keys it: a row evaluated
         # with --no-baseline gets its baseline later without its generator being re-measured.
-        # (Evaluations from before the seventh session carry a "baseline" entry in their key.)
+        # (Older evaluations carry a "baseline" entry in their key; it is ignored.)
         key = {"evaluation": ev, "checkpoint_epoch": last["state"]["epoch"]}
         cached = json.loads(cache.read_text()) if cache.is_file() else {}
         measured = {k: v for k, v in cached.get("key", {}).items() if k != "baseline"} == key
