@@ -33,6 +33,7 @@ from gankit.config import Config
 from gankit.data import load_data
 from gankit.errors import ConfigError
 from gankit.federated import local_round
+from gankit.statefile import StateFileError, from_parts, to_parts
 
 _data_cache: dict = {}
 
@@ -86,8 +87,6 @@ def kept_state(context: Context) -> dict:
     nothing. Flower keeps `context.state` per node and run, in simulation and deployment."""
     if KEPT_JSON not in context.state:
         return {}
-    from gankit.statefile import StateFileError, from_parts
-
     try:
         return from_parts(str(context.state[KEPT_JSON][KEPT_JSON]),
                           context.state[KEPT_TENSORS].to_torch_state_dict(), "the kept client state")
@@ -96,8 +95,6 @@ def kept_state(context: Context) -> dict:
 
 
 def keep_state(context: Context, carry: dict) -> None:
-    from gankit.statefile import to_parts
-
     text, tensors = to_parts(carry)
     context.state[KEPT_JSON] = ConfigRecord({KEPT_JSON: text})
     context.state[KEPT_TENSORS] = ArrayRecord(tensors)

@@ -34,6 +34,7 @@ from gankit.server.strategy import build_strategy, load_strategy_state, sampled_
 from gankit.config import Config, validate
 from gankit.data import ImageData, load_data
 from gankit.errors import TrainingDiverged
+from gankit.evaluate import training_classifier
 from gankit.federated import (GlobalModel, client_partitions, describe_partitions, describe_sample_dp,
                                sample_dp_plan, statistics_keys)
 from gankit.runs import RunDir
@@ -52,6 +53,7 @@ def privacy_record(config: Config, rounds_done: int, data: ImageData) -> dict:
     f = config.federated
     if f.client_dp == "none":
         return {}
+    # late: toolkit/privacy.py imports Opacus, which only client-level DP needs
     from gankit.privacy import client_level_epsilon, resolve_delta
 
     delta = resolve_delta(config.privacy.delta, f.clients)
@@ -126,8 +128,6 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from gankit.evaluate import training_classifier
-
     rc = context.run_config
     if "config" not in rc:
         raise SystemExit("the server app needs a run config 'config' (a gankit config JSON file)")

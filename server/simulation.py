@@ -11,11 +11,18 @@ import signal
 import threading
 from typing import Optional
 
+from flwr.app import Context
+from flwr.common.logger import console_handler
+from flwr.serverapp import Grid, ServerApp
+
+from gankit.clients.app import app as project_client_app
 from gankit.config import Config
 from gankit.data import ImageData
 from gankit.errors import UserError
 from gankit.federated import GlobalModel
 from gankit.runs import RunDir
+from gankit.server.app import RoundsStopped, serve
+from gankit.server.inline_grid import InlineGrid
 from gankit.server.watchdog import start_for_this_process
 
 log = logging.getLogger("gankit")
@@ -25,8 +32,6 @@ def quiet_flower() -> None:
     # Flower's INFO lines and Ray's banner would bury the round log; errors still show, and
     # our own log reports failed and dropped replies each round.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    from flwr.common.logger import console_handler
-
     console_handler.setLevel(logging.ERROR)
     logging.getLogger("flwr").propagate = False  # not again through a root handler (scripts)
 
@@ -61,18 +66,13 @@ def simulate(config: Config, data: ImageData, run: RunDir, resume: bool = False,
     """Run (or continue) the configured rounds; returns the global model after them.
     `client_app` replaces the project's ClientApp (tests use it to inject faulty clients)."""
     quiet_flower()
-    from flwr.app import Context
-    from flwr.serverapp import Grid, ServerApp
-    from flwr.simulation import run_simulation
-
-    from gankit.clients.app import app as project_client_app
-    from gankit.server.app import RoundsStopped, serve
-
     f = config.federated
     stop = threading.Event()
     if f.simulation == "inline":
         return simulate_inline(config, data, run, resume, classifier, client_app or project_client_app,
                                stop)
+    from flwr.simulation import run_simulation  # late: slow to import; --simulation inline never uses it
+
     outcome: dict = {}
     server_app = ServerApp()
 
@@ -119,9 +119,6 @@ def interrupted(run: RunDir, stopped: Exception):
 
 def simulate_inline(config: Config, data: ImageData, run: RunDir, resume: bool, classifier,
                     client_app, stop: threading.Event) -> GlobalModel:
-    from gankit.server.app import RoundsStopped, serve
-    from gankit.server.inline_grid import InlineGrid
-
     grid = InlineGrid(client_app, config.federated.clients)
     previous = catch_sigint(stop)
     try:

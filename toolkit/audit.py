@@ -21,7 +21,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from gankit.sampling import eval_mode
+from gankit.sampling import eval_mode, load_discriminator
 
 
 def _split(data) -> tuple[Tensor, Optional[Tensor]]:
@@ -76,7 +76,6 @@ def audit_discriminator(run_or_D: Union[str, Path, nn.Module], members, nonmembe
     """
     D = run_or_D
     if not isinstance(run_or_D, nn.Module):
-        from gankit.sampling import load_discriminator
         D = load_discriminator(run_or_D)
     conditional = bool(getattr(D, "num_classes", 0))  # the toolkit's D: 0 = unconditional
     (mx, my), (nx, ny) = _split(members), _split(nonmembers)

@@ -3,22 +3,27 @@
 Options are the dataclasses of toolkit.config, parsed with argparse-dataclass. Precedence:
 defaults < --preset NAME < --config FILE < options on the command line. User mistakes print one line and
 exit with code 2; a diverged run exits 3; Ctrl-C saves and exits 130.
+
+Building the parser imports no torch (`gankit --help` answers at once): each command imports
+the torch-based modules it needs when it runs.
 """
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
 from argparse_dataclass import MISSING, _add_dataclass_options
 
-from gankit.config import GROUPS, RANGES, RESUMABLE_CHANGES, Config, Range, option, validate
+from gankit.config import BEST_METRICS, GROUPS, RANGES, RESUMABLE_CHANGES, Config, Range, option, validate
 from gankit.errors import EXIT_USER_ERROR, ConfigError, TrainingDiverged, UserError, machine_error
 from gankit.files import free_path, make_folder, open_append, output_path, refuse_links, write_text
-from gankit.presets import PRESETS, preset
+from gankit.presets import PRESETS, describe, preset
 
 log = logging.getLogger("gankit")
 
@@ -71,6 +76,7 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[Config, Optional[Pat
     if args.resume:
         if args.config or args.preset:
             raise UserError("--resume uses the run's own config.json; drop --config and --preset")
+        # late: torch; the parser and --help import no torch
         from gankit.runs import RunDir
 
         run = RunDir.open(Path(args.resume))
@@ -90,6 +96,7 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[Config, Optional[Pat
 
 
 def train_command(args: argparse.Namespace) -> int:
+    # late: torch; the parser and --help import no torch
     from gankit.data import load_data
     from gankit.evaluate import training_callbacks
     from gankit.models import check_training_memory
@@ -130,11 +137,13 @@ def train_command(args: argparse.Namespace) -> int:
 
 def federated_command(config, data, resume_dir) -> int:
     """--mode federated: Flower's simulation engine on this machine (server/simulation.py)."""
+    # late: torch; the parser and --help import no torch
     from gankit.evaluate import training_classifier
     from gankit.runs import RunDir
 
     try:
-        from gankit.server.simulation import simulate
+        # late: Flower, which only --mode federated needs
+        from gankit.server.simulation import Interrupted, simulate
     except ImportError as err:
         raise UserError(f"the federated mode needs Flower: pip install 'flwr[simulation]' ({err})") from None
     if resume_dir is not None:
@@ -145,8 +154,6 @@ def federated_command(config, data, resume_dir) -> int:
         config.save(run.config_path)  # records an extended --rounds
     else:
         run = RunDir.create(config)
-    from gankit.server.simulation import Interrupted
-
     try:
         log_to_file(run.log_path)
         log.info("run folder: %s", run.path)
@@ -216,7 +223,8 @@ def generate_parser(sub) -> None:
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    from gankit.sampling import generate, image_file, write_images
+    # late: torch; the parser and --help import no torch
+    from gankit.generate import generate, image_file, write_images
 
     opts = GenerateOptions(**given_options(args, [GenerateOptions]))
     check_ranges(opts, GENERATE_RANGES)
@@ -274,6 +282,7 @@ def evaluate_parser(sub) -> None:
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
+    # late: torch; the parser and --help import no torch
     from gankit.evaluate import evaluate_run, markdown_table, shown_metrics
 
     opts = EvaluateOptions(**given_options(args, [EvaluateOptions]))
@@ -302,6 +311,7 @@ class ExportOptions:
 
 
 def export_command(args: argparse.Namespace) -> int:
+    # late: torch; the parser and --help import no torch
     from gankit.sampling import export_generator
 
     opts = ExportOptions(**given_options(args, [ExportOptions]))
@@ -327,6 +337,7 @@ class ConvertOptions:
 
 
 def convert_command(args: argparse.Namespace) -> int:
+    # late: torch; the parser and --help import no torch
     import numpy as np
     import torch
 
@@ -417,8 +428,8 @@ PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
 
 def compare_command(args: argparse.Namespace) -> int:
+    # late: torch; the parser and --help import no torch
     from gankit.compare import plot, read_runs, summary, write_table
-    from gankit.config import BEST_METRICS
 
     if args.metric not in BEST_METRICS:
         raise UserError(f"unknown --metric '{args.metric}' (choose from {', '.join(BEST_METRICS)})")
@@ -478,13 +489,11 @@ def classifier_parser(sub) -> None:
 
 
 def classifier_train_command(args: argparse.Namespace) -> int:
-    import time
-
+    # late: torch; the parser and --help import no torch
     import torch
 
     from gankit.metrics.classifier import (DEFAULT_CHECKPOINT, accuracy, save_classifier,
                                            train_classifier, training_and_test_data)
-
     from gankit.trainer import resolve_device
 
     if args.epochs < 1 or args.batch_size < 1 or not args.lr > 0:
@@ -521,6 +530,7 @@ def classifier_train_command(args: argparse.Namespace) -> int:
 
 
 def classifier_check_command(args: argparse.Namespace) -> int:
+    # late: torch; the parser and --help import no torch
     from gankit.metrics.classifier import DEFAULT_CHECKPOINT, accuracy, load_classifier, training_and_test_data
     from gankit.trainer import resolve_device
 
@@ -563,8 +573,7 @@ def audit_parser(sub) -> None:
 
 
 def audit_command(args: argparse.Namespace) -> int:
-    import json
-
+    # late: torch; the parser and --help import no torch
     from gankit.audit import audit_discriminator
     from gankit.data import load_data
     from gankit.runs import find_checkpoint
@@ -611,8 +620,6 @@ def presets_parser(sub) -> None:
 
 
 def presets_command(args: argparse.Namespace) -> int:
-    from gankit.presets import describe
-
     print(describe(), end="")
     return 0
 

@@ -7,12 +7,15 @@ interrupted compares as far as it got.
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 from pathlib import Path
 from typing import NamedTuple, Optional
 
 from gankit.config import BEST_METRICS, Config, privacy_facts
 from gankit.errors import UserError
+from gankit.evaluate import markdown_table
 from gankit.files import make_folder, save_figure, write_text
 from gankit.runs import RunDir
 
@@ -144,11 +147,6 @@ def figure(runs: list[Run], rows: list[dict], metric: str = "fid"):
 
 def write_table(rows: list[dict], out: Optional[Path], fmt: str, force: bool = False) -> str:
     """The table as markdown or CSV text; also written to `out` when given."""
-    import csv
-    import io
-
-    from gankit.evaluate import markdown_table
-
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")

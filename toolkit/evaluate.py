@@ -11,7 +11,10 @@ reference split, which training never sees. Two entry points:
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,14 +23,15 @@ import torch
 from torch import Tensor
 
 from gankit.config import Config
-from gankit.data import ImageData
+from gankit.data import ImageData, load_data
 from gankit.errors import UserError
 from gankit.files import free_path, make_folder, save_figure, write_text
-from gankit.metrics import (classifier_score, fid, kid, mode_coverage, prd, prd_f_beta, prdc,
-                            within_class_spread)
+from gankit.metrics import (classifier_score, fid, kid, mode_coverage, plot_prd, prd, prd_f_beta,
+                            prdc, within_class_spread)
 from gankit.metrics.classifier import extract, load_classifier
 from gankit.metrics.downstream import downstream_accuracy, label_with_classifier
-from gankit.sampling import LoadedGenerator
+from gankit.rejection_sampling import density_ratio_logit, rejection_sampler_for
+from gankit.sampling import LoadedGenerator, check_latent_scale, load_discriminator, load_generator
 from gankit.trainer import Callback
 
 log = logging.getLogger(__name__)
@@ -145,8 +149,6 @@ def draw_samples(gen, n: int, seed: int = 0, sigma: Optional[float] = None,
     if not drs:
         images, labels = gen.sample(n, seed, sigma, truncation, progress=True)
         return images, labels, info
-    from gankit.rejection_sampling import density_ratio_logit, rejection_sampler_for
-
     loss = gen.config.objective.loss
     if gen.privacy["private"] and density_ratio_logit(loss) is None:
         # DRS itself only post-processes the private D; a calibration would read the
@@ -231,8 +233,6 @@ class EvalCallback(Callback):
 def pr_curve(ref: Reference, features: Tensor, seed: int, path: Path, writer=None, step: int = 0) -> dict:
     """An evaluation's PRD curve (Sajjadi et al. 2018): its F8 and F1/8 for the history, the plot
     at `path` (an epoch's or a round's) and, with a writer, in TensorBoard."""
-    from gankit.metrics import plot_prd
-
     curve = prd(ref.features, features, seed=seed)
     make_folder(path.parent)
     plot_prd({path.stem.replace("_", " "): curve}, path)
@@ -295,14 +295,6 @@ def evaluate_run(run: str, checkpoint: str = "last", num: int = 10000, seed: int
     generator, measure them against the reference split and write metrics.json, metrics.md,
     prd.png and, with `sigmas`, truncation.csv and truncation.png into `out` (default
     <run>/eval/<checkpoint>[-drs]). Returns (the result written to metrics.json, out)."""
-    import dataclasses
-    import json
-    import time
-
-    from gankit.data import load_data
-    from gankit.metrics import plot_prd
-    from gankit.sampling import check_latent_scale, load_discriminator, load_generator
-
     if k < 1 or num <= k or downstream_epochs < 0:
         raise UserError(f"--k must be at least 1 and --num must exceed it (got --k {k}, --num {num}); "
                         "--downstream-epochs must be >= 0")

@@ -26,11 +26,15 @@ from torch import Tensor, nn
 from gankit.config import Config, n_critic
 from gankit.data import ImageData
 from gankit.errors import TrainingDiverged
+from gankit.evaluate import Reference, generated_features, metrics_of_features, pr_curve
 from gankit.latent import build_prior
 from gankit.models import build_generator, discriminator_for
+from gankit.objectives import get_objective
 from gankit.partition import class_histogram, histogram_table, partition, save_histogram
 from gankit.recorder import Recorder, sample_grid
 from gankit.runs import RunDir
+from gankit.sampling import LoadedGenerator
+from gankit.steps import StepContext, generator_step
 from gankit.trainer import (Trainer, checkpoint_header, generator_optimizer, refuse_other_data,
                             seed_everything, unwrapped)
 
@@ -119,6 +123,7 @@ def sample_dp_plan(config: Config, data: ImageData) -> list[dict]:
     multiplier planned for all its rounds and the private steps) and what the server accounts
     from: the facts of one round of DP-SGD on that partition. The keys are those of the client's
     reply metrics, so the server can check that a reply did what it was sent."""
+    # late: toolkit/privacy.py imports Opacus, which only sample-level DP needs
     from gankit.privacy import resolve_delta, sample_rate_of
 
     f, p = config.federated, config.privacy
@@ -163,6 +168,7 @@ def client_config(config: Config, client: int, server_round: int, examples: int,
 def client_noise_multiplier(config: Config, examples: int) -> float:
     """Sample-level DP: the noise at which a client that trains in every round ends the run
     at --target-epsilon (or --noise-multiplier when no target is set)."""
+    # late: toolkit/privacy.py imports Opacus, which only sample-level DP needs
     from gankit.privacy import planned_noise_multiplier
 
     f = config.federated
@@ -175,6 +181,7 @@ def client_epsilon_bound(config: Config, examples: int, noise: float, steps: int
     """What a client reports of its sample-level privacy after `server_round` rounds: epsilon as
     if it had trained in every round so far (an upper bound when clients are sampled), and the
     facts the server accounts exactly from (noise multiplier, sample rate, steps, delta)."""
+    # late: toolkit/privacy.py imports Opacus, which only sample-level DP needs
     from gankit.privacy import epsilon_of, resolve_delta, sample_rate_of
 
     p = config.privacy
@@ -302,8 +309,6 @@ class GlobalModel:
 
     @property
     def generator(self):
-        from gankit.sampling import LoadedGenerator
-
         return LoadedGenerator(self.G, self.prior, self.config, self.num_classes, self.data.image_shape)
 
     def resume(self) -> None:
@@ -377,9 +382,6 @@ class GlobalModel:
         steps as one client would take in its local steps; returns the new global weights.
         G never sees data, so under any DP of D this is post-processing. Seeded by the round,
         so a resumed run trains the same steps."""
-        from gankit.objectives import get_objective
-        from gankit.steps import StepContext, generator_step
-
         f, t = self.config.federated, self.config.train
         # A non-finite D would only make G non-finite too: stop before training against it.
         self.refuse_nonfinite(server_round, d_weights, "the aggregated D")
@@ -401,6 +403,7 @@ class GlobalModel:
         in server_state, so a resumed run keeps counting) and report every client's epsilon;
         the run's epsilon is the largest. A client is charged for every round it was sent,
         whether it replied, failed or was dropped: the server cannot tell how far it got."""
+        # late: toolkit/privacy.py imports Opacus, which only sample-level DP needs
         from gankit.privacy import epsilon_of
 
         p = self.config.privacy
@@ -426,8 +429,6 @@ class GlobalModel:
 
     def evaluate(self) -> dict:
         """The global G's in-training metrics (and, with --pr-curves, the round's PRD curve)."""
-        from gankit.evaluate import Reference, generated_features, metrics_of_features, pr_curve
-
         if self._reference is None:
             self._reference = Reference.of(self.classifier, self.data.ref_x, self.data.ref_y)
         features = generated_features(self.generator, self.classifier, self.config)

@@ -9,6 +9,9 @@ splits physical batches and keeps only private statistics). A mode also adds met
 each epoch's record (epsilon spent), may refuse the rest of an epoch (budget spent; asked
 before every epoch with the steps it would take), and keeps state in checkpoints (the
 privacy accountant).
+
+This module holds the interface and the standard mode; the dp mode is `PrivateMode` in
+toolkit/privacy.py, and the Trainer picks one by name (`build_mode` in toolkit/trainer.py).
 """
 
 from __future__ import annotations
@@ -60,22 +63,3 @@ class StandardMode:
 
     def load_state_dict(self, state: dict) -> None:
         pass
-
-
-def _private_mode():
-    from gankit.privacy import PrivateMode  # late: the only module that imports opacus
-
-    return PrivateMode()
-
-
-MODES = {"standard": StandardMode, "dp": _private_mode}
-
-
-def build_mode(name: str) -> Mode:
-    if name == "federated":
-        # Many Trainers, one per client and round, under Flower: server/ and clients/.
-        from gankit.errors import UserError
-
-        raise UserError("the federated mode is not a single training loop: run it with "
-                        "`gankit train --mode federated` (server/simulation.py)")
-    return MODES[name]()

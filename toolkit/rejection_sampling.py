@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from gankit.errors import UserError
+from gankit.objectives import OBJECTIVES
 from gankit.sampling import eval_mode
 
 DEFAULT_EPS = 1e-6
@@ -319,8 +320,6 @@ def _gamma_for_rate(scores: Tensor, rate: float, iterations: int = 200) -> float
 
 def density_ratio_logit(objective: str) -> Optional[Callable[[Tensor], Tensor]]:
     """D's raw output -> log p_data / p_g for objectives with a closed form, else None."""
-    from gankit.objectives import OBJECTIVES
-
     if objective not in OBJECTIVES:
         raise UserError(f"unknown loss '{objective}' (choose from {', '.join(OBJECTIVES)})")
     return DENSITY_RATIO_LOGITS.get(objective)

@@ -5,12 +5,18 @@ import argparse
 import csv
 import json
 import logging
+import math
+import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
-from gankit.config import RESUMABLE_CHANGES, Config, validate
+import torch
+
+from gankit.config import RESUMABLE_CHANGES, Config, n_critic, validate
+from gankit.data import load_data
 from gankit.errors import EXIT_USER_ERROR, StudyError, UserError, machine_error
 from gankit.presets import preset
 from gankit.runs import RunDir
@@ -79,8 +85,6 @@ GPU_SHARE = 0.25
 def gpus_per_row(args: argparse.Namespace, configs: dict[str, Config]) -> float:
     """The GPU fraction each row's Ray task reserves: --gpus-per-row, or GPU_SHARE when any row
     trains on a GPU (--device cuda, or auto on a machine with one)."""
-    import torch
-
     on_gpu = any(c.train.device == "cuda" or (c.train.device == "auto" and torch.cuda.is_available())
                  for c in configs.values())
     share = getattr(args, "gpus_per_row", None)
@@ -258,11 +262,7 @@ def train_rows(configs: dict[str, Config], data, runs_dir: Path, args: argparse.
     resumes, and a row's folder is locked while it trains, so no row trains twice."""
     if not on_ray(args, configs):
         return {name: train(name, config, data, runs_dir) for name, config in configs.items()}
-    import os
-    import sys
-    import warnings
-
-    import ray
+    import ray  # late: Ray starts only for rows trained in parallel (not --sequential)
 
     # The tasks need gankit where they run; this module travels with them by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -312,11 +312,6 @@ def placed(config: Config) -> Config:
 
 def train_row_task(name: str, config: dict, runs_dir: str, threads: int, train: Callable):
     """One row in a Ray worker: its seconds, or its error as one line."""
-    import torch
-
-    from gankit.data import load_data
-    from gankit.errors import UserError
-
     # The row's own log lines only: the root logger at INFO would also pass on every library's
     # (Flower's database layer announces each of its plugins).
     if not log.handlers:  # a Ray worker runs many tasks
@@ -337,10 +332,6 @@ def equal_generator_steps(configs: dict[str, Config], train_size: int, g_steps: 
     """Each row's epochs for at least `g_steps` generator steps: objectives that take several
     D steps per G step (WGAN's 5) train proportionally more epochs, so every row's G learns
     for the same number of updates rather than the same number of passes over the data."""
-    import math
-
-    from gankit.config import n_critic
-
     out = {}
     for name, config in configs.items():
         batches = math.ceil(train_size / config.train.batch_size)

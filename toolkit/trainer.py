@@ -33,7 +33,7 @@ from gankit.data import ImageData, ShuffledBatches
 from gankit.errors import TrainingDiverged, UserError
 from gankit.latent import build_prior
 from gankit.models import build_generator, discriminator_for
-from gankit.modes import DiscriminatorParts, build_mode
+from gankit.modes import DiscriminatorParts, Mode, StandardMode
 from gankit.objectives import get_objective
 from gankit.recorder import Recorder, sample_grid
 from gankit.runs import RunDir
@@ -114,6 +114,26 @@ class Callback:
 
     def on_epoch_end(self, trainer: "Trainer", record: dict) -> None:
         pass
+
+
+# --- The mode --------------------------------------------------------------------------------------
+
+def _private_mode():
+    # late: toolkit/privacy.py is the only module that imports Opacus, which only --mode dp needs
+    from gankit.privacy import PrivateMode
+
+    return PrivateMode()
+
+
+MODES = {"standard": StandardMode, "dp": _private_mode}
+
+
+def build_mode(name: str) -> Mode:
+    if name == "federated":
+        # Many Trainers, one per client and round, under Flower: server/ and clients/.
+        raise UserError("the federated mode is not a single training loop: run it with "
+                        "`gankit train --mode federated` (server/simulation.py)")
+    return MODES[name]()
 
 
 # --- The trainer ------------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from gankit.config import DataConfig
+from gankit.data import MAX_CLASSES, find_idx_split, load_data, load_mnist_5k
 from gankit.errors import UserError
 
 # Package data of gankit.checkpoints (the checkout's checkpoints/ folder), found the same way
@@ -395,8 +397,6 @@ def _is_int(value, low: int, high: int) -> bool:
 def _checked_config(config, where) -> dict:
     """The checkpoint's network description, every field checked: `build_classifier` gets
     nothing it would choke on, and no width that would build a huge network."""
-    from gankit.data import MAX_CLASSES
-
     if not isinstance(config, dict):
         raise UserError(f"{where}: 'config' must be a dictionary, got {type(config).__name__}")
     missing = [k for k in CONFIG_KEYS if k not in config]
@@ -488,9 +488,6 @@ def training_and_test_data(dataset: str, data_root: str, test_root: str, downloa
     split under `test_root` (skipped when absent); other data is tested on its test split
     (mnist, fashion-mnist) or on the toolkit's fixed held-out slice (folder:, npz:), which
     training then does not use. Nothing is downloaded unless `download` is set."""
-    from gankit.config import DataConfig
-    from gankit.data import find_idx_split, load_data, load_mnist_5k
-
     limits = {"download": download}
     if max_data_gb is not None:
         limits["max_data_gb"] = max_data_gb

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gankit.files import make_folder, save_figure
+
 from .fid import _check_pair
 
 __all__ = ["PRDCurve", "prd", "prd_from_histograms", "prd_f_beta", "plot_prd"]
@@ -136,8 +138,6 @@ def plot_prd(curves: dict, path, title: str | None = None) -> str:
     if curves:
         ax.legend(loc="lower left", fontsize="small")
     fig.tight_layout()
-    from gankit.files import make_folder, save_figure
-
     path = os.fspath(path)
     directory = os.path.dirname(path)
     if directory:
