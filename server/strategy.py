@@ -49,6 +49,7 @@ from flwr.serverapp.strategy import Strategy
 
 from gankit.config import Config
 from gankit.federated import reply_metric_types, split_for_sync
+from gankit.server.dp_fedavg import PoissonDPFedAvg
 
 log = logging.getLogger("gankit")
 
@@ -637,8 +638,6 @@ def build_strategy(config: Config, global_arrays: ArrayRecord, partition_sizes: 
         extra = {**extra, "num_sampled_clients": sampled}
     strategy = cls(**common, **extra)
     if f.client_dp == "poisson":
-        from gankit.server.dp_fedavg import PoissonDPFedAvg
-
         strategy = PoissonDPFedAvg(f.clients, f.fraction_train, f.client_dp_noise, f.client_dp_clip,
                                    train_metrics_aggr_fn=mean_metrics)
     elif f.client_dp != "none":

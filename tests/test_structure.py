@@ -21,10 +21,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Function-level gankit imports that lack their `# late:` comment in a file another change
-# holds: server/strategy.py's import of dp_fedavg needs no lateness (strategy.py imports
-# Flower at its top already) and should move to the top. Empty this when it has.
-PENDING = {("server/strategy.py", "gankit.server.dp_fedavg")}
 
 
 def package_folders() -> dict[str, Path]:
@@ -203,8 +199,6 @@ def test_every_late_gankit_import_says_why():
             if above >= 1 and source_lines[above - 1].strip().startswith("#"):
                 said.append(notes.get(above, ""))
             if any("late:" in note for note in said):
-                continue
-            if (str(path.relative_to(ROOT)), i.target) in PENDING:
                 continue
             missing.append(f"{i.where}: {i.module} imports {i.target} inside a function")
     assert not missing, ("move these imports to the top of their module, or, where one keeps a "
