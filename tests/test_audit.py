@@ -78,13 +78,8 @@ def test_memorising_discriminator_is_attackable():
 
 
 def _sweep_module():
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "experiments" / "dp_sweep.py"
-    spec = importlib.util.spec_from_file_location("dp_sweep", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import gankit.dp_sweep
+    return gankit.dp_sweep
 
 
 def test_sweep_reads_the_reported_epsilon_and_plots(tmp_path):

@@ -117,14 +117,9 @@ def test_an_exported_generator_holds_g_alone_with_what_the_run_protects_and_spen
 
 
 def test_the_dp_mnist_table_says_whether_its_curve_is_monotone_within_the_seeds_noise():
-    import importlib.util
     import math
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "experiments" / "dp_mnist.py"
-    spec = importlib.util.spec_from_file_location("dp_mnist", path)
-    dp_mnist = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(dp_mnist)
+    import gankit.dp_mnist as dp_mnist
 
     def row(name, eps, acc, fid):
         return {"row": name, "epsilon": eps, "downstream_accuracy": acc, "fid": fid}
@@ -145,17 +140,12 @@ def test_the_dp_mnist_table_says_whether_its_curve_is_monotone_within_the_seeds_
 def test_a_committed_private_row_gets_the_dp_sgd_baseline_at_its_own_epsilon(monkeypatch):
     """The baseline needs the row's privacy facts alone, so a row whose run folder is gone
     (a committed evaluation) gets it later; a non-private row or one that has it is left be."""
-    import importlib.util
     import math
-    from pathlib import Path
     from types import SimpleNamespace
 
     from gankit.privacy import dp_sgd_classifier_accuracy
 
-    path = Path(__file__).resolve().parent.parent / "experiments" / "dp_mnist.py"
-    spec = importlib.util.spec_from_file_location("dp_mnist", path)
-    dp_mnist = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(dp_mnist)
+    import gankit.dp_mnist as dp_mnist
 
     (train_x, train_y), (ref_x, ref_y) = blocks(600, seed=0), blocks(200, seed=1)
     data = SimpleNamespace(train_x=train_x, train_y=train_y, ref_x=ref_x, ref_y=ref_y)
@@ -171,10 +161,8 @@ def test_a_committed_private_row_gets_the_dp_sgd_baseline_at_its_own_epsilon(mon
 
     # A target that gives the same noise with the same seed is the same training: reused, not
     # trained. Another seed is another training.
-    import gankit.privacy
-
     trained = []
-    monkeypatch.setattr(gankit.privacy, "dp_sgd_classifier_accuracy",
+    monkeypatch.setattr(dp_mnist, "dp_sgd_classifier_accuracy",
                         lambda *a, **k: trained.append(k["seed"]) or {"accuracy": 0.5, "epsilon": 2.9})
     measured = [dict(row, seed=4, row="first")]
     near = {"epsilon": 3.0001, "delta": 1e-4}

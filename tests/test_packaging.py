@@ -21,7 +21,7 @@ def wheel(tmp_path_factory) -> Path:
     source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
     for name in ("setup.cfg", "pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, source / name)
-    for folder in ("toolkit", "server", "clients", "checkpoints"):
+    for folder in ("toolkit", "server", "clients", "checkpoints", "experiments/configs"):
         shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(out), str(source)], check=True, capture_output=True, timeout=600)
@@ -33,7 +33,8 @@ def test_the_wheel_installs_one_package_with_the_shipped_classifier(wheel):
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"gankit"}  # no generic top-level toolkit, server or clients
     assert {"gankit/checkpoints/mnist_classifier.pt", "gankit/checkpoints/mnist_classifier.sha256",
-            "gankit/server/app.py", "gankit/clients/app.py", "gankit/cli.py"} <= set(names)
+            "gankit/server/app.py", "gankit/clients/app.py", "gankit/cli.py",
+            "gankit/study_configs/dp_sweep_small.json", "gankit/dp_sweep.py"} <= set(names)
 
 
 def test_the_installed_wheel_runs_the_main_job_outside_the_checkout(wheel, tmp_path):
@@ -72,3 +73,24 @@ def test_the_installed_wheel_runs_the_main_job_outside_the_checkout(wheel, tmp_p
     assert done.returncode == 0, done.stderr[-2000:]
     history = (work / "runs" / "quick" / "history.jsonl").read_text()
     assert '"fid"' in history  # evaluated: the packaged classifier was found and loaded
+
+    # A tiny privacy-budget sweep from the installed package: trained, evaluated, audited, tabled.
+    import json
+
+    (work / "sweep.json").write_text(json.dumps({
+        "base": {"dataset": "npz:digits.npz", "g_width": 8, "d_width": 8, "latent_dim": 8,
+                 "batch_size": 50, "epochs": 1, "eval_every": 0, "tensorboard": False, "progress": False},
+        "evaluation": {"samples": 100, "downstream_epochs": 0, "audit_samples": 20},
+        "rows": {"eps8": {"mode": "dp", "target_epsilon": 8}, "non-private": {"mode": "standard"}}}))
+    study = subprocess.run([str(venv / "bin" / "gankit"), "study", "dp-sweep", "--config", "sweep.json",
+                            "--out", "sweep", "--sequential"], cwd=work, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert study.returncode == 0, study.stderr[-2000:]
+    table = (work / "sweep" / "table.md").read_text()
+    assert "| eps8 |" in table and "| non-private |" in table
+    assert "Command: `gankit study dp-sweep --config sweep.json" in table
+    # Every kind's default config ships with the package, inside the installed gankit.
+    shipped = subprocess.run([str(python), "-c", "from gankit.studies import study_config; "
+                              "p = study_config('objective_study_small.json'); print(p.is_file(), p)"],
+                             cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert shipped.stdout.split() == ["True", str(Path(site) / "gankit" / "study_configs" / "objective_study_small.json")]

@@ -128,14 +128,11 @@ def test_a_federated_row_held_by_another_process_is_not_trained_twice(tmp_path):
     """Two studies (or Ray tasks) given the same row: the second is refused while the first
     holds the row's folder, and leaves it untouched."""
     import fcntl
-    import importlib.util
 
     from gankit.errors import UserError
     import pytest
 
-    spec = importlib.util.spec_from_file_location("federated_study", str(EXPERIMENTS / "federated_study.py"))
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    import gankit.federated_study as study
     row = tmp_path / "runs" / "iid"
     row.mkdir(parents=True)
     (row / "history.jsonl").write_text('{"round": 1}\n')  # another process's first round
@@ -276,11 +273,8 @@ def test_the_dp_sweep_lands_row_by_row_and_rows_never_shrink_its_table(tmp_path)
 
 
 def test_the_objective_study_answers_its_seed_questions_from_its_table():
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("objective_study", str(EXPERIMENTS / "objective_study.py"))
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    import gankit.objective_study as study
     row = lambda name, drs, p, r, fid: {"row": name, "drs": drs, "precision": p, "recall": r,  # noqa: E731
                                         "f1": 2 * p * r / (p + r), "fid": fid}
     table = [row("bce", "no", 0.60, 0.50, 20.0), row("bce", "yes", 0.65, 0.45, 15.0),

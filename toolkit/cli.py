@@ -612,6 +612,36 @@ def audit_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# gankit study KIND: the module that runs each kind (its configs ship as gankit.study_configs).
+STUDIES = {"dp-sweep": "gankit.dp_sweep", "objective": "gankit.objective_study",
+           "federated": "gankit.federated_study", "dp-mnist": "gankit.dp_mnist"}
+
+
+def study_command_parser(sub) -> None:
+    p = sub.add_parser("study", help="run a study: rows trained (in parallel on Ray), evaluated, "
+                                     "tabled and plotted; resumable",
+                       description="Run a study from its config: " + ", ".join(STUDIES) + ". "
+                                   "Options after the kind are the study's own (gankit study "
+                                   "KIND --help); without --config the kind's default config, "
+                                   "which ships with gankit, is used.",
+                       add_help=True)
+    p.add_argument("kind", choices=list(STUDIES), help="which study")
+    p.add_argument("options", nargs=argparse.REMAINDER, help="the study's options")
+    p.set_defaults(command=study_command)
+
+
+def study_command(args: argparse.Namespace) -> int:
+    import importlib
+
+    # A study imports torch, and Ray, Flower or Opacus as its kind needs them: loaded here,
+    # not when the parser is built.
+    study = importlib.import_module(STUDIES[args.kind])
+    try:
+        return study.main(args.options)
+    except SystemExit as stop:  # the study's own --help, or argparse's one-line usage error
+        return EXIT_USER_ERROR if stop.code not in (0, None) else 0
+
+
 def presets_parser(sub) -> None:
     p = sub.add_parser("presets", help="the measured recipes --preset names, with their results",
                        description="List every preset: what it is for, what it measured and "
@@ -635,6 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     classifier_parser(sub)
     presets_parser(sub)
     audit_parser(sub)
+    study_command_parser(sub)
     return parser
 
 

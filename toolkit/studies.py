@@ -3,6 +3,7 @@
 
 import argparse
 import csv
+import importlib.resources
 import json
 import logging
 import math
@@ -15,14 +16,36 @@ from typing import Callable, Optional
 
 import torch
 
-from gankit.config import RESUMABLE_CHANGES, Config, n_critic, validate
+from gankit.config import MAX_CONFIG_BYTES, RESUMABLE_CHANGES, Config, n_critic, validate
 from gankit.data import load_data
 from gankit.errors import EXIT_USER_ERROR, StudyError, UserError, machine_error
+from gankit.files import parse_json, read_text
 from gankit.presets import preset
 from gankit.runs import RunDir
 from gankit.trainer import Trainer
 
 log = logging.getLogger("gankit")
+
+
+def study_config(name: str) -> Path:
+    """A study config that ships with gankit (experiments/configs/, installed as the package
+    data gankit.study_configs)."""
+    return Path(str(importlib.resources.files("gankit.study_configs") / name))
+
+
+def read_spec(path) -> dict:
+    """A study config: a JSON object, read with gankit's bounded reader (one line if not)."""
+    spec = parse_json(read_text(Path(path), "study config", MAX_CONFIG_BYTES), f"study config {path}")
+    if not isinstance(spec, dict) or not isinstance(spec.get("rows"), dict):
+        raise StudyError(f"study config {path} must be a JSON object with a 'rows' object")
+    return spec
+
+
+def command_line() -> str:
+    """This process's command as a user would type it again, for a table's Command: line."""
+    if Path(sys.argv[0]).name == "gankit":
+        return " ".join(["gankit", *sys.argv[1:]])
+    return " ".join(["python", *sys.argv])
 
 
 def run_study(main: Callable[[], int]) -> int:
@@ -47,7 +70,8 @@ def study_parser(description: str, default_config: Path, *, device: bool = True,
     """The options every study has. Outputs go to runs/<config name> unless --out names
     another folder: committed results (experiments/results/...) change only when asked."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default=str(default_config))
+    parser.add_argument("--config", default=str(default_config),
+                        help=f"the study's config (default: {default_config})")
     parser.add_argument("--out", default="", help="default: runs/<config name>; pass "
                         "experiments/results/<config name> to update the committed results")
     parser.add_argument("--data-root", default="", help="overrides the base data root")

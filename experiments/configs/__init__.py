@@ -1,0 +1,1 @@
+"""Study configurations, installed with gankit as gankit.study_configs (setup.cfg)."""
