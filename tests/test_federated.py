@@ -529,3 +529,22 @@ def test_rounds_get_pr_curves_when_asked(tmp_path):
         assert 0 <= record["prd_f8"] <= 1 and 0 <= record["prd_f1_8"] <= 1
     assert sorted(p.name for p in (run.path / "prd").iterdir()) == ["round_001.png", "round_002.png"]
     assert [("prd_f8" in r, "prd_f1_8" in r) for r in run.history()] == [(True, True)] * 2
+
+
+def test_inline_sample_level_dp_states_the_plan_once_not_every_clients_round(tmp_path, capsys):
+    import numpy as np
+
+    from gankit import cli
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.integers(0, 256, (240, 28, 28), dtype=np.uint8),
+             y=rng.integers(0, 10, 240))
+    assert cli.main(["train", "--mode", "federated", "--sample-dp", "--target-epsilon", "8",
+                     "--simulation", "inline", "--clients", "2", "--rounds", "2", "--local-steps", "2",
+                     "--dataset", f"npz:{tmp_path / 'd.npz'}", "--g-width", "8", "--d-width", "8",
+                     "--latent-dim", "8", "--batch-size", "32", "--eval-every", "0", "--no-progress",
+                     "--no-tensorboard", "--out-dir", str(tmp_path), "--name", "f"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("sample-level DP: every client's D trains with Opacus") == 1
+    assert "dp: DP-SGD on D" not in err  # 2 clients x 2 rounds would have said it 4 times
+    assert err.count("round 2/2") == 1

@@ -73,6 +73,17 @@ def test_the_installed_wheel_runs_the_main_job_outside_the_checkout(wheel, tmp_p
     assert done.returncode == 0, done.stderr[-2000:]
     history = (work / "runs" / "quick" / "history.jsonl").read_text()
     assert '"fid"' in history  # evaluated: the packaged classifier was found and loaded
+    # What a user does next, from the installed package alone.
+    for argv, made in [(["generate", "runs/quick", "--num", "16", "--out", "g.png"], "g.png"),
+                       (["evaluate", "runs/quick", "--num", "50", "--downstream-epochs", "0"],
+                        "runs/quick/eval/last/metrics.json"),
+                       (["compare", "runs/quick", "--out", "table.md"], "table.md"),
+                       (["audit", "runs/quick", "--n", "20"], "runs/quick/audit/membership.json"),
+                       (["export", "runs/quick", "--out", "released"], "released/generator.safetensors"),
+                       (["generate", "released", "--num", "4", "--out", "r.png"], "r.png")]:
+        step = subprocess.run([str(venv / "bin" / "gankit"), *argv], cwd=work, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert step.returncode == 0 and (work / made).is_file(), (argv, step.stderr[-2000:])
 
     # A tiny privacy-budget sweep from the installed package: trained, evaluated, audited, tabled.
     import json

@@ -240,7 +240,10 @@ class PrivateMode:
             d_opt.expected_batch_size = b  # every batch holds exactly b (Opacus assumes N q)
         self.optimizer = d_opt
         self._eps_cache: dict = {}
-        log.info(
+        # A federated client's round is one of many: the server states every client's plan
+        # once (federated.describe_sample_dp), so its own line would repeat each round.
+        log.log(
+            logging.DEBUG if config.federated.sample_dp else logging.INFO,
             "dp: DP-SGD on D with the %s accountant; noise multiplier %.4g%s, max grad "
             "norm %g, sample rate %.4g (expected batch %g, %s), delta %.3g, per-sample "
             "clipping by '%s'%s", p.accountant, d_opt.noise_multiplier,
