@@ -548,3 +548,21 @@ def test_inline_sample_level_dp_states_the_plan_once_not_every_clients_round(tmp
     assert err.count("sample-level DP: every client's D trains with Opacus") == 1
     assert "dp: DP-SGD on D" not in err  # 2 clients x 2 rounds would have said it 4 times
     assert err.count("round 2/2") == 1
+
+
+def test_the_eta_follows_a_slower_machine_at_once(tmp_path, caplog):
+    import logging
+
+    from gankit.recorder import Recorder
+
+    config = fed_config(tmp_path, rounds=10, name="eta-load")
+    recorder = Recorder(RunDir.create(config), config, "round", 10)
+    elapsed = 0.0
+    with caplog.at_level(logging.INFO, logger="gankit"):
+        for done, seconds in enumerate([50.0, 50.0, 50.0, 50.0, 100.0], start=1):  # then a second job
+            elapsed += seconds
+            recorder.end({"round": done, "train_time_s": elapsed}, None, lambda name, best: None)
+            if done == 4:
+                assert "50.0s/round, ETA 5m00s" in caplog.records[-1].getMessage()
+    # The median of the recent rounds is still 50 s; the machine now takes 100 s a round.
+    assert "100.0s/round, ETA 8m20s" in caplog.records[-1].getMessage()

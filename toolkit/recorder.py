@@ -121,8 +121,9 @@ class Recorder:
             self._recent = (self._recent + [(elapsed - self._previous[1]) / (done - self._previous[0])])[-5:]
         self._previous = (done, elapsed)
         # The pace of the last periods (a first round also carries Ray's start-up); before
-        # there is one, the mean over the run so far.
-        pace = (sorted(self._recent)[len(self._recent) // 2] if self._recent
+        # there is one, the mean over the run so far. When the last period was slower than
+        # that median (the machine got busier), its pace: an ETA that errs long, not short.
+        pace = (max(sorted(self._recent)[len(self._recent) // 2], self._recent[-1]) if self._recent
                 else elapsed / done if done else 0.0)
         timing = f"{duration(elapsed)}"
         if done and done < self.total and pace:
