@@ -67,3 +67,19 @@ def assert_flags_defined(page, command, words, source: str) -> None:
     defined = source + (ROOT / "toolkit" / "studies.py").read_text()
     for flag in (w.split("=")[0] for w in words if w.startswith("--")):
         assert f'"{flag}"' in defined, f"{page}: `{command}` uses {flag}, which it does not define"
+
+
+def test_the_python_api_page_runs_as_shown(tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "api.md").read_text(), re.S)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, "docs/api.md", "exec"), {})
+    assert (tmp_path / "runs" / "api" / "eval" / "last" / "metrics.json").is_file()
+
+
+def test_every_page_links_to_files_that_exist():
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#]+)\)", page.read_text()):
+            if not target.startswith(("http://", "https://")):
+                assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to missing {target}"
