@@ -32,6 +32,7 @@ from gankit.statefile import load_state, save_state
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._created: Optional[Path] = None  # the top-most folder `create` made, if any
 
     config_path = property(lambda self: self.path / "config.json")
     history_path = property(lambda self: self.path / "history.jsonl")
@@ -67,8 +68,6 @@ class RunDir:
         make_folder(run.checkpoints)
         config.save(run.config_path)
         return run
-
-    _created: Optional[Path] = None
 
     def discard_unstarted(self) -> None:
         """Remove what `create` made for a run that was refused before it trained: no history
