@@ -531,7 +531,9 @@ def run_name_problem(name: str) -> Optional[str]:
 def n_critic(config: Config) -> int:
     if config.objective.n_critic:
         return config.objective.n_critic
-    return 5 if config.objective.loss in ("wgan", "wgan-gp") else 1
+    from gankit.objectives import OBJECTIVES  # late: objectives imports torch
+
+    return OBJECTIVES[config.objective.loss].default_n_critic
 
 
 def validate(config: Config, num_classes: Optional[int] = None) -> None:
@@ -598,7 +600,7 @@ def validate(config: Config, num_classes: Optional[int] = None) -> None:
     if m.d_norm == "instance" and m.d_arch in ("mlp", "maxout"):
         problems.append(f"instance normalization needs feature maps; the {m.d_arch} discriminator "
                         "has vectors (use layer, group or none)")
-    if m.spectral_norm and o.loss == "wgan":
+    if m.spectral_norm and o.loss in OBJECTIVES and OBJECTIVES[o.loss].clip_weights:
         problems.append("wgan clips weights; spectral-norm and clipping together are not supported "
                         "(use wgan-gp or hinge with spectral norm)")
     choice(o.d_steps_schedule, D_STEPS_SCHEDULES, "d-steps-schedule")
@@ -615,6 +617,8 @@ def validate(config: Config, num_classes: Optional[int] = None) -> None:
 def dp_problems(config: "Config") -> list[str]:
     """Options the dp mode cannot support, each with the reason and an alternative (what
     Opacus finds in a built network is toolkit/privacy.py's module_problems)."""
+    from gankit.objectives import OBJECTIVES  # late: objectives imports torch
+
     m, o, p = config.model, config.objective, config.privacy
     problems = []
     if m.d_norm == "batch":
@@ -629,9 +633,9 @@ def dp_problems(config: "Config") -> list[str]:
             "refuse layers with buffers, and ew fails on the parametrization; drop it (GroupNorm "
             "D) or use --loss wgan, whose weight clipping is post-processing of the private "
             "weights")
-    if o.loss == "wgan-gp":
+    if o.loss in OBJECTIVES and OBJECTIVES[o.loss].gradient_penalty:
         problems.append(
-            "dp: --loss wgan-gp differentiates D twice (the penalty's grad_x D(x_hat) with "
+            f"dp: --loss {o.loss} differentiates D twice (the penalty's grad_x D(x_hat) with "
             "create_graph), and Opacus' per-sample gradients cover one first-order backward "
             "pass: hooks and functorch fail, ew returns wrong per-sample gradients (and has no "
             "double backward for GroupNorm); use --loss wgan (weight clipping), hinge or bce")

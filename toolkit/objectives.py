@@ -39,6 +39,11 @@ class Objective:
     uses_targets: bool = False
     clip_weights: bool = False
     gradient_penalty: bool = False
+    # D steps per G step when --n-critic is 0 (WGAN's critic is trained to optimality first).
+    default_n_critic: int = 1
+    # D's raw output v -> its estimate of log p_data / p_g at D's optimum, where there is a
+    # closed form (what rejection sampling needs without calibration); None otherwise.
+    density_ratio_logit: Optional[Callable[[Tensor], Tensor]] = None
     _d_real: Optional[Callable[[Tensor, Tensor], Tensor]] = None
     _d_fake: Optional[Callable[[Tensor, Tensor], Tensor]] = None
     _g_nonsat: Optional[Callable[[Tensor], Tensor]] = None
@@ -77,14 +82,16 @@ def _identity(v: Tensor) -> Tensor:
     return v
 
 
-def _fgan(name: str, activation, conjugate, threshold: float) -> Objective:
-    return Objective(name=name, activation=activation, conjugate=conjugate, threshold=threshold)
+def _fgan(name: str, activation, conjugate, threshold: float, density_ratio_logit=None) -> Objective:
+    return Objective(name=name, activation=activation, conjugate=conjugate, threshold=threshold,
+                     density_ratio_logit=density_ratio_logit)
 
 
 OBJECTIVES: dict[str, Objective] = {
     # Non-saturating vanilla GAN (Goodfellow et al. 2014): D outputs logits.
     "bce": Objective(
         name="bce", activation=_identity, conjugate=None, threshold=0.0, uses_targets=True,
+        density_ratio_logit=_identity,
         _d_real=lambda v, t: F.binary_cross_entropy_with_logits(v, t, reduction="none"),
         _d_fake=lambda v, t: F.binary_cross_entropy_with_logits(v, t, reduction="none"),
         _g_nonsat=lambda v: F.softplus(-v),   # -log D(G(z))
@@ -92,26 +99,31 @@ OBJECTIVES: dict[str, Objective] = {
     ),
     # f-GANs. Pairs (g_f(v), f*(g_f(v))), threshold f'(1):
     # KL        f(u)=u log u          g_f=v              f*(t)=exp(t-1)
-    "kl": _fgan("kl", _identity, lambda v: torch.exp(v - 1.0), 1.0),
+    "kl": _fgan("kl", _identity, lambda v: torch.exp(v - 1.0), 1.0,
+                lambda v: v - 1.0),  # T = v = f'(u) = 1 + log u
     # reverse KL f(u)=-log u          g_f=-exp(-v)       f*(t)=-1-log(-t)  -> v - 1
-    "rkl": _fgan("rkl", lambda v: -torch.exp(-v), lambda v: v - 1.0, -1.0),
+    "rkl": _fgan("rkl", lambda v: -torch.exp(-v), lambda v: v - 1.0, -1.0,
+                 _identity),  # T = -exp(-v) = f'(u) = -1 / u
     # JS        f(u)=-(u+1)log((1+u)/2)+u log u  g_f=log2-softplus(-v)  f*(t)=-log(2-e^t)
     #           -> softplus(v) - log 2
-    "js": _fgan("js", lambda v: LOG2 - F.softplus(-v), lambda v: F.softplus(v) - LOG2, 0.0),
+    "js": _fgan("js", lambda v: LOG2 - F.softplus(-v), lambda v: F.softplus(v) - LOG2, 0.0,
+                _identity),  # T = log(2 sigmoid(v)) = f'(u) = log(2u / (1 + u))
     # Pearson chi2 f(u)=(u-1)^2       g_f=v              f*(t)=t^2/4+t
     "pearson": _fgan("pearson", _identity, lambda v: 0.25 * v * v + v, 0.0),
     # squared Hellinger f(u)=(sqrt u-1)^2  g_f=1-exp(-v)  f*(t)=t/(1-t)  -> exp(v) - 1
-    "hellinger": _fgan("hellinger", lambda v: 1.0 - torch.exp(-v), lambda v: torch.expm1(v), 0.0),
+    "hellinger": _fgan("hellinger", lambda v: 1.0 - torch.exp(-v), lambda v: torch.expm1(v), 0.0,
+                       lambda v: 2.0 * v),  # T = 1 - exp(-v) = f'(u) = 1 - u^(-1/2)
     # Wasserstein critic (Arjovsky et al. 2017) with weight clipping after each D step.
     "wgan": Objective(
         name="wgan", activation=_identity, conjugate=None, threshold=0.0, clip_weights=True,
+        default_n_critic=5,
         _d_real=lambda v, t: -v, _d_fake=lambda v, t: v, _g_nonsat=lambda v: -v,
         _g_minimax=lambda v: -v,
     ),
     # WGAN-GP (Gulrajani et al. 2017): the same critic loss plus a gradient penalty.
     "wgan-gp": Objective(
         name="wgan-gp", activation=_identity, conjugate=None, threshold=0.0,
-        gradient_penalty=True,
+        gradient_penalty=True, default_n_critic=5,
         _d_real=lambda v, t: -v, _d_fake=lambda v, t: v, _g_nonsat=lambda v: -v,
         _g_minimax=lambda v: -v,
     ),

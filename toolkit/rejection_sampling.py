@@ -55,14 +55,11 @@ from gankit.sampling import eval_mode
 
 DEFAULT_EPS = 1e-6
 
-# Objective name -> D's raw output v -> its estimate of log p_data / p_g at D's optimum.
+# Objective name -> D's raw output v -> its estimate of log p_data / p_g at D's optimum: each
+# objective's own `density_ratio_logit`, where it has a closed form.
 DENSITY_RATIO_LOGITS: dict[str, Callable[[Tensor], Tensor]] = {
-    "bce": lambda v: v,
-    "js": lambda v: v,        # T = log(2 sigmoid(v)) = f'(u) = log(2u / (1 + u))
-    "rkl": lambda v: v,       # T = -exp(-v) = f'(u) = -1 / u
-    "kl": lambda v: v - 1.0,  # T = v = f'(u) = 1 + log u
-    "hellinger": lambda v: 2.0 * v,  # T = 1 - exp(-v) = f'(u) = 1 - u^(-1/2)
-}
+    name: objective.density_ratio_logit for name, objective in OBJECTIVES.items()
+    if objective.density_ratio_logit is not None}
 
 Generate = Callable[[int], tuple[Tensor, Optional[Tensor]]]
 Score = Callable[[Tensor, Optional[Tensor]], Tensor]
