@@ -348,8 +348,12 @@ def test_a_users_mistake_stops_every_study_with_one_line_and_exit_code_2(tmp_pat
         ([str(EXPERIMENTS / "federated_study.py"), "--config", str(broken), "--out", str(out)], "not valid JSON"),
         ([str(EXPERIMENTS / "dp_mnist.py"), "--config", str(broken), "--out", str(out)], "not valid JSON"),
     ]
-    for argv, problem in cases:
-        done = subprocess.run([sys.executable] + argv, capture_output=True, text=True)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two at a time: each imports torch
+        runs = list(pool.map(lambda argv: subprocess.run([sys.executable] + argv, capture_output=True,
+                                                         text=True), [argv for argv, _ in cases]))
+    for (argv, problem), done in zip(cases, runs):
         script = Path(argv[0]).name
         assert done.returncode == 2, (argv, done.stderr[-2000:])
         assert "Traceback" not in done.stderr, (argv, done.stderr[-2000:])
