@@ -576,22 +576,22 @@ def audit_command(args: argparse.Namespace) -> int:
     # late: torch; the parser and --help import no torch
     from gankit.audit import audit_discriminator
     from gankit.data import load_data
-    from gankit.runs import find_checkpoint
-    from gankit.sampling import load_discriminator, read_checkpoint
+    from gankit.runs import RunDir
+    from gankit.sampling import discriminator_from, read_checkpoint
     from gankit.trainer import refuse_other_data
 
     opts = AuditOptions(**given_options(args, [AuditOptions]))
     check_ranges(opts, AUDIT_RANGES)
-    run_folder, _ = find_checkpoint(Path(opts.run), opts.checkpoint)
+    run_folder = RunDir.open(Path(opts.run)) if Path(opts.run).is_dir() else None
     base = run_folder.path if run_folder is not None else Path(opts.run).parent
     out = output_path(Path(opts.out), opts.force) if opts.out else free_path(base / "audit" / "membership.json")
-    ckpt, config, _ = read_checkpoint(opts.run, opts.checkpoint)
+    ckpt, config, info = read_checkpoint(opts.run, opts.checkpoint)
     data_config = config.data
     if opts.data_root:
         data_config = dataclasses.replace(data_config, data_root=opts.data_root)
     data = load_data(data_config)
     refuse_other_data(ckpt, data, Path(opts.run))  # members must be the run's own images
-    D = load_discriminator(opts.run, opts.checkpoint)
+    D = discriminator_from(ckpt, config, info, where=opts.run)
     result = audit_discriminator(D, (data.train_x, data.train_y), (data.ref_x, data.ref_y),
                                  n=opts.n or None, seed=opts.seed)
     history = run_folder.history() if run_folder is not None else []

@@ -36,12 +36,11 @@ from pathlib import Path
 from torchvision.utils import save_image
 
 from gankit.audit import audit_discriminator
-from gankit.data import load_data
 from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,
                               metric_classifier)
 from gankit.sampling import load_discriminator, load_generator
-from gankit.studies import (chosen_rows, command_line, land_rows, read_spec, row_configs,
-                            study_config, study_out, study_parser, write_csv)
+from gankit.studies import (command_line, land_rows, read_spec, study_config, study_out, study_parser,
+                            study_rows, write_csv)
 from gankit.runs import RunDir
 
 log = logging.getLogger("gankit")
@@ -127,15 +126,7 @@ def main(argv=None) -> int:
     ev = dict(spec["evaluation"])
     if args.samples:
         ev["samples"] = args.samples
-    base = dict(spec["base"], seed=args.seed, device=args.device)
-    if args.data_root:
-        base["data_root"] = args.data_root
-    # --rows chooses what trains; the table lists every row of the config that is measured,
-    # so a sweep landed a few rows at a time keeps one whole table.
-    configs = row_configs(spec, base, "", args.set, out / "runs")
-    wanted = chosen_rows(spec, args.rows)
-    data = load_data(next(iter(configs.values())).data)
-    log.info("data: %s", data.description)
+    configs, wanted, data = study_rows(spec, args, out)
     classifier = metric_classifier("", data.image_shape, data.num_classes)
     ref = Reference.of(classifier, data.ref_x, data.ref_y)
 

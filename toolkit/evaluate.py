@@ -25,7 +25,7 @@ from torch import Tensor
 from gankit.config import Config
 from gankit.data import ImageData, load_data
 from gankit.errors import UserError
-from gankit.files import free_path, make_folder, save_figure, write_text
+from gankit.files import LinkRefused, free_path, make_folder, save_figure, write_text
 from gankit.metrics import (classifier_score, fid, kid, mode_coverage, plot_prd, prd, prd_f_beta,
                             prdc, within_class_spread)
 from gankit.metrics.classifier import extract, load_classifier
@@ -310,7 +310,9 @@ def evaluate_run(run: str, checkpoint: str = "last", num: int = 10000, seed: int
     # with --force; the default never replaces an earlier evaluation.
     if out:
         folder = Path(out)
-        if folder.is_symlink() or (folder.is_dir() and any(folder.iterdir()) and not force):
+        if folder.is_symlink():
+            raise LinkRefused(f"{folder} is a symbolic link; gankit never writes through links")
+        if folder.is_dir() and any(folder.iterdir()) and not force:
             raise UserError(f"{folder} holds an earlier evaluation; pass --force to replace it, "
                             "or choose another --out")
     else:

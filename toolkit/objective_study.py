@@ -35,14 +35,13 @@ import torch
 from torchvision.io import read_image
 from torchvision.utils import save_image
 
-from gankit.data import load_data
 from gankit.errors import UserError
 from gankit.evaluate import (Reference, draw_samples, evaluate_samples, markdown_table,
                               metric_classifier, plot_truncation, truncation_sweep)
 from gankit.runs import RunDir
 from gankit.sampling import load_discriminator, load_generator
-from gankit.studies import (chosen_rows, command_line, equal_generator_steps, land_rows, read_spec,
-                            row_configs, study_config, study_out, study_parser, write_csv)
+from gankit.studies import (command_line, equal_generator_steps, land_rows, read_spec,
+                            study_config, study_out, study_parser, study_rows, write_csv)
 
 log = logging.getLogger("gankit")
 
@@ -176,15 +175,7 @@ def main(argv=None) -> int:
     out = study_out(args)
     for sub in ("samples", "histories"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    base = dict(spec["base"], seed=args.seed, device=args.device)
-    if args.data_root:
-        base["data_root"] = args.data_root
-    # --rows chooses what trains; the table lists every row of the config that is measured,
-    # so a study landed a few rows at a time keeps one whole table.
-    configs = row_configs(spec, base, "", args.set, out / "runs")
-    wanted = chosen_rows(spec, args.rows)
-    data = load_data(next(iter(configs.values())).data)
-    log.info("data: %s", data.description)
+    configs, wanted, data = study_rows(spec, args, out)
     if "g_steps" in spec:  # equal generator steps rather than equal epochs
         configs = equal_generator_steps(configs, len(data.train_x), int(spec["g_steps"]))
         log.info("epochs per row for %d G steps: %s", spec["g_steps"],

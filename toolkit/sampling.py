@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from gankit.config import Config, privacy_facts, validate
+from gankit.config import RANGES, Config, privacy_facts, validate
+from gankit.data import MAX_CLASSES
 from gankit.errors import ConfigError, UserError
 from gankit.files import make_folder, shorten
 from gankit.latent import build_prior
@@ -73,8 +74,7 @@ class LoadedGenerator:
 
 
 RELEASE_FILE = "generator.safetensors"
-MAX_IMAGE_SIDE = 1024  # as --image-size
-MAX_CLASSES = 1000  # as a dataset's labels (gankit.data)
+MAX_IMAGE_SIDE = int(RANGES["image_size"].high)  # what --image-size allows
 
 
 def read_checkpoint(path, checkpoint: str = "last", device="cpu") -> tuple[dict, Config, dict]:
@@ -130,11 +130,17 @@ def load_weights(module: nn.Module, weights, what: str, where) -> None:
 def load_discriminator(path, checkpoint: str = "last", device="cpu") -> nn.Module:
     """Rebuild D from a run folder or checkpoint file, in eval mode."""
     ckpt, config, info = read_checkpoint(path, checkpoint, device)
+    return discriminator_from(ckpt, config, info, device, where=path)
+
+
+def discriminator_from(ckpt: dict, config: Config, info: dict, device="cpu",
+                       where="the checkpoint") -> nn.Module:
+    """D from a checkpoint already read (`read_checkpoint`), in eval mode."""
     if "D" not in ckpt:
-        raise UserError(f"{path} holds a released generator without its discriminator; "
-                        "rejection sampling needs the run's own checkpoint")
+        raise UserError(f"{where} holds a released generator without its discriminator; "
+                        "rejection sampling and the audit need the run's own checkpoint")
     D = discriminator_for(config, tuple(info["image_shape"]), info["num_classes"]).to(device)
-    load_weights(D, ckpt["D"], "discriminator", path)
+    load_weights(D, ckpt["D"], "discriminator", where)
     return D.eval()
 
 

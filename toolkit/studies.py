@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from gankit.config import MAX_CONFIG_BYTES, RESUMABLE_CHANGES, Config, n_critic, validate
-from gankit.data import load_data
+from gankit.data import ImageData, load_data
 from gankit.errors import EXIT_USER_ERROR, StudyError, UserError, machine_error
 from gankit.files import parse_json, read_text
 from gankit.presets import preset
@@ -379,6 +379,20 @@ def chosen_rows(spec: dict, rows_arg: str) -> set[str]:
     if unknown:
         raise StudyError(f"unknown rows {sorted(unknown)}; the config has {list(spec['rows'])}")
     return wanted or set(spec["rows"])
+
+
+def study_rows(spec: dict, args: argparse.Namespace, out: Path) -> tuple[dict[str, Config], set[str], ImageData]:
+    """A study's rows as the shared parser's options shape them: every row's config (the
+    table lists every row that is measured, so a study landed a few rows at a time keeps one
+    whole table), the rows --rows chooses to train, and the data they share."""
+    base = dict(spec["base"], seed=args.seed, device=args.device)
+    if args.data_root:
+        base["data_root"] = args.data_root
+    configs = row_configs(spec, base, "", args.set, out / "runs")
+    wanted = chosen_rows(spec, args.rows)  # an unknown row is refused before the data loads
+    data = load_data(next(iter(configs.values())).data)
+    log.info("data: %s", data.description)
+    return configs, wanted, data
 
 
 def row_configs(spec: dict, base: dict, rows_arg: str, sets: list[str], runs_dir: Path) -> dict[str, Config]:
